@@ -1,0 +1,123 @@
+"""Inspecting a settled unit: readiness, fingerprint, format, files and metadata.
+
+`readiness` answers "may this stable unit settle?" (SPEC §2 rules 3-5); `inspect_unit` turns a
+settled unit's manifest into the facts an event carries, with problems as data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelwatch.config import MetadataConfig, UnitPolicy
+from modelwatch.errors import Problem
+from modelwatch.formats import check_complete, detect_format, model_type_for
+from modelwatch.manifest import Manifest, fingerprint, sha256_file
+from modelwatch.metadata import SchemaValidator, validate_unit_metadata
+
+
+def readiness(unit_dir: str, manifest: Manifest, policy: UnitPolicy) -> str | None:
+    """None when the unit may settle, else the reason it may not (for logs)."""
+    if manifest.too_many_files or manifest.unreadable:
+        return None  # settles, then is rejected with a precise problem
+    if manifest.in_progress:
+        return f"in-progress file present: {manifest.in_progress[0]}"
+    if policy.require_marker and policy.require_marker not in manifest.sizes:
+        return f"marker {policy.require_marker} not present"
+    sizes = manifest.sizes
+    return check_complete(unit_dir, detect_format(sizes), sizes)
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    fingerprint: str
+    format: str
+    model_type: str
+    files: list[dict[str, Any]]
+    total_bytes: int
+    metadata: Any = None
+    metadata_ignored: bool = False
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    problems: tuple[Problem, ...] = ()
+
+    def event_data(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "format": self.format,
+            "fingerprint": self.fingerprint,
+            "files": self.files,
+            "file_count": len(self.files),
+            "total_bytes": self.total_bytes,
+            "metadata": self.metadata,
+            "metadata_ignored": self.metadata_ignored,
+            "metrics": self.metrics,
+        }
+
+
+def inspect_unit(
+    unit_dir: str,
+    manifest: Manifest,
+    policy: UnitPolicy,
+    meta: MetadataConfig,
+    schema: SchemaValidator | None = None,
+) -> Inspection:
+    """Everything an event says about a settled unit."""
+    digests = _digests(unit_dir, manifest) if policy.content_digest == "sha256" else None
+    files = [_file_row(e.path, e.size, e.symlink_target, digests, e.raw) for e in manifest.entries]
+    fmt = detect_format(manifest.sizes)
+    model_type = policy.model_type if policy.model_type != "auto" else model_type_for(fmt)
+    problems = list(_manifest_problems(manifest))
+    ignored = model_type == "Tensorflow" and meta.filename in manifest.sizes
+    document: Any = None
+    metrics: list[dict[str, Any]] = []
+    if model_type != "Tensorflow":
+        result = validate_unit_metadata(
+            unit_dir, meta.filename, max_bytes=meta.max_bytes, max_depth=meta.max_depth,
+            schema=schema,
+        )
+        problems.extend(result.problems)
+        if result.ok:
+            document, metrics = result.document, result.metrics
+    return Inspection(
+        fingerprint=fingerprint(manifest.entries, digests),
+        format=fmt,
+        model_type=model_type,
+        files=files,
+        total_bytes=manifest.total_bytes,
+        metadata=document,
+        metadata_ignored=ignored,
+        metrics=metrics,
+        problems=tuple(problems),
+    )
+
+
+def _digests(unit_dir: str, manifest: Manifest) -> dict[bytes, str]:
+    out: dict[bytes, str] = {}
+    for e in manifest.files:
+        digest = sha256_file(unit_dir, e)
+        out[e.raw] = digest if digest is not None else "unreadable"
+    return out
+
+
+def _file_row(
+    path: str, size: int, target: str | None, digests: dict[bytes, str] | None, raw: bytes
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"path": path, "size": size}
+    if digests is not None and target is None:
+        row["sha256"] = digests.get(raw)
+    if target is not None:
+        row["symlink"] = target
+    return row
+
+
+def _manifest_problems(manifest: Manifest) -> list[Problem]:
+    problems = []
+    if manifest.too_many_files:
+        problems.append(
+            Problem("too_many_files", f"more than {len(manifest.entries)} files in the unit")
+        )
+    problems.extend(
+        Problem("unreadable", f"cannot read {path}", file=path) for path in manifest.unreadable
+    )
+    return problems
+

@@ -1,0 +1,262 @@
+"""Scanning one model unit into a manifest.
+
+A scan walks the unit directory without ever following a symlink, records every regular file
+and symlink as (relative path, size, mtime_ns, inode), and sorts them by raw path bytes so the
+same files give the same manifest on every node. Files matching the `ignore` patterns are left
+out; files matching `in_progress` are kept aside (they mean "still being written"). FIFOs,
+sockets and device files are skipped and never opened. A file that vanishes mid-scan is simply
+not listed: the next scan decides whether the unit is stable.
+
+Paths are handled as bytes internally, so names that are not valid UTF-8 never break anything;
+`Entry.path` is a display form (invalid bytes backslash-escaped) used in events and logs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+_SEP = b"/"
+
+
+def display(raw: bytes) -> str:
+    """Text form of a path: valid UTF-8 as is, other bytes as `\\xNN` escapes."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One file or symlink of a unit."""
+
+    raw: bytes  # relative path, '/'-separated
+    size: int
+    mtime_ns: int
+    inode: int
+    symlink_target: str | None = None
+
+    @property
+    def path(self) -> str:
+        return display(self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """The result of one scan. `exists` is False when the unit directory is gone."""
+
+    exists: bool
+    entries: tuple[Entry, ...] = ()
+    in_progress: tuple[str, ...] = ()
+    too_many_files: bool = False
+    unreadable: tuple[str, ...] = ()
+    stat_key: tuple[tuple[bytes, int, int, int], ...] | None = field(default=None, compare=False)
+
+    @property
+    def empty(self) -> bool:
+        """No files at all (not even in-progress ones)."""
+        return not self.entries and not self.in_progress and not self.too_many_files
+
+    @property
+    def files(self) -> tuple[Entry, ...]:
+        """Regular files only (symlinks excluded)."""
+        return tuple(e for e in self.entries if e.symlink_target is None)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {e.path: e.size for e in self.files}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.files)
+
+
+class PatternSet:
+    """Glob patterns relative to a unit, compiled once.
+
+    A pattern without '/' matches a name at any depth (`*.log`); a pattern with '/' matches
+    the whole relative path (`logs/*.txt`); a trailing '/' matches directories only
+    (`__pycache__/`), whose whole subtree is then skipped.
+    """
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        names, paths, dirs = [], [], []
+        for pattern in patterns:
+            if pattern.endswith("/"):
+                dirs.append(pattern.rstrip("/"))
+            elif "/" in pattern:
+                paths.append(pattern.lstrip("/"))
+            else:
+                names.append(pattern)
+        self._name = _compile(names)
+        self._path = _compile(paths)
+        self._dir = _compile(dirs)
+
+    def matches_file(self, rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return _hit(self._name, name) or _hit(self._path, rel)
+
+    def matches_dir(self, rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return _hit(self._dir, name) or _hit(self._dir, rel) or self.matches_file(rel)
+
+    def matches_any_part(self, rel: str) -> bool:
+        """True when the path or any directory above it matches (for change events)."""
+        parts = rel.split("/")
+        prefixes = ("/".join(parts[: i + 1]) for i in range(len(parts) - 1))
+        return self.matches_file(rel) or any(self.matches_dir(p) for p in prefixes)
+
+
+def _compile(patterns: Sequence[str]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), re.DOTALL)
+
+
+def _hit(pattern: re.Pattern[str] | None, text: str) -> bool:
+    return pattern is not None and pattern.match(text) is not None
+
+
+def scan_unit(
+    unit_dir: str,
+    *,
+    ignore: PatternSet,
+    in_progress: PatternSet,
+    max_files: int,
+) -> Manifest:
+    """Scan `unit_dir` (see the module docstring). Never raises for what is on disk."""
+    root = os.fsencode(unit_dir)
+    try:
+        st = os.lstat(root)
+    except OSError:
+        return Manifest(exists=False)
+    if not stat.S_ISDIR(st.st_mode):
+        return Manifest(exists=False)
+    walker = _Walker(root, ignore, in_progress, max_files)
+    walker.walk()
+    entries = tuple(sorted(walker.entries, key=lambda e: e.raw))
+    key = tuple((e.raw, e.size, e.mtime_ns, e.inode) for e in entries)
+    key += tuple((p.encode("utf-8", "surrogateescape"), 0, 0, 0) for p in walker.in_progress)
+    return Manifest(
+        exists=True,
+        entries=entries,
+        in_progress=tuple(sorted(walker.in_progress)),
+        too_many_files=walker.too_many,
+        unreadable=tuple(sorted(walker.unreadable)),
+        stat_key=key,
+    )
+
+
+class _Walker:
+    """Iterative directory walk with an explicit stack (deep trees cannot overflow it)."""
+
+    def __init__(
+        self, root: bytes, ignore: PatternSet, in_progress: PatternSet, max_files: int
+    ) -> None:
+        self.root = root
+        self.ignore = ignore
+        self.in_progress_patterns = in_progress
+        self.max_files = max_files
+        self.entries: list[Entry] = []
+        self.in_progress: list[str] = []
+        self.unreadable: list[str] = []
+        self.too_many = False
+
+    def walk(self) -> None:
+        stack: list[bytes] = [b""]
+        while stack and not self.too_many:
+            rel_dir = stack.pop()
+            stack.extend(self._scan_dir(rel_dir))
+
+    def _scan_dir(self, rel_dir: bytes) -> list[bytes]:
+        path = self.root + _SEP + rel_dir if rel_dir else self.root
+        subdirs: list[bytes] = []
+        try:
+            with os.scandir(path) as it:
+                for dirent in it:
+                    rel = rel_dir + _SEP + dirent.name if rel_dir else dirent.name
+                    sub = self._visit(dirent, rel)
+                    if sub is not None:
+                        subdirs.append(sub)
+                    if self.too_many:
+                        break
+        except FileNotFoundError:
+            pass  # removed while we looked; the next scan sees the new state
+        except OSError:
+            self.unreadable.append(display(rel_dir) or ".")
+        return subdirs
+
+    def _visit(self, dirent: os.DirEntry[bytes], rel: bytes) -> bytes | None:
+        text = rel.decode("utf-8", "surrogateescape")
+        try:
+            st = dirent.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            self.unreadable.append(display(rel))
+            return None
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            return None if self.ignore.matches_dir(text) else rel
+        if self.ignore.matches_file(text):
+            return None
+        if self.in_progress_patterns.matches_file(text):
+            self.in_progress.append(display(rel))
+            return None
+        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+            self._add(rel, st, stat.S_ISLNK(mode))
+        return None  # FIFOs, sockets, devices: skipped, never opened
+
+    def _add(self, rel: bytes, st: os.stat_result, is_link: bool) -> None:
+        if len(self.entries) >= self.max_files:
+            self.too_many = True
+            return
+        target = None
+        if is_link:
+            try:
+                target = display(os.readlink(self.root + _SEP + rel))
+            except OSError:
+                target = ""
+        size = 0 if is_link else st.st_size
+        self.entries.append(Entry(rel, size, st.st_mtime_ns, st.st_ino, target))
+
+
+def fingerprint(entries: Sequence[Entry], digests: dict[bytes, str] | None = None) -> str:
+    """`sha256:<hex>` over the sorted manifest.
+
+    Each entry contributes `path NUL size NUL (mtime_ns | content digest) [NUL "->" target] LF`.
+    With `digests` (content_digest = "sha256") the content digest replaces mtime_ns, so the
+    fingerprint survives copies that do not preserve modification times.
+    """
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.raw):
+        second = digests.get(e.raw, "") if digests is not None else str(e.mtime_ns)
+        h.update(e.raw + b"\0" + str(e.size).encode() + b"\0" + second.encode())
+        if e.symlink_target is not None:
+            h.update(b"\0->" + e.symlink_target.encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def sha256_file(unit_dir: str, entry: Entry, chunk: int = 1 << 20) -> str | None:
+    """Content digest of one regular file, opened without following symlinks."""
+    path = os.fsencode(unit_dir) + _SEP + entry.raw
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        h = hashlib.sha256()
+        while block := os.read(fd, chunk):
+            h.update(block)
+        return h.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -1,0 +1,238 @@
+"""The settle loop: one thread owns every pending unit.
+
+It takes `Change` and `Rescan` items from the queue the watchers fill, feeds the pure
+`Settler`, scans units when the settler says so, and hands settled units to inspection and the
+registry. A unit whose processing fails (state store full, a bug) stays pending and is tried
+again one quiet period later; the loop itself never dies of a unit.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from modelwatch.clock import Clock
+from modelwatch.config import Config, RootConfig
+from modelwatch.errors import StateError
+from modelwatch.events import Event
+from modelwatch.inspection import inspect_unit, readiness
+from modelwatch.manifest import Manifest, PatternSet, fingerprint, scan_unit
+from modelwatch.metadata import SchemaValidator
+from modelwatch.registry import Registry
+from modelwatch.settle import Settler, Timing, Verdict
+from modelwatch.units import Unit, describe, list_units, locate
+from modelwatch.watch import Change, Rescan
+
+log = structlog.get_logger("modelwatch.pipeline")
+
+_BATCH = 5000
+
+
+class Ready:
+    """Queue marker: everything queued before it (the initial rescans) has been handled."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class RootRules:
+    """A root's configuration with its patterns compiled once."""
+
+    def __init__(self, root: RootConfig) -> None:
+        self.config = root
+        self.ignore = PatternSet(root.policy.ignore)
+        self.in_progress = PatternSet(root.policy.in_progress)
+        self.timing = Timing(root.policy.settle_seconds, root.policy.max_wait_seconds)
+
+    def scan(self, unit: Unit) -> Manifest:
+        return scan_unit(unit.path, ignore=self.ignore, in_progress=self.in_progress,
+                         max_files=self.config.policy.max_files_per_unit)
+
+
+class Units:
+    """Scanning, inspecting and registering units of the configured roots."""
+
+    def __init__(self, config: Config, registry: Registry, clock: Clock,
+                 schema: SchemaValidator | None) -> None:
+        self.config = config
+        self.registry = registry
+        self.clock = clock
+        self.schema = schema
+        self.rules = {r.path: RootRules(r) for r in config.roots}
+
+    def candidates(self, root: str, below: str = "") -> list[Unit]:
+        """Units on disk under `root` plus units the store believes are present there."""
+        rules = self.rules[root]
+        found = set(list_units(root, rules.config.unit_depth, below))
+        prefix = describe(os.path.join(root, below)) if below else describe(root)
+        for record in self.registry.store.units(root):
+            if record.present and (record.path == prefix or record.path.startswith(prefix + "/")):
+                name = os.path.relpath(record.path, root) if record.path != root else "."
+                found.add(Unit(root, name))
+        return sorted(found)
+
+    def settle(self, unit: Unit, manifest: Manifest, settled_after: float) -> Event | None:
+        """Register (or reject, or remove) a unit that is stable now.
+
+        A unit directory with no files left counts as gone: it is not a model.
+        """
+        rules = self.rules[unit.root]
+        depth = rules.config.unit_depth
+        if not manifest.exists or manifest.empty:
+            return self.registry.removed(unit, depth, when=self.clock.time())
+        found = inspect_unit(unit.path, manifest, rules.config.policy, self.config.metadata,
+                             self.schema)
+        return self.registry.settled(unit, depth, found, when=self.clock.time(),
+                                     settled_after=settled_after)
+
+
+class Pipeline(threading.Thread):
+    """The settle loop thread (see the module docstring)."""
+
+    def __init__(self, units: Units, changes: queue.Queue[Any], clock: Clock,
+                 on_event: Callable[[Event], None]) -> None:
+        super().__init__(name="settle", daemon=True)
+        self.units = units
+        self.changes = changes
+        self.clock = clock
+        self.on_event = on_event
+        self.settler: Settler[Unit] = Settler(lambda u: units.rules[u.root].timing)
+        self.stopping = threading.Event()
+        self.last_beat = clock.monotonic()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.changes.put(None)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.last_beat = self.clock.monotonic()
+            try:
+                self._take(self._timeout())
+                self.process_due(self.clock.monotonic())
+            except Exception:  # a bug must not stop every unit; it is logged and retried
+                log.exception("pipeline_error")
+                self.stopping.wait(1.0)
+
+    def _timeout(self) -> float:
+        deadline = self.settler.next_deadline()
+        if deadline is None:
+            return 1.0
+        return min(1.0, max(0.0, deadline - self.clock.monotonic()))
+
+    def _take(self, timeout: float) -> None:
+        """Handle one queued item (waiting up to `timeout`), then up to a batch more.
+
+        The batch bound keeps a flood of events from starving the timers.
+        """
+        try:
+            item = self.changes.get(timeout=timeout) if timeout > 0 else self.changes.get_nowait()
+            for _ in range(_BATCH):
+                if item is not None:
+                    self.handle(item)
+                    item = None
+                item = self.changes.get_nowait()
+        except queue.Empty:
+            return
+        if item is not None:
+            self.handle(item)
+            return
+
+    def handle(self, item: Change | Rescan | Ready) -> None:
+        if isinstance(item, Ready):
+            item.done.set()
+        elif isinstance(item, Rescan):
+            self.reconcile(item.root, item.below)
+        elif item.root in self.units.rules:
+            self._observe_path(item.root, item.path, item.is_dir, item.at)
+            if item.dest is not None:
+                self._observe_path(item.root, item.dest, item.is_dir, item.at)
+
+    def _observe_path(self, root: str, path: str, is_dir: bool, at: float) -> None:
+        rules = self.units.rules[root]
+        where = locate(root, rules.config.unit_depth, path, is_dir)
+        if where.unit is not None:
+            if where.rel_in_unit and rules.ignore.matches_any_part(where.rel_in_unit):
+                return
+            self.settler.observe(where.unit, at)
+        elif where.above is not None:
+            self.reconcile(root, where.above)
+        else:
+            log.debug("path_above_unit_depth", path=describe(path))
+
+    def reconcile(self, root: str, below: str = "") -> None:
+        """Make every unit that may have changed pending; unchanged units cost one scan."""
+        if root not in self.units.rules:
+            return
+        rules = self.units.rules[root]
+        now = self.clock.monotonic()
+        for unit in self.units.candidates(root, below):
+            if unit in self.settler:
+                continue
+            manifest = rules.scan(unit)
+            if manifest.exists and not self._maybe_changed(unit, manifest):
+                continue
+            self.settler.observe(unit, now)
+
+    def _maybe_changed(self, unit: Unit, manifest: Manifest) -> bool:
+        policy = self.units.rules[unit.root].config.policy
+        if policy.content_digest != "none" or manifest.in_progress:
+            return True  # the content fingerprint is only computed when the unit settles
+        return not self.units.registry.store.knows(unit.display, fingerprint(manifest.entries))
+
+    def process_due(self, now: float) -> None:
+        for unit in self.settler.due(now):
+            self._check(unit, now)
+        for unit in self.settler.overdue(now):
+            self._overdue(unit, now)
+
+    def _check(self, unit: Unit, now: float) -> None:
+        rules = self.units.rules[unit.root]
+        ulog = log.bind(unit=unit.display)
+        manifest = rules.scan(unit)
+        if self.settler.scanned(unit, manifest.stat_key, now) is Verdict.WAIT:
+            return
+        reason = readiness(unit.path, manifest, rules.config.policy) if manifest.exists else None
+        if reason is not None:
+            ulog.info("unit_not_ready", reason=reason)
+            self.settler.not_ready(unit, manifest.stat_key, now)
+            return
+        first = self.settler.first_change(unit)
+        after = self.settler.settled(unit, now)
+        try:
+            event = self.units.settle(unit, manifest, after)
+        except StateError as exc:
+            ulog.error("state_write_failed", error=str(exc))
+            self.settler.observe(unit, first)  # keep the episode; retry next quiet period
+            self.settler.observe(unit, now)
+            return
+        if event is not None:
+            ulog.info("unit_" + event.short_type, event_id=event.id,
+                      version=event.data.get("version"), fingerprint=event.data["fingerprint"])
+            self.on_event(event)
+
+    def _overdue(self, unit: Unit, now: float) -> None:
+        rules = self.units.rules[unit.root]
+        manifest = rules.scan(unit)
+        if not manifest.exists or manifest.empty:
+            return
+        policy = rules.config.policy
+        reason = readiness(unit.path, manifest, policy) or "files still changing"
+        found = inspect_unit(unit.path, manifest, policy, self.units.config.metadata,
+                             self.units.schema)
+        waited = now - self.settler.first_change(unit)
+        try:
+            event = self.units.registry.not_settled(
+                unit, rules.config.unit_depth, found, when=self.clock.time(), waited=waited,
+                reason=reason)
+        except StateError as exc:
+            log.error("state_write_failed", unit=unit.display, error=str(exc))
+            return
+        log.warning("unit_not_settled", unit=unit.display, event_id=event.id, reason=reason)
+        self.on_event(event)
+

@@ -1,0 +1,145 @@
+"""When is a unit settled? A pure state machine fed with observations and times.
+
+For each pending unit the `Settler` keeps the time of the first and last observed change and
+the stat key of a "probe" scan. The protocol with its owner (the pipeline thread):
+
+1. `observe(unit, t)` for every change event: the quiet period restarts and the probe is
+   discarded.
+2. `due(now)` lists units that need a scan now. A unit first needs a probe scan half-way
+   through the quiet period (`last_change + settle/2`), then a final scan at its end
+   (`last_change + settle`, and at least `settle/2` after the probe).
+3. `scanned(unit, key, now)` with the scan's stat key answers `WAIT` or `STABLE`. A final scan
+   that differs from the probe counts as a change at `now` (writers that produce no events:
+   mmap, other NFS clients), and the differing scan becomes the new probe.
+4. After `STABLE` the owner checks readiness (no in-progress files, format complete, marker)
+   and calls `settled(unit, now)` (the unit stops being pending) or `not_ready(unit, now)`
+   (check again one quiet period later, without needing a new event).
+5. `overdue(now)` lists units pending longer than `max_wait` since their first change, once
+   per pending episode.
+
+No clocks, threads or I/O here: times are plain floats from a monotonic clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Verdict(enum.Enum):
+    WAIT = "wait"
+    STABLE = "stable"
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    settle_seconds: float
+    max_wait_seconds: float
+
+
+@dataclass(slots=True)
+class _Pending:
+    first_change: float
+    last_change: float
+    probe: object = None
+    probe_at: float = 0.0
+    has_probe: bool = False
+    overdue_reported: bool = False
+
+
+class Settler(Generic[K]):
+    """Pending units and their timers. See the module docstring for the protocol."""
+
+    def __init__(self, timing_for: Callable[[K], Timing]) -> None:
+        self._timing_for = timing_for
+        self._pending: dict[K, _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, unit: object) -> bool:
+        return unit in self._pending
+
+    def observe(self, unit: K, t: float) -> None:
+        """A change happened inside `unit` at time `t`."""
+        p = self._pending.get(unit)
+        if p is None:
+            self._pending[unit] = _Pending(first_change=t, last_change=t)
+            return
+        p.last_change = max(p.last_change, t)
+        p.has_probe = False
+        p.probe = None
+
+    def first_change(self, unit: K) -> float:
+        return self._pending[unit].first_change
+
+    def _next_scan(self, unit: K, p: _Pending) -> float:
+        half = self._timing_for(unit).settle_seconds / 2
+        if not p.has_probe:
+            return p.last_change + half
+        return max(p.last_change + 2 * half, p.probe_at + half)
+
+    def _overdue_at(self, unit: K, p: _Pending) -> float | None:
+        if p.overdue_reported:
+            return None
+        return p.first_change + self._timing_for(unit).max_wait_seconds
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which `due` or `overdue` will return something."""
+        times: list[float] = []
+        for unit, p in self._pending.items():
+            times.append(self._next_scan(unit, p))
+            overdue = self._overdue_at(unit, p)
+            if overdue is not None:
+                times.append(overdue)
+        return min(times, default=None)
+
+    def due(self, now: float) -> list[K]:
+        """Units that need a scan now, oldest deadline first."""
+        ready = [(self._next_scan(u, p), u) for u, p in self._pending.items()]
+        return [u for at, u in sorted(ready, key=lambda x: x[0]) if at <= now]
+
+    def scanned(self, unit: K, key: object, now: float) -> Verdict:
+        """Feed the stat key of a scan taken at `now`."""
+        p = self._pending[unit]
+        if not p.has_probe:
+            p.probe, p.probe_at, p.has_probe = key, now, True
+            return Verdict.WAIT
+        if key != p.probe:
+            p.last_change = now
+            p.probe, p.probe_at = key, now
+            return Verdict.WAIT
+        if now < self._next_scan(unit, p):
+            return Verdict.WAIT
+        return Verdict.STABLE
+
+    def not_ready(self, unit: K, key: object, now: float) -> None:
+        """Stable but not complete: look again one quiet period from now."""
+        p = self._pending[unit]
+        p.last_change = now
+        p.probe, p.probe_at, p.has_probe = key, now, True
+
+    def settled(self, unit: K, now: float) -> float:
+        """The unit settled; returns seconds since its first observed change."""
+        p = self._pending.pop(unit)
+        return max(0.0, now - p.first_change)
+
+    def forget(self, unit: K) -> None:
+        self._pending.pop(unit, None)
+
+    def overdue(self, now: float) -> list[K]:
+        """Units past `max_wait` since their first change; each reported once per episode."""
+        found = []
+        for unit, p in self._pending.items():
+            at = self._overdue_at(unit, p)
+            if at is not None and at <= now:
+                p.overdue_reported = True
+                found.append(unit)
+        return found
+
+    def pending(self) -> list[K]:
+        return list(self._pending)

@@ -1,0 +1,50 @@
+"""Shared fixtures: config files on disk, waiting with deadlines, and a leaked-thread guard."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from modelwatch.config import Config, load_config
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail any test that leaves a thread running (every thread must be stopped and joined)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
+               interval: float = 0.02) -> None:
+    """Poll `predicate` until it is truthy; fail with a clear message at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """Build a Config through the real loader from TOML text (state_dir in tmp_path)."""
+    counter = iter(range(1000))
+
+    def build(text: str = "", **env: str) -> Config:
+        path = tmp_path / f"config-{next(counter)}.toml"
+        path.write_text(text)
+        environ = {"MODELWATCH_STATE_DIR": str(tmp_path / "state"), **env}
+        return load_config(str(path), environ)
+
+    return build

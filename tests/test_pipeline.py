@@ -1,0 +1,320 @@
+"""The settle loop on real directories, with a fake clock: no sleeping, no watchdog.
+
+Changes are fed the way the watchers would feed them; time moves only when the test says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelwatch.config import Config
+from modelwatch.events import Event
+from modelwatch.pipeline import Pipeline, Units
+from modelwatch.registry import Registry, Route
+from modelwatch.state import StateDir, Store
+from modelwatch.testing import FakeClock
+from modelwatch.watch import Change, Rescan
+
+
+class Harness:
+    """A pipeline whose clock and change feed the test drives."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.clock = FakeClock()
+        self.store = Store(StateDir(config.daemon.state_dir).db_path)
+        routes = [Route(s.name, s.event_types) for s in config.sinks]
+        units = Units(config, Registry(self.store, routes, "testhost"), self.clock, None)
+        self.events: list[Event] = []
+        self.pipeline = Pipeline(units, queue.Queue(), self.clock, self.events.append)
+        self.root = config.roots[0].path
+
+    def touch(self, path: Path, is_dir: bool = False) -> None:
+        """What a watcher enqueues when `path` changes now."""
+        self.pipeline.handle(Change(self.root, str(path), None, is_dir, self.clock.monotonic()))
+
+    def rescan(self) -> None:
+        self.pipeline.handle(Rescan(self.root))
+
+    def advance(self, seconds: float, step: float = 0.25) -> list[Event]:
+        """Move time forward in steps, running due work; returns the new events."""
+        before = len(self.events)
+        elapsed = 0.0
+        while elapsed < seconds:
+            self.clock.advance(step)
+            elapsed += step
+            self.pipeline.process_due(self.clock.monotonic())
+        return self.events[before:]
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.fixture
+def harness(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def build(depth: int = 0, extra: str = "", max_wait: float = 60,
+              root: Path | None = None) -> Harness:
+        root = root or tmp_path / "models"
+        root.mkdir(exist_ok=True)
+        config = make_config(
+            f'[defaults]\nsettle_seconds = 2.0\nmax_wait_seconds = {max_wait}\n{extra}\n'
+            f'[[roots]]\npath = "{root}"\nunit_depth = {depth}\n'
+        )
+        h = Harness(config)
+        made.append(h)
+        return h
+
+    yield build
+    for h in made:
+        h.close()
+
+
+def write(path: Path, data: bytes | str = b"x" * 100) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def types(events: list[Event]) -> list[str]:
+    return [e.short_type for e in events]
+
+
+def test_unit_registers_once_after_the_quiet_period(harness: Callable[..., Harness]) -> None:
+    """One file written -> one registered event, exactly settle_seconds after the change."""
+    h = harness()
+    h.touch(write(Path(h.root) / "model.onnx"))
+    assert h.advance(1.75) == []
+    events = h.advance(0.25)
+    assert types(events) == ["registered"]
+    data = events[0].data
+    assert data["version"] == 1
+    assert data["format"] == "onnx"
+    assert data["model_type"] == "ONNX"
+    assert data["files"] == [{"path": "model.onnx", "size": 100}]
+    assert data["settled_after_seconds"] == 2.0
+    assert h.advance(30) == []
+
+
+def test_silent_writer_is_caught_by_the_second_scan(harness: Callable[..., Harness]) -> None:
+    """A file that grows without any event (mmap, NFS) restarts the quiet period."""
+    h = harness()
+    model = write(Path(h.root) / "model.onnx")
+    h.touch(model)
+    h.advance(1.0)  # probe scan taken
+    with model.open("ab") as f:
+        f.write(b"more")  # no event fed
+    assert h.advance(1.0) == []  # final scan differs
+    assert h.advance(1.75) == []
+    events = h.advance(0.25)
+    assert types(events) == ["registered"]
+    assert events[0].data["total_bytes"] == 104
+
+
+def test_ignored_files_never_delay_settling(harness: Callable[..., Harness]) -> None:
+    """A TensorBoard file appended every 0.5 s beside the model does not hold it back."""
+    h = harness()
+    h.touch(write(Path(h.root) / "model.onnx"))
+    board = Path(h.root) / "events.out.tfevents.1700000000.host"
+    for _ in range(4):
+        with board.open("ab") as f:
+            f.write(b"scalar")
+        h.touch(board)
+        h.advance(0.5)
+    assert types(h.events) == ["registered"]
+    assert [f["path"] for f in h.events[0].data["files"]] == ["model.onnx"]
+
+
+def test_in_progress_file_holds_the_unit_until_removed(harness: Callable[..., Harness]) -> None:
+    """A *.tempstate* file present -> no event; removed -> one event."""
+    h = harness()
+    write(Path(h.root) / "variables" / "variables.index")
+    temp = write(Path(h.root) / "variables" / "variables.data-00000-of-00001.tempstate123")
+    write(Path(h.root) / "saved_model.pb")
+    h.touch(temp)
+    assert h.advance(20) == []
+    temp.rename(Path(h.root) / "variables" / "variables.data-00000-of-00001")
+    h.touch(Path(h.root) / "variables" / "variables.data-00000-of-00001")
+    events = h.advance(2.0)
+    assert types(events) == ["registered"]
+    assert events[0].data["format"] == "saved_model"
+
+
+def test_stable_but_incomplete_is_rechecked_without_events(
+    harness: Callable[..., Harness],
+) -> None:
+    """A missing marker appearing with no event is still noticed one quiet period later."""
+    h = harness(extra='require_marker = "_SUCCESS"')
+    h.touch(write(Path(h.root) / "model.onnx"))
+    assert h.advance(10) == []
+    write(Path(h.root) / "_SUCCESS", b"")
+    assert types(h.advance(4.0)) == ["registered"]
+
+
+def test_rewrite_gives_version_two_and_delete_gives_removed(
+    harness: Callable[..., Harness],
+) -> None:
+    """Rewriting a registered model -> v2 with a new fingerprint; deleting it -> removed."""
+    h = harness(depth=1)
+    unit = Path(h.root) / "exp-1"
+    h.touch(write(unit / "model.onnx"))
+    first = h.advance(3)
+    write(unit / "model.onnx", b"y" * 200)
+    h.touch(unit / "model.onnx")
+    second = h.advance(3)
+    assert types(first + second) == ["registered", "registered"]
+    assert second[0].data["version"] == 2
+    assert second[0].data["fingerprint"] != first[0].data["fingerprint"]
+    assert second[0].data["experiment_id"] == "exp-1"
+    for child in unit.iterdir():
+        child.unlink()
+    unit.rmdir()
+    h.touch(unit, is_dir=True)
+    removed = h.advance(3)
+    assert types(removed) == ["removed"]
+    assert removed[0].data["version"] == 2
+    assert removed[0].data["fingerprint"] == second[0].data["fingerprint"]
+    assert removed[0].data["files"] == []
+
+
+def test_same_fingerprint_again_emits_nothing(harness: Callable[..., Harness]) -> None:
+    """Touching nothing but re-announcing a settled unit does not emit a second event."""
+    h = harness()
+    model = write(Path(h.root) / "model.onnx")
+    h.touch(model)
+    h.advance(3)
+    h.touch(model)
+    h.rescan()
+    assert h.advance(5) == []
+    assert len(h.events) == 1
+
+
+def test_invalid_metadata_is_rejected_then_fixed_registers_v1(
+    harness: Callable[..., Harness],
+) -> None:
+    """Invalid metadata -> rejected (no version used); fixed -> registered version 1."""
+    h = harness()
+    meta = write(Path(h.root) / "gradient-model-metadata.json", '{"metrics": [1,]}')
+    h.touch(write(Path(h.root) / "model.onnx"))
+    rejected = h.advance(3)
+    assert types(rejected) == ["rejected"]
+    errors = rejected[0].data["errors"]
+    assert errors[0]["code"] == "metadata_syntax"
+    assert errors[0]["file"] == "gradient-model-metadata.json"
+    assert (errors[0]["line"], errors[0]["column"]) == (1, 15)  # the trailing comma
+    assert rejected[0].data["version"] is None
+    meta.write_text(json.dumps({"metrics": [{"name": "accuracy", "numberValue": 0.9}]}))
+    h.touch(meta)
+    registered = h.advance(3)
+    assert types(registered) == ["registered"]
+    assert registered[0].data["version"] == 1
+    assert registered[0].data["metrics"] == [{"name": "accuracy", "numberValue": 0.9}]
+
+
+def test_tensorflow_model_type_ignores_custom_metadata(harness: Callable[..., Harness]) -> None:
+    """model_type = Tensorflow: the metadata file is not validated and metadata_ignored is set."""
+    h = harness(extra='model_type = "Tensorflow"')
+    write(Path(h.root) / "gradient-model-metadata.json", "not json at all")
+    h.touch(write(Path(h.root) / "model.onnx"))
+    events = h.advance(3)
+    assert types(events) == ["registered"]
+    assert events[0].data["metadata_ignored"] is True
+    assert events[0].data["metadata"] is None
+    assert events[0].data["model_type"] == "Tensorflow"
+
+
+def test_not_settled_is_reported_once_per_episode(harness: Callable[..., Harness]) -> None:
+    """A unit that keeps changing past max_wait gets one rejected/not_settled and keeps waiting."""
+    h = harness(max_wait=10)
+    model = Path(h.root) / "model.onnx"
+    for i in range(30):
+        write(model, b"x" * (i + 1))
+        h.touch(model)
+        h.advance(0.5)
+    assert types(h.events) == ["rejected"]
+    assert h.events[0].data["errors"][0]["code"] == "not_settled"
+    assert types(h.advance(3)) == ["registered"]
+
+
+def test_empty_directory_is_not_a_model(harness: Callable[..., Harness]) -> None:
+    """An empty unit directory settles silently."""
+    h = harness(depth=1)
+    (Path(h.root) / "exp-empty").mkdir()
+    h.rescan()
+    assert h.advance(5) == []
+
+
+def test_files_above_unit_depth_are_ignored(harness: Callable[..., Harness]) -> None:
+    """A file directly in a depth-1 root belongs to no unit."""
+    h = harness(depth=1)
+    h.touch(write(Path(h.root) / "README.txt"))
+    assert h.advance(5) == []
+
+
+def test_depth_one_directory_moved_in_registers(harness: Callable[..., Harness],
+                                                 tmp_path: Path) -> None:
+    """A finished model directory renamed into a depth-1 root -> one registered event."""
+    h = harness(depth=1)
+    staging = tmp_path / "staging" / "exp-7"
+    write(staging / "model.onnx")
+    target = Path(h.root) / "exp-7"
+    staging.rename(target)
+    h.pipeline.handle(Change(h.root, str(tmp_path / "elsewhere"), str(target), True,
+                             h.clock.monotonic()))
+    events = h.advance(3)
+    assert types(events) == ["registered"]
+    assert events[0].subject == "exp-7"
+    assert events[0].source == f"modelwatch:{h.root}"
+
+
+def test_restart_reconcile_emits_only_what_changed(
+    harness: Callable[..., Harness], tmp_path: Path,
+) -> None:
+    """A second pipeline on the same state: changed -> v2, new -> v1, gone -> removed, same -> none."""
+    h = harness(depth=1)
+    for name in ("keep", "modify", "delete"):
+        write(Path(h.root) / name / "model.onnx")
+    h.rescan()
+    assert sorted(types(h.advance(3))) == ["registered"] * 3
+    h.close()
+    write(Path(h.root) / "modify" / "model.onnx", b"changed")
+    write(Path(h.root) / "added" / "model.onnx")
+    os.remove(Path(h.root) / "delete" / "model.onnx")
+    os.rmdir(Path(h.root) / "delete")
+    again = Harness(h.config)
+    try:
+        again.rescan()
+        events = again.advance(3)
+        got = sorted((e.subject, e.short_type, e.data["version"]) for e in events)
+        assert got == [("added", "registered", 1), ("delete", "removed", 1),
+                       ("modify", "registered", 2)]
+    finally:
+        again.close()
+
+
+def _event_ids(events: list[Event]) -> list[str]:
+    return [e.id for e in events]
+
+
+def test_event_ids_are_deterministic(harness: Callable[..., Harness]) -> None:
+    """The id is sha256(type, path, fingerprint): recomputable by any node."""
+    import hashlib
+
+    h = harness()
+    h.touch(write(Path(h.root) / "model.onnx"))
+    (event,) = h.advance(3)
+    expected = hashlib.sha256(
+        f"{event.type}\n{h.root}\n{event.data['fingerprint']}".encode()).hexdigest()
+    assert event.id == expected
+    body: dict[str, Any] = event.to_dict()
+    assert body["specversion"] == "1.0"
+    assert body["datacontenttype"] == "application/json"
+    assert body["time"].endswith("Z")

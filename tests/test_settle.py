@@ -1,0 +1,99 @@
+"""The settle state machine, driven with plain times (no sleeping)."""
+
+from __future__ import annotations
+
+from modelwatch.settle import Settler, Timing, Verdict
+
+TIMING = Timing(settle_seconds=4.0, max_wait_seconds=60.0)
+
+
+def make() -> Settler[str]:
+    return Settler(lambda _unit: TIMING)
+
+
+def test_nothing_is_due_before_half_the_quiet_period() -> None:
+    """A freshly changed unit is not scanned before settle/2 has passed."""
+    s = make()
+    s.observe("u", 100.0)
+    assert s.due(101.9) == []
+    assert s.next_deadline() == 102.0
+    assert s.due(102.0) == ["u"]
+
+
+def test_two_equal_scans_at_the_end_of_the_quiet_period_settle() -> None:
+    """Probe at settle/2, final at settle: equal stat keys mean STABLE."""
+    s = make()
+    s.observe("u", 100.0)
+    assert s.scanned("u", "k1", 102.0) is Verdict.WAIT
+    assert s.due(103.9) == []
+    assert s.due(104.0) == ["u"]
+    assert s.scanned("u", "k1", 104.0) is Verdict.STABLE
+    assert s.settled("u", 104.0) == 4.0
+    assert "u" not in s
+
+
+def test_change_without_events_restarts_the_quiet_period() -> None:
+    """A writer that produces no events (mmap, NFS) is caught by differing scans."""
+    s = make()
+    s.observe("u", 100.0)
+    s.scanned("u", "k1", 102.0)
+    assert s.scanned("u", "k2", 104.0) is Verdict.WAIT
+    assert s.due(107.9) == []
+    assert s.scanned("u", "k2", 108.0) is Verdict.STABLE
+
+
+def test_an_event_discards_the_probe() -> None:
+    """An event after the probe needs a fresh probe and a full quiet period."""
+    s = make()
+    s.observe("u", 100.0)
+    s.scanned("u", "k1", 102.0)
+    s.observe("u", 103.0)
+    assert s.due(104.0) == []
+    assert s.due(105.0) == ["u"]
+    assert s.scanned("u", "k1", 105.0) is Verdict.WAIT
+    assert s.scanned("u", "k1", 107.0) is Verdict.STABLE
+
+
+def test_continuous_events_never_settle() -> None:
+    """Changes every second keep a unit pending."""
+    s = make()
+    for t in range(100, 120):
+        s.observe("u", float(t))
+        assert s.due(float(t) + 0.5) == []
+
+
+def test_not_ready_is_checked_again_a_quiet_period_later() -> None:
+    """A stable but incomplete unit is rescanned without needing another event."""
+    s = make()
+    s.observe("u", 100.0)
+    s.scanned("u", "k", 102.0)
+    assert s.scanned("u", "k", 104.0) is Verdict.STABLE
+    s.not_ready("u", "k", 104.0)
+    assert s.due(107.0) == []
+    assert s.due(108.0) == ["u"]
+    assert s.scanned("u", "k", 108.0) is Verdict.STABLE
+
+
+def test_overdue_is_reported_once_per_episode() -> None:
+    """max_wait since the first change is reported once, and again after a new episode."""
+    s = make()
+    s.observe("u", 100.0)
+    for t in range(101, 161):
+        s.observe("u", float(t))
+    assert s.overdue(159.0) == []
+    assert s.overdue(160.0) == ["u"]
+    assert s.overdue(170.0) == []
+    s.observe("u", 171.0)
+    s.scanned("u", "k", 173.0)
+    s.scanned("u", "k", 175.0)
+    s.settled("u", 175.0)
+    s.observe("u", 200.0)
+    assert s.overdue(259.9) == []
+    assert s.overdue(260.0) == ["u"]
+
+
+def test_next_deadline_covers_overdue() -> None:
+    """The loop wakes for max_wait even when no scan is due."""
+    s = Settler(lambda _u: Timing(settle_seconds=100.0, max_wait_seconds=10.0))
+    s.observe("u", 0.0)
+    assert s.next_deadline() == 10.0
