@@ -83,8 +83,12 @@ def _load(args: argparse.Namespace) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
-        "run": cmd_run, "scan": cmd_scan, "validate": cmd_validate,
-        "check-config": cmd_check_config, "status": cmd_status, "redeliver": cmd_redeliver,
+        "run": cmd_run,
+        "scan": cmd_scan,
+        "validate": cmd_validate,
+        "check-config": cmd_check_config,
+        "status": cmd_status,
+        "redeliver": cmd_redeliver,
     }
     try:
         return handlers[args.command](args)
@@ -108,7 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             structlog.get_logger("modelwatch").warning(
-                "reload_unsupported", note="restart to apply a changed config")
+                "reload_unsupported", note="restart to apply a changed config"
+            )
             return
         stop.set()
 
@@ -147,10 +152,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     reports = [_validate_path(path, config, meta, schema) for path in args.paths]
     valid = all(not problems for _, problems in reports)
     if args.format == "json":
-        body = {"valid": valid, "results": [
-            {"path": path, "valid": not problems, "problems": [p.to_dict() for p in problems]}
-            for path, problems in reports
-        ]}
+        body = {
+            "valid": valid,
+            "results": [
+                {"path": path, "valid": not problems, "problems": [p.to_dict() for p in problems]}
+                for path, problems in reports
+            ],
+        }
         print(json.dumps(body, indent=2, ensure_ascii=False))
     else:
         for path, problems in reports:
@@ -169,25 +177,31 @@ def _problem_line(path: str, p: Problem) -> str:
     return f"{where}: {p.code}: {p.message}{suffix}".replace("\n", "\\n")
 
 
-def _validate_path(path: str, config: Config, meta: MetadataConfig,
-                   schema: SchemaValidator | None) -> tuple[str, list[Problem]]:
+def _validate_path(
+    path: str, config: Config, meta: MetadataConfig, schema: SchemaValidator | None
+) -> tuple[str, list[Problem]]:
     if os.path.isdir(path):
         policy = config.defaults
-        manifest = scan_unit(path, ignore=PatternSet(policy.ignore),
-                             in_progress=PatternSet(policy.in_progress),
-                             max_files=policy.max_files_per_unit)
+        manifest = scan_unit(
+            path,
+            ignore=PatternSet(policy.ignore),
+            in_progress=PatternSet(policy.in_progress),
+            max_files=policy.max_files_per_unit,
+        )
         problems: list[Problem] = []
         reason = readiness(path, manifest, policy)
         if reason is not None:
             problems.append(Problem("incomplete", reason))
-        result = validate_unit_metadata(path, meta.filename, max_bytes=meta.max_bytes,
-                                        max_depth=meta.max_depth, schema=schema)
+        result = validate_unit_metadata(
+            path, meta.filename, max_bytes=meta.max_bytes, max_depth=meta.max_depth, schema=schema
+        )
         return path, problems + list(result.problems)
     return path, list(_validate_file(path, meta, schema).problems)
 
 
-def _validate_file(path: str, meta: MetadataConfig,
-                   schema: SchemaValidator | None) -> MetadataResult:
+def _validate_file(
+    path: str, meta: MetadataConfig, schema: SchemaValidator | None
+) -> MetadataResult:
     name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
@@ -210,21 +224,52 @@ def cmd_status(args: argparse.Namespace) -> int:
         store.close()
     now = time.time()
     if args.format == "json":
-        print(json.dumps({
-            "units": [{"path": u.path, "root": u.root, "version": u.registered_version,
-                       "fingerprint": u.registered_fp,
-                       "state": "present" if u.present else "removed"} for u in units],
-            "sinks": [{"sink": s.sink, "pending": s.pending, "dead": s.dead,
-                       "oldest_pending_seconds": _age(s.oldest_pending, now)} for s in sinks],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "units": [
+                        {
+                            "path": u.path,
+                            "root": u.root,
+                            "version": u.registered_version,
+                            "fingerprint": u.registered_fp,
+                            "state": "present" if u.present else "removed",
+                        }
+                        for u in units
+                    ],
+                    "sinks": [
+                        {
+                            "sink": s.sink,
+                            "pending": s.pending,
+                            "dead": s.dead,
+                            "oldest_pending_seconds": _age(s.oldest_pending, now),
+                        }
+                        for s in sinks
+                    ],
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
-    print(_table(["UNIT", "VERSION", "STATE"], [
-        [u.path, str(u.registered_version or "-"), "present" if u.present else "removed"]
-        for u in units]))
+    print(
+        _table(
+            ["UNIT", "VERSION", "STATE"],
+            [
+                [u.path, str(u.registered_version or "-"), "present" if u.present else "removed"]
+                for u in units
+            ],
+        )
+    )
     print()
-    print(_table(["SINK", "PENDING", "DEAD", "OLDEST PENDING"], [
-        [s.sink, str(s.pending), str(s.dead), _fmt_age(_age(s.oldest_pending, now))]
-        for s in sinks]))
+    print(
+        _table(
+            ["SINK", "PENDING", "DEAD", "OLDEST PENDING"],
+            [
+                [s.sink, str(s.pending), str(s.dead), _fmt_age(_age(s.oldest_pending, now))]
+                for s in sinks
+            ],
+        )
+    )
     return EXIT_OK
 
 
@@ -252,8 +297,9 @@ def _fmt_age(age: float | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     return "\n".join(lines)
-

@@ -51,8 +51,14 @@ def build_sinks(config: Config) -> list[Sink]:
 class Daemon:
     """A running modelwatch: `start()`, then `serve(stop_event)` or `stop()`."""
 
-    def __init__(self, config: Config, *, clock: Clock | None = None,
-                 sinks: Sequence[Sink] | None = None, host: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        sinks: Sequence[Sink] | None = None,
+        host: str | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.host = host or socket.gethostname()
@@ -75,8 +81,9 @@ class Daemon:
         self.pipeline = Pipeline(units, self.changes, self.clock, self._wake_workers)
         attempts = {s.name: s.max_attempts for s in self.config.sinks}
         self.workers = [
-            DeliveryWorker(sink, self.state.db_path, max_attempts=attempts.get(sink.name, 0),
-                           clock=self.clock)
+            DeliveryWorker(
+                sink, self.state.db_path, max_attempts=attempts.get(sink.name, 0), clock=self.clock
+            )
             for sink in self.sinks
         ]
         for worker in self.workers:
@@ -114,16 +121,25 @@ class Daemon:
         for worker in self.workers:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
-                log.warning("delivery_abandoned", sink=worker.sink.name,
-                            note="left in the outbox; delivered after restart")
+                log.warning(
+                    "delivery_abandoned",
+                    sink=worker.sink.name,
+                    note="left in the outbox; delivered after restart",
+                )
         if self._store is not None:
             self._store.close()
         self.state.unlock()
         log.info("stopped")
 
 
-def scan_once(config: Config, *, dry_run: bool, clock: Clock | None = None,
-              sinks: Sequence[Sink] | None = None, print_event: Any = None) -> bool:
+def scan_once(
+    config: Config,
+    *,
+    dry_run: bool,
+    clock: Clock | None = None,
+    sinks: Sequence[Sink] | None = None,
+    print_event: Any = None,
+) -> bool:
     """`modelwatch scan`: one reconcile pass, stability over two scans, deliver, return.
 
     Returns False when some delivery failed (the events stay in the outbox).

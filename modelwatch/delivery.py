@@ -28,8 +28,11 @@ RETRY_AFTER_CAP = 3600.0
 
 
 def retry_delay(
-    attempts: int, retry_after: float | None, rng: random.Random,
-    base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
+    attempts: int,
+    retry_after: float | None,
+    rng: random.Random,
+    base: float = BACKOFF_BASE,
+    cap: float = BACKOFF_CAP,
 ) -> float:
     """Seconds to wait after the `attempts`-th failure: full jitter, or the receiver's hint."""
     if retry_after is not None and retry_after >= 0:
@@ -47,14 +50,15 @@ class Outcome:
     error: str = ""
 
 
-def attempt(sink: Sink, row: OutboxRow, *, now: float, max_attempts: int,
-            rng: random.Random) -> Outcome:
+def attempt(
+    sink: Sink, row: OutboxRow, *, now: float, max_attempts: int, rng: random.Random
+) -> Outcome:
     """Send one event and classify the result (the sink call is the only I/O)."""
     try:
         sink.send(row.event)
     except PermanentSinkError as exc:
         return Outcome(False, dead=True, error=str(exc) or type(exc).__name__)
-    except Exception as exc:  # noqa: BLE001 - any sink failure is retried, never fatal
+    except Exception as exc:
         attempts = row.attempts + 1
         retry_after = exc.retry_after if isinstance(exc, SinkError) else None
         error = str(exc) or type(exc).__name__
@@ -121,25 +125,36 @@ class DeliveryWorker(threading.Thread):
         return 0.0
 
     def _record(self, store: Store, row: OutboxRow, outcome: Outcome) -> None:
-        ev = self._log.bind(event_id=row.event.id, unit=row.event.unit_path,
-                            type=row.event.short_type)
+        ev = self._log.bind(
+            event_id=row.event.id, unit=row.event.unit_path, type=row.event.short_type
+        )
         try:
             if outcome.delivered:
                 store.mark_delivered(row.sink, row.seq)
                 ev.info("delivered", attempts=row.attempts + 1)
             else:
-                store.mark_failed(row.sink, row.seq, attempts=row.attempts + 1,
-                                  next_attempt=outcome.next_attempt, error=outcome.error,
-                                  dead=outcome.dead)
+                store.mark_failed(
+                    row.sink,
+                    row.seq,
+                    attempts=row.attempts + 1,
+                    next_attempt=outcome.next_attempt,
+                    error=outcome.error,
+                    dead=outcome.dead,
+                )
                 level = ev.error if outcome.dead else ev.warning
-                level("delivery_dead" if outcome.dead else "delivery_failed", error=outcome.error,
-                      attempts=row.attempts + 1)
+                level(
+                    "delivery_dead" if outcome.dead else "delivery_failed",
+                    error=outcome.error,
+                    attempts=row.attempts + 1,
+                )
         except StateError as exc:
             # Not recorded: the event stays pending and is sent again (at-least-once).
             ev.error("delivery_not_recorded", error=str(exc))
             self.stopping.wait(1.0)
         if self.on_outcome is not None:
-            outcome_name = "delivered" if outcome.delivered else "dead" if outcome.dead else "failed"
+            outcome_name = (
+                "delivered" if outcome.delivered else "dead" if outcome.dead else "failed"
+            )
             self.on_outcome(self.sink.name, outcome_name)
 
 
@@ -156,8 +171,14 @@ def drain(sink: Sink, store: Store, *, max_attempts: int, clock: Clock) -> bool:
         if outcome.delivered:
             store.mark_delivered(row.sink, row.seq)
             continue
-        store.mark_failed(row.sink, row.seq, attempts=row.attempts + 1,
-                          next_attempt=outcome.next_attempt, error=outcome.error, dead=outcome.dead)
+        store.mark_failed(
+            row.sink,
+            row.seq,
+            attempts=row.attempts + 1,
+            next_attempt=outcome.next_attempt,
+            error=outcome.error,
+            dead=outcome.dead,
+        )
         log.warning("delivery_failed", sink=sink.name, event_id=row.event.id, error=outcome.error)
         if not outcome.dead:
             return False

@@ -79,9 +79,23 @@ class Event:
 
 
 DATA_FIELDS = (
-    "path", "root", "name", "experiment_id", "model_type", "format", "version", "fingerprint",
-    "files", "file_count", "total_bytes", "metadata", "metadata_ignored", "metrics", "host",
-    "settled_after_seconds", "errors",
+    "path",
+    "root",
+    "name",
+    "experiment_id",
+    "model_type",
+    "format",
+    "version",
+    "fingerprint",
+    "files",
+    "file_count",
+    "total_bytes",
+    "metadata",
+    "metadata_ignored",
+    "metrics",
+    "host",
+    "settled_after_seconds",
+    "errors",
 )
 
 

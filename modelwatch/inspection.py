@@ -72,7 +72,10 @@ def inspect_unit(
     metrics: list[dict[str, Any]] = []
     if model_type != "Tensorflow":
         result = validate_unit_metadata(
-            unit_dir, meta.filename, max_bytes=meta.max_bytes, max_depth=meta.max_depth,
+            unit_dir,
+            meta.filename,
+            max_bytes=meta.max_bytes,
+            max_depth=meta.max_depth,
             schema=schema,
         )
         problems.extend(result.problems)
@@ -120,4 +123,3 @@ def _manifest_problems(manifest: Manifest) -> list[Problem]:
         Problem("unreadable", f"cannot read {path}", file=path) for path in manifest.unreadable
     )
     return problems
-

@@ -50,15 +50,20 @@ class RootRules:
         self.timing = Timing(root.policy.settle_seconds, root.policy.max_wait_seconds)
 
     def scan(self, unit: Unit) -> Manifest:
-        return scan_unit(unit.path, ignore=self.ignore, in_progress=self.in_progress,
-                         max_files=self.config.policy.max_files_per_unit)
+        return scan_unit(
+            unit.path,
+            ignore=self.ignore,
+            in_progress=self.in_progress,
+            max_files=self.config.policy.max_files_per_unit,
+        )
 
 
 class Units:
     """Scanning, inspecting and registering units of the configured roots."""
 
-    def __init__(self, config: Config, registry: Registry, clock: Clock,
-                 schema: SchemaValidator | None) -> None:
+    def __init__(
+        self, config: Config, registry: Registry, clock: Clock, schema: SchemaValidator | None
+    ) -> None:
         self.config = config
         self.registry = registry
         self.clock = clock
@@ -85,17 +90,24 @@ class Units:
         depth = rules.config.unit_depth
         if not manifest.exists or manifest.empty:
             return self.registry.removed(unit, depth, when=self.clock.time())
-        found = inspect_unit(unit.path, manifest, rules.config.policy, self.config.metadata,
-                             self.schema)
-        return self.registry.settled(unit, depth, found, when=self.clock.time(),
-                                     settled_after=settled_after)
+        found = inspect_unit(
+            unit.path, manifest, rules.config.policy, self.config.metadata, self.schema
+        )
+        return self.registry.settled(
+            unit, depth, found, when=self.clock.time(), settled_after=settled_after
+        )
 
 
 class Pipeline(threading.Thread):
     """The settle loop thread (see the module docstring)."""
 
-    def __init__(self, units: Units, changes: queue.Queue[Any], clock: Clock,
-                 on_event: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        units: Units,
+        changes: queue.Queue[Any],
+        clock: Clock,
+        on_event: Callable[[Event], None],
+    ) -> None:
         super().__init__(name="settle", daemon=True)
         self.units = units
         self.changes = changes
@@ -212,8 +224,12 @@ class Pipeline(threading.Thread):
             self.settler.observe(unit, now)
             return
         if event is not None:
-            ulog.info("unit_" + event.short_type, event_id=event.id,
-                      version=event.data.get("version"), fingerprint=event.data["fingerprint"])
+            ulog.info(
+                "unit_" + event.short_type,
+                event_id=event.id,
+                version=event.data.get("version"),
+                fingerprint=event.data["fingerprint"],
+            )
             self.on_event(event)
 
     def _overdue(self, unit: Unit, now: float) -> None:
@@ -223,16 +239,21 @@ class Pipeline(threading.Thread):
             return
         policy = rules.config.policy
         reason = readiness(unit.path, manifest, policy) or "files still changing"
-        found = inspect_unit(unit.path, manifest, policy, self.units.config.metadata,
-                             self.units.schema)
+        found = inspect_unit(
+            unit.path, manifest, policy, self.units.config.metadata, self.units.schema
+        )
         waited = now - self.settler.first_change(unit)
         try:
             event = self.units.registry.not_settled(
-                unit, rules.config.unit_depth, found, when=self.clock.time(), waited=waited,
-                reason=reason)
+                unit,
+                rules.config.unit_depth,
+                found,
+                when=self.clock.time(),
+                waited=waited,
+                reason=reason,
+            )
         except StateError as exc:
             log.error("state_write_failed", unit=unit.display, error=str(exc))
             return
         log.warning("unit_not_settled", unit=unit.display, event_id=event.id, reason=reason)
         self.on_event(event)
-

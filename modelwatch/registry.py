@@ -94,7 +94,13 @@ class Registry:
         return event
 
     def not_settled(
-        self, unit: Unit, depth: int, found: Inspection, *, when: float, waited: float,
+        self,
+        unit: Unit,
+        depth: int,
+        found: Inspection,
+        *,
+        when: float,
+        waited: float,
         reason: str,
     ) -> Event:
         """`rejected` with code `not_settled`; records no fingerprint and no version."""

@@ -168,7 +168,9 @@ class Store:
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StateError(f"state schema {version} is newer than this modelwatch ({SCHEMA_VERSION})")
+            raise StateError(
+                f"state schema {version} is newer than this modelwatch ({SCHEMA_VERSION})"
+            )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self._transaction() as db:
                 for statement in _MIGRATIONS[target].split(";"):

@@ -40,8 +40,12 @@ class FakeClock:
             self._mono += seconds
 
 
-def sink_config(type_: str = "memory", name: str | None = None,
-                options: Mapping[str, Any] | None = None, **common: Any) -> SinkConfig:
+def sink_config(
+    type_: str = "memory",
+    name: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    **common: Any,
+) -> SinkConfig:
     """A `SinkConfig` as the config loader would build it."""
     return SinkConfig(
         type=type_,
@@ -65,13 +69,15 @@ class MemorySink:
         self._lock = threading.Lock()
         self.delivered = threading.Condition(self._lock)
 
-    def fail_next(self, count: int = 1, *, permanent: bool = False,
-                  retry_after: float | None = None) -> None:
+    def fail_next(
+        self, count: int = 1, *, permanent: bool = False, retry_after: float | None = None
+    ) -> None:
         """Make the next `count` sends fail."""
         cls = PermanentSinkError if permanent else SinkError
         with self._lock:
-            self._failures.extend(cls("scripted failure", retry_after=retry_after)
-                                  for _ in range(count))
+            self._failures.extend(
+                cls("scripted failure", retry_after=retry_after) for _ in range(count)
+            )
 
     def send(self, event: Event) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +42,14 @@ log = structlog.get_logger("modelwatch.watch")
 # close-without-write are left out, so our own reads generate no events and bursts fit in the
 # kernel queue.
 EVENT_FILTER = [
-    FileCreatedEvent, FileClosedEvent, FileModifiedEvent, FileMovedEvent, FileDeletedEvent,
-    DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
+    FileCreatedEvent,
+    FileClosedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
 ]
 
 
@@ -73,13 +80,15 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         dest = event.dest_path or None
-        self.changes.put(Change(
-            self.root,
-            os.fsdecode(event.src_path),
-            os.fsdecode(dest) if dest else None,
-            event.is_directory,
-            self.clock.monotonic(),
-        ))
+        self.changes.put(
+            Change(
+                self.root,
+                os.fsdecode(event.src_path),
+                os.fsdecode(dest) if dest else None,
+                event.is_directory,
+                self.clock.monotonic(),
+            )
+        )
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -110,8 +119,16 @@ class RootWatcher:
         return self._observer is not None
 
     def alive(self) -> bool:
-        """False when the observer thread died (the root is then re-watched by `ensure`)."""
-        return self._observer is None or bool(self._observer.is_alive())
+        """False when a thread of the observer died (the root is then re-watched by `ensure`)."""
+        observer = self._observer
+        if observer is None:
+            return True
+        threads = [observer, *observer.emitters]
+        # watchdog >= 7 reads inotify on a thread of its own; it is not public API.
+        reader = getattr(observer, "_inotify_fd", None)
+        if isinstance(reader, threading.Thread):
+            threads.append(reader)
+        return all(t.is_alive() for t in threads)
 
     def ensure(self) -> None:
         """Start, restart or stop watching so it matches what is on disk now."""

@@ -26,8 +26,9 @@ def no_leaked_threads() -> Iterator[None]:
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
-               interval: float = 0.02) -> None:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
+) -> None:
     """Poll `predicate` until it is truthy; fail with a clear message at the deadline."""
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -61,12 +61,13 @@ class Harness:
 def harness(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Callable[..., Harness]]:
     made: list[Harness] = []
 
-    def build(depth: int = 0, extra: str = "", max_wait: float = 60,
-              root: Path | None = None) -> Harness:
+    def build(
+        depth: int = 0, extra: str = "", max_wait: float = 60, root: Path | None = None
+    ) -> Harness:
         root = root or tmp_path / "models"
         root.mkdir(exist_ok=True)
         config = make_config(
-            f'[defaults]\nsettle_seconds = 2.0\nmax_wait_seconds = {max_wait}\n{extra}\n'
+            f"[defaults]\nsettle_seconds = 2.0\nmax_wait_seconds = {max_wait}\n{extra}\n"
             f'[[roots]]\npath = "{root}"\nunit_depth = {depth}\n'
         )
         h = Harness(config)
@@ -259,16 +260,18 @@ def test_files_above_unit_depth_are_ignored(harness: Callable[..., Harness]) -> 
     assert h.advance(5) == []
 
 
-def test_depth_one_directory_moved_in_registers(harness: Callable[..., Harness],
-                                                 tmp_path: Path) -> None:
+def test_depth_one_directory_moved_in_registers(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
     """A finished model directory renamed into a depth-1 root -> one registered event."""
     h = harness(depth=1)
     staging = tmp_path / "staging" / "exp-7"
     write(staging / "model.onnx")
     target = Path(h.root) / "exp-7"
     staging.rename(target)
-    h.pipeline.handle(Change(h.root, str(tmp_path / "elsewhere"), str(target), True,
-                             h.clock.monotonic()))
+    h.pipeline.handle(
+        Change(h.root, str(tmp_path / "elsewhere"), str(target), True, h.clock.monotonic())
+    )
     events = h.advance(3)
     assert types(events) == ["registered"]
     assert events[0].subject == "exp-7"
@@ -276,9 +279,10 @@ def test_depth_one_directory_moved_in_registers(harness: Callable[..., Harness],
 
 
 def test_restart_reconcile_emits_only_what_changed(
-    harness: Callable[..., Harness], tmp_path: Path,
+    harness: Callable[..., Harness],
+    tmp_path: Path,
 ) -> None:
-    """A second pipeline on the same state: changed -> v2, new -> v1, gone -> removed, same -> none."""
+    """Restart on the same state: changed -> v2, new -> v1, gone -> removed, same -> nothing."""
     h = harness(depth=1)
     for name in ("keep", "modify", "delete"):
         write(Path(h.root) / name / "model.onnx")
@@ -294,8 +298,11 @@ def test_restart_reconcile_emits_only_what_changed(
         again.rescan()
         events = again.advance(3)
         got = sorted((e.subject, e.short_type, e.data["version"]) for e in events)
-        assert got == [("added", "registered", 1), ("delete", "removed", 1),
-                       ("modify", "registered", 2)]
+        assert got == [
+            ("added", "registered", 1),
+            ("delete", "removed", 1),
+            ("modify", "registered", 2),
+        ]
     finally:
         again.close()
 
@@ -312,7 +319,8 @@ def test_event_ids_are_deterministic(harness: Callable[..., Harness]) -> None:
     h.touch(write(Path(h.root) / "model.onnx"))
     (event,) = h.advance(3)
     expected = hashlib.sha256(
-        f"{event.type}\n{h.root}\n{event.data['fingerprint']}".encode()).hexdigest()
+        f"{event.type}\n{h.root}\n{event.data['fingerprint']}".encode()
+    ).hexdigest()
     assert event.id == expected
     body: dict[str, Any] = event.to_dict()
     assert body["specversion"] == "1.0"

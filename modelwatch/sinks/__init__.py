@@ -88,15 +88,21 @@ def build_sink(config: SinkConfig, factories: Mapping[str, SinkFactory] | None =
 
 
 def check_options(
-    config: SinkConfig, allowed: Mapping[str, type | tuple[type, ...]], required: tuple[str, ...] = ()
+    config: SinkConfig,
+    allowed: Mapping[str, type | tuple[type, ...]],
+    required: tuple[str, ...] = (),
 ) -> None:
     """Validate a sink's own keys: unknown keys, required keys and value types."""
     for key, value in config.options.items():
         if key not in allowed:
             valid = ", ".join(sorted(allowed)) or "none"
-            raise ConfigError(f"{config.key}.{key}: unknown key for a {config.type} sink (valid: {valid})")
+            raise ConfigError(
+                f"{config.key}.{key}: unknown key for a {config.type} sink (valid: {valid})"
+            )
         expected = allowed[key]
-        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in _types(expected)):
+        if not isinstance(value, expected) or (
+            isinstance(value, bool) and bool not in _types(expected)
+        ):
             raise ConfigError(f"{config.key}.{key}: must be {_type_names(expected)}, got {value!r}")
     for key in required:
         if key not in config.options:
@@ -108,6 +114,12 @@ def _types(expected: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 def _type_names(expected: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             list: "a list", dict: "a table"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }
     return " or ".join(names.get(t, t.__name__) for t in _types(expected))

@@ -44,13 +44,14 @@ class JsonlSink:
         try:
             fd = self._open()
             written = os.write(fd, line)
-            if written != len(line):
-                raise OSError(f"short write ({written} of {len(line)} bytes)")
-            if self.fsync:
+            if written == len(line) and self.fsync:
                 os.fsync(fd)
         except OSError as exc:
             self.close()
             raise SinkError(f"{self.path}: {exc}") from exc
+        if written != len(line):
+            self.close()
+            raise SinkError(f"{self.path}: short write ({written} of {len(line)} bytes)")
 
     def close(self) -> None:
         if self._fd is not None:

@@ -1,0 +1,519 @@
+"""Which model format a unit holds, and whether it is completely written (SPEC §6).
+
+Contract:
+
+- `detect_format(paths)` names the format of a unit from the relative POSIX paths of its
+  regular files (ignored and in-progress files already filtered out). Only names are looked
+  at. Paired rules (`checkpoint` + `*.index`, `config.json` + weights) need both files in the
+  same directory; when several formats match, the first of `_PRIORITY` wins.
+- `check_complete(unit_dir, fmt, sizes)` returns None when every instance of `fmt` in the
+  unit is completely written, else one short reason naming the file. `sizes` is the caller's
+  listing (relative path -> size); existence rules are answered from it, and the files whose
+  content matters are opened and read with bounded reads.
+- `model_type_for(fmt)` maps a format to Gradient's model type vocabulary.
+
+The files are written by untrusted training code, so `check_complete` never raises for what it
+finds on disk. It opens paths one component at a time relative to the unit with O_NOFOLLOW (a
+directory swapped for a symlink cannot lead outside the unit), opens nothing but regular files,
+and treats a file whose size differs from `sizes` as a reason: it changed since the listing,
+and "complete" must describe the listing the caller fingerprints.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import posixpath
+import re
+import stat
+import struct
+import zipfile
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+FORMATS: tuple[str, ...] = (
+    "saved_model",
+    "tf_checkpoint",
+    "keras",
+    "onnx",
+    "pytorch",
+    "safetensors",
+    "huggingface",
+    "torch_dcp",
+    "mlflow",
+    "unknown",
+)
+
+# Most specific first: an MLflow model wraps any flavour, a SavedModel contains a checkpoint.
+_PRIORITY = (
+    "mlflow",
+    "saved_model",
+    "tf_checkpoint",
+    "torch_dcp",
+    "huggingface",
+    "keras",
+    "onnx",
+    "safetensors",
+    "pytorch",
+)
+
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+MAX_ZIP_DIRECTORY = 100 * 1024 * 1024  # torch zips with ~100k tensors have ~15 MiB directories
+MAX_TEXT_FILE = 16 * 1024 * 1024  # `checkpoint` and `*.index.json` are small text files
+ZIP_MAGIC = b"PK\x03\x04"
+
+_NAME_FORMATS = {"MLmodel": "mlflow", "saved_model.pb": "saved_model"}
+_NAME_FORMATS["saved_model.pbtxt"] = "saved_model"
+_TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+_SUFFIX_FORMATS = (
+    (".distcp", "torch_dcp"),
+    (".keras", "keras"),
+    (".onnx", "onnx"),
+    (".safetensors", "safetensors"),
+    *((suffix, "pytorch") for suffix in _TORCH_SUFFIXES),
+)
+_SHARD_SUFFIX = re.compile(r"\.data-(\d{5})-of-(\d{5})")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def detect_format(paths: Collection[str]) -> str:
+    """The format of a unit whose regular files are `paths`; "unknown" when nothing matches."""
+    found: set[str] = set()
+    for names in _names_by_dir(paths).values():
+        found.update(fmt for fmt in map(_format_of_name, names) if fmt is not None)
+        if _is_tf_checkpoint_dir(names):
+            found.add("tf_checkpoint")
+        if _is_huggingface_dir(names):
+            found.add("huggingface")
+    return next((fmt for fmt in _PRIORITY if fmt in found), "unknown")
+
+
+def model_type_for(fmt: str) -> str:
+    """Gradient's model type for a format: Tensorflow, ONNX or Custom."""
+    if fmt in ("saved_model", "tf_checkpoint", "keras"):
+        return "Tensorflow"
+    return "ONNX" if fmt == "onnx" else "Custom"
+
+
+def check_complete(unit_dir: str, fmt: str, sizes: Mapping[str, int]) -> str | None:
+    """None when the unit's `fmt` files are completely written, else one reason naming a file."""
+    if fmt not in _CHECKS:
+        raise ValueError(f"unknown format {fmt!r}")
+    checks = _CHECKS[fmt]
+    if not checks:
+        return None
+    try:
+        unit_fd = os.open(unit_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"unit directory cannot be opened ({exc.strerror})"
+    try:
+        unit = _Unit(unit_fd, sizes)
+        for check in checks:
+            check(unit)
+    except _Incomplete as exc:
+        return str(exc)
+    finally:
+        os.close(unit_fd)
+    return None
+
+
+# --- names ---------------------------------------------------------------------------------
+
+
+def _names_by_dir(paths: Iterable[str]) -> dict[str, set[str]]:
+    by_dir: dict[str, set[str]] = {}
+    for path in paths:
+        directory, _, name = path.rpartition("/")
+        by_dir.setdefault(directory, set()).add(name)
+    return by_dir
+
+
+def _format_of_name(name: str) -> str | None:
+    if name in _NAME_FORMATS:
+        return _NAME_FORMATS[name]
+    return next((fmt for suffix, fmt in _SUFFIX_FORMATS if name.endswith(suffix)), None)
+
+
+def _is_tf_checkpoint_dir(names: Collection[str]) -> bool:
+    # Data shards count too: they are unmistakably TF, and waiting for a missing index beats
+    # registering the directory as "unknown" (always complete).
+    return "checkpoint" in names and any(
+        name.endswith(".index") or _SHARD_SUFFIX.search(name) for name in names
+    )
+
+
+def _is_huggingface_dir(names: Collection[str]) -> bool:
+    return "config.json" in names and any(
+        name.endswith((".safetensors", ".index.json"))
+        or (name.startswith("pytorch_model") and name.endswith(".bin"))
+        for name in names
+    )
+
+
+def _show(text: str, limit: int = 200) -> str:
+    """`text` safe for a one-line reason: non-printable characters escaped, length capped."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+# --- reading files safely -----------------------------------------------------------------
+
+
+_FileCheck = Callable[[str, int, int], None]  # (path, fd, size) of an open regular file
+
+
+class _Incomplete(Exception):
+    """The unit is not complete; the message is the reason. Carried out of nested checks."""
+
+
+@dataclass(frozen=True)
+class _Unit:
+    fd: int
+    sizes: Mapping[str, int]
+
+    def paths(self, keep: Callable[[str], bool]) -> list[str]:
+        """The listed paths for which `keep` is true, sorted so the first reason is stable."""
+        return sorted(path for path in self.sizes if keep(path))
+
+    def require(self, path: str, named_in: str | None = None) -> None:
+        if path not in self.sizes:
+            where = f" (named in {_show(named_in)})" if named_in else ""
+            raise _Incomplete(f"{_show(path)} missing{where}")
+
+
+def _components(path: str) -> list[str]:
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if path.startswith("/") or ".." in parts or not parts or not _encodable(path):
+        raise _Incomplete(f"{_show(path)}: not a path inside the unit")
+    return parts
+
+
+def _encodable(path: str) -> bool:
+    """False for names no file system holds (os.open raises ValueError, not OSError, on them)."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in path
+
+
+def _open_failure(path: str, exc: OSError) -> _Incomplete:
+    if exc.errno == errno.ENOENT:
+        return _Incomplete(f"{_show(path)} missing")
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        # O_NOFOLLOW refuses a symlink anywhere on the path; so does a file swapped for a dir.
+        return _Incomplete(f"{_show(path)}: a symlink or non-directory on the path, not followed")
+    return _Incomplete(f"{_show(path)}: cannot open ({exc.strerror})")
+
+
+_KINDS = {stat.S_IFLNK: "a symlink, not followed", stat.S_IFDIR: "a directory"}
+_KINDS |= {stat.S_IFIFO: "a FIFO, not opened", stat.S_IFSOCK: "a socket, not opened"}
+_KINDS |= {stat.S_IFCHR: "a device, not opened", stat.S_IFBLK: "a device, not opened"}
+
+
+@contextmanager
+def _open_regular(unit: _Unit, path: str) -> Iterator[tuple[int, int]]:
+    """Yield (fd, size) of the listed regular file `path`; every failure is `_Incomplete`."""
+    *parents, name = _components(path)
+    dir_fds: list[int] = []
+    try:
+        for part in parents:
+            dir_fds.append(os.open(part, _DIR_FLAGS, dir_fd=dir_fds[-1] if dir_fds else unit.fd))
+        parent_fd = dir_fds[-1] if dir_fds else unit.fd
+        # lstat first so FIFOs and devices are never opened at all; fstat below catches a swap.
+        before = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if not stat.S_ISREG(before.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(before.st_mode), "not a regular file")
+            raise _Incomplete(f"{_show(path)}: is {kind}")
+        fd = os.open(name, _FILE_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        raise _open_failure(path, exc) from None
+    finally:
+        for dir_fd in dir_fds:
+            os.close(dir_fd)
+    try:
+        yield fd, _checked_size(unit, path, fd, before)
+    except OSError as exc:
+        raise _Incomplete(f"{_show(path)}: read failed ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def _checked_size(unit: _Unit, path: str, fd: int, before: os.stat_result) -> int:
+    now = os.fstat(fd)
+    if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+        raise _Incomplete(f"{_show(path)}: replaced while checking")
+    listed = unit.sizes.get(path)
+    if listed is not None and listed != now.st_size:
+        change = f"{listed} bytes, now {now.st_size}"
+        raise _Incomplete(f"{_show(path)}: changed since listed ({change})")
+    return now.st_size
+
+
+def _read_exact(fd: int, offset: int, length: int, path: str) -> bytes:
+    chunks: list[bytes] = []
+    while length > 0:
+        data = os.pread(fd, min(length, 1 << 20), offset)
+        if not data:
+            raise _Incomplete(f"{_show(path)}: shrank while checking")
+        chunks.append(data)
+        offset += len(data)
+        length -= len(data)
+    return b"".join(chunks)
+
+
+def _read_small(unit: _Unit, path: str) -> bytes:
+    """The whole content of a small text file (`checkpoint`, `*.index.json`)."""
+    with _open_regular(unit, path) as (fd, size):
+        if size > MAX_TEXT_FILE:
+            raise _Incomplete(f"{_show(path)}: too large ({size} bytes)")
+        return _read_exact(fd, 0, size, path)
+
+
+class _CappedFile(io.FileIO):
+    """A read-only view of an fd that refuses to read more than `budget` bytes in total.
+
+    zipfile reads the central directory in one call sized by the (untrusted) end record.
+    """
+
+    def __init__(self, fd: int, budget: int, path: str) -> None:
+        super().__init__(fd, "r", closefd=False)
+        self._budget = budget
+        self._path = path
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if size is None or size < 0:
+            size = max(0, os.fstat(self.fileno()).st_size - self.tell())
+        if size > self._budget:
+            raise _Incomplete(f"{_show(self._path)}: zip central directory too large")
+        self._budget -= size
+        return super().read(size)
+
+
+def _check_zip(path: str, fd: int, size: int) -> None:
+    try:
+        with _CappedFile(fd, MAX_ZIP_DIRECTORY, path) as raw, zipfile.ZipFile(raw):
+            pass  # opening reads and checks the end record and the whole central directory
+    except _Incomplete:
+        raise
+    except Exception:  # zipfile raises many types on corrupt input; all mean "not complete"
+        raise _Incomplete(f"{_show(path)}: zip central directory unreadable") from None
+
+
+def _parse_json(data: bytes) -> object:
+    """Parsed JSON; ValueError for anything else, including nesting too deep to parse."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _resolve(directory: str, name: str) -> str | None:
+    """`name` relative to `directory`, normalised; None when it leaves the unit."""
+    joined = posixpath.normpath(posixpath.join(directory, name))
+    if name.startswith("/") or joined in (".", "..") or joined.startswith("../"):
+        return None
+    return joined
+
+
+# --- completeness checks, one per format -----------------------------------------------------
+
+
+def _check_saved_models(unit: _Unit) -> None:
+    pbs = unit.paths(lambda p: posixpath.basename(p) in ("saved_model.pb", "saved_model.pbtxt"))
+    for model_dir in sorted({posixpath.dirname(pb) for pb in pbs}):
+        variables_dir = posixpath.join(model_dir, "variables") + "/"
+        if any(path.startswith(variables_dir) for path in unit.sizes):
+            _check_bundle(unit, variables_dir + "variables")
+
+
+def _check_bundle(unit: _Unit, prefix: str) -> None:
+    """A TF tensor bundle: `<prefix>.index` and every `<prefix>.data-i-of-M` shard."""
+    unit.require(prefix + ".index")
+    totals = set()
+    for path in unit.sizes:
+        match = _SHARD_SUFFIX.fullmatch(path, len(prefix)) if path.startswith(prefix) else None
+        if match is not None:
+            totals.add(int(match.group(2)))
+    if not totals:
+        # A bundle always has at least one data file, even with no variables.
+        raise _Incomplete(f"{_show(prefix)}.data-00000-of-* missing")
+    for total in sorted(totals):
+        if total == 0:
+            raise _Incomplete(f"{_show(prefix)}.data-*-of-00000: impossible shard count")
+        for index in range(total):
+            unit.require(f"{prefix}.data-{index:05d}-of-{total:05d}")
+
+
+def _check_tf_checkpoints(unit: _Unit) -> None:
+    by_dir = _names_by_dir(unit.sizes)
+    for directory in sorted(d for d, names in by_dir.items() if _is_tf_checkpoint_dir(names)):
+        state = posixpath.join(directory, "checkpoint")
+        try:
+            named = _checkpoint_prefix(_read_small(unit, state))
+        except ValueError as exc:
+            raise _Incomplete(f"{_show(state)}: unparseable ({exc})") from None
+        # TF records absolute paths when saving to one; the files sit beside `checkpoint`.
+        prefix = _resolve(directory, posixpath.basename(named) if named.startswith("/") else named)
+        if prefix is None:
+            raise _Incomplete(f"{_show(state)}: model_checkpoint_path leaves the unit")
+        _check_bundle(unit, prefix)
+
+
+_FIELD = re.compile(rb"\s*([A-Za-z_]\w*)\s*:\s*(.*?)\s*")
+_STRING = re.compile(rb'"((?:[^"\\]|\\.)*)"|\'((?:[^\'\\]|\\.)*)\'', re.DOTALL)
+_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.))", re.DOTALL)
+_SIMPLE_ESCAPES = dict(zip(b"ntrabfv\\'\"?", b"\n\t\r\a\b\f\v\\'\"?", strict=True))
+
+
+def _checkpoint_prefix(text: bytes) -> str:
+    """`model_checkpoint_path` of TF's CheckpointState text proto; ValueError if unparseable."""
+    prefix: str | None = None
+    for line in text.split(b"\n"):
+        if not line.strip() or line.lstrip().startswith(b"#"):
+            continue
+        field = _FIELD.fullmatch(line)
+        if field is None:
+            raise ValueError("not a text-format line")
+        if field.group(1) == b"model_checkpoint_path":
+            prefix = os.fsdecode(_unquote(field.group(2)))
+    if not prefix:
+        raise ValueError("no model_checkpoint_path")
+    return prefix
+
+
+def _unquote(literal: bytes) -> bytes:
+    """The bytes of a protobuf text-format string literal (C escapes, octal for non-ASCII)."""
+    string = _STRING.fullmatch(literal)
+    if string is None:
+        raise ValueError("value is not one quoted string")
+    return _ESCAPE.sub(_unescape, string.group(1) or string.group(2) or b"")
+
+
+def _unescape(match: re.Match[bytes]) -> bytes:
+    octal, hexadecimal, char = match.groups()
+    if octal is not None and int(octal, 8) < 256:
+        return bytes([int(octal, 8)])
+    if hexadecimal is not None:
+        return bytes([int(hexadecimal, 16)])
+    if char is not None and char[0] in _SIMPLE_ESCAPES:
+        return bytes([_SIMPLE_ESCAPES[char[0]]])
+    raise ValueError("bad escape in string")
+
+
+def _each_file(suffixes: tuple[str, ...], check: _FileCheck) -> Callable[[_Unit], None]:
+    """A unit check running `check(path, fd, size)` on every non-empty file with a suffix."""
+
+    def check_each(unit: _Unit) -> None:
+        for path in unit.paths(lambda p: p.endswith(suffixes)):
+            with _open_regular(unit, path) as (fd, size):
+                if size == 0:
+                    raise _Incomplete(f"{_show(path)}: empty")
+                check(path, fd, size)
+
+    return check_each
+
+
+def _check_safetensors_file(path: str, fd: int, size: int) -> None:
+    shown = _show(path)
+    if size < 8:
+        raise _Incomplete(f"{shown}: truncated ({size} bytes, no header length)")
+    (header_len,) = struct.unpack("<Q", _read_exact(fd, 0, 8, path))
+    if header_len > MAX_SAFETENSORS_HEADER:
+        raise _Incomplete(f"{shown}: header too large ({header_len} bytes)")
+    if 8 + header_len > size:
+        ends = f"header ends at {8 + header_len}, file has {size}"
+        raise _Incomplete(f"{shown}: truncated ({ends})")
+    header = _read_exact(fd, 8, header_len, path)
+    expected = 8 + header_len + _data_end(header, shown)
+    if expected > size:
+        raise _Incomplete(f"{shown}: truncated (header says {expected} bytes, file has {size})")
+    if expected < size:
+        raise _Incomplete(f"{shown}: size mismatch (header says {expected} bytes, file has {size})")
+
+
+def _data_end(header: bytes, shown: str) -> int:
+    """The end of the data section a safetensors header describes."""
+    try:
+        document = _parse_json(header)
+    except ValueError as exc:
+        raise _Incomplete(f"{shown}: header malformed ({exc})") from None
+    if not isinstance(document, dict):
+        raise _Incomplete(f"{shown}: header malformed (not a JSON object)")
+    end = 0
+    for name, info in document.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(offset) is int and offset >= 0 for offset in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            bad = f"bad data_offsets for tensor {_show(name, 60)!r}"
+            raise _Incomplete(f"{shown}: header malformed ({bad})")
+        end = max(end, offsets[1])
+    return end
+
+
+def _check_hf_indexes(unit: _Unit) -> None:
+    for index in unit.paths(lambda p: p.endswith(".index.json")):
+        try:
+            document = _parse_json(_read_small(unit, index))
+        except ValueError:
+            raise _Incomplete(f"{_show(index)}: not valid JSON") from None
+        if not isinstance(document, dict) or "weight_map" not in document:
+            continue  # some other JSON file; a partly written shard index is never valid JSON
+        weight_map = document["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) for shard in weight_map.values()
+        ):
+            raise _Incomplete(f"{_show(index)}: weight_map is not an object of file names")
+        for shard in sorted(set(weight_map.values())):
+            path = _resolve(posixpath.dirname(index), shard)
+            if path is None:
+                outside = f"weight_map names {_show(shard) or repr(shard)} outside the unit"
+                raise _Incomplete(f"{_show(index)}: {outside}")
+            unit.require(path, named_in=index)
+    # Shards that exist are checked by the safetensors and pytorch checks that follow.
+
+
+def _check_torch_file(path: str, fd: int, size: int) -> None:
+    magic = _read_exact(fd, 0, min(size, len(ZIP_MAGIC)), path)
+    if magic == ZIP_MAGIC:
+        _check_zip(path, fd, size)
+    elif size < len(ZIP_MAGIC) and ZIP_MAGIC.startswith(magic):
+        raise _Incomplete(f"{_show(path)}: truncated zip ({size} bytes)")
+    # Anything else is a legacy pickle: non-empty is all that can be checked cheaply.
+
+
+def _check_torch_dcp(unit: _Unit) -> None:
+    shards = unit.paths(lambda p: p.endswith(".distcp"))
+    for directory in sorted({posixpath.dirname(shard) for shard in shards}):
+        unit.require(posixpath.join(directory, ".metadata"))
+
+
+_check_safetensors = _each_file((".safetensors",), _check_safetensors_file)
+_check_torch_files = _each_file(_TORCH_SUFFIXES, _check_torch_file)
+
+_CHECKS: dict[str, tuple[Callable[[_Unit], None], ...]] = {
+    "saved_model": (_check_saved_models,),
+    "tf_checkpoint": (_check_tf_checkpoints,),
+    "keras": (_each_file((".keras",), _check_zip),),
+    "onnx": (_each_file((".onnx",), lambda path, fd, size: None),),
+    "pytorch": (_check_torch_files,),
+    "safetensors": (_check_safetensors,),
+    # HF checkpoints also hold torch.save files (pytorch_model.bin, optimizer.pt, ...).
+    "huggingface": (_check_hf_indexes, _check_safetensors, _check_torch_files),
+    "torch_dcp": (_check_torch_dcp,),
+    "mlflow": (),
+    "unknown": (),
+}

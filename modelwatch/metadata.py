@@ -1,0 +1,715 @@
+"""Validating `gradient-model-metadata.json` (SPEC §7) into `Problem` values.
+
+Contract:
+
+* `validate_unit_metadata` reads the metadata file of one unit relative to the unit directory.
+  It never follows a symlink and never opens anything but a regular file (a symlink, FIFO,
+  socket, device or directory is `metadata_not_regular_file`), and reads at most
+  `max_bytes + 1` bytes. An absent file is `present=False` with no problems.
+* `validate_metadata_bytes` is the pure core: for any input bytes it returns a
+  `MetadataResult` and never raises. Every problem carries `code`, `message`, `file` and, where
+  they apply, a 1-based `line`/`column` (in characters of the decoded text, after a BOM) and an
+  RFC 6901 `pointer`.
+* Strict RFC 8259 is decided by `_Parser`, an iterative parser with an explicit stack, so a
+  hostile `[[[[...` document hits `max_depth` instead of the Python recursion limit. Because it
+  is pure Python, valid documents first go through the C `json` parser with hooks that refuse
+  everything `_Parser` would refuse; any doubt (or any problem to locate) defers to `_Parser`.
+* The first encoding/syntax/depth error stops parsing; duplicate keys are all reported. The
+  document is returned whenever it parsed; `metrics` and schema problems leave it in place but
+  make the result not `ok`. Each kind of repeated problem is capped at `MAX_PROBLEMS`.
+
+Codes: metadata_not_regular_file, metadata_too_large, metadata_unreadable, metadata_encoding,
+metadata_syntax, metadata_duplicate_key, metadata_too_deep, metadata_metrics, metadata_schema.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import importlib
+import json
+import math
+import os
+import re
+import stat
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from modelwatch.errors import ConfigError, Problem
+
+JsonPath: TypeAlias = tuple[str | int, ...]
+
+MAX_PROBLEMS = 50  # per kind (duplicate keys, metrics, schema): events stay small
+_MAX_MESSAGE = 200  # schema messages embed untrusted values
+_MAX_INT_DIGITS = 4300  # CPython's default int(str) limit, enforced on every Python version
+
+_WS = re.compile(r"[ \t\n\r]*")
+_PLAIN_STRING = re.compile(r'"([^"\\\x00-\x1f]*)"')
+_STRING_CHUNK = re.compile(r'[^"\\\x00-\x1f]*')
+_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+_NUMBER_TAIL = frozenset("0123456789.eE+-")
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_LITERALS: dict[str, Any] = {"true": True, "false": False, "null": None}
+_PYTHON_LITERALS = {"True": "true", "False": "false", "None": "null"}
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataResult:
+    """The outcome of validating one metadata file."""
+
+    present: bool  # False when the file does not exist
+    document: Any  # the parsed JSON value; None when absent or unparseable
+    problems: tuple[Problem, ...]  # empty means valid
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The validated `metrics` array; [] when there is none or the document is invalid."""
+        doc = self.document
+        if self.ok and isinstance(doc, dict) and isinstance(doc.get("metrics"), list):
+            return list(doc["metrics"])
+        return []
+
+
+def validate_unit_metadata(
+    unit_dir: str,
+    filename: str,
+    *,
+    max_bytes: int,
+    max_depth: int,
+    schema: SchemaValidator | None = None,
+) -> MetadataResult:
+    """Read and validate `filename` inside `unit_dir` without following any symlink."""
+    try:
+        data = _read_regular_file(unit_dir, filename, max_bytes + 1)
+    except FileNotFoundError:
+        return MetadataResult(present=False, document=None, problems=())
+    except _NotRegularError as exc:
+        message = f"{filename} is a {exc.kind}, not a regular file; it was not read"
+        if exc.name != filename:
+            message = f"{filename} is not a regular file: {exc.name!r} is a {exc.kind}"
+        return _failed(Problem("metadata_not_regular_file", message, file=filename))
+    except OSError as exc:
+        message = f"cannot read {filename}: {exc.strerror or exc}"
+        return _failed(Problem("metadata_unreadable", message, file=filename))
+    if len(data) > max_bytes:
+        message = f"{filename} is larger than max_bytes ({max_bytes} bytes)"
+        return _failed(Problem("metadata_too_large", message, file=filename))
+    return validate_metadata_bytes(data, file=filename, max_depth=max_depth, schema=schema)
+
+
+def validate_metadata_bytes(
+    data: bytes, *, file: str, max_depth: int, schema: SchemaValidator | None = None
+) -> MetadataResult:
+    """Validate a metadata document given as bytes (pure; never raises on any input)."""
+    try:
+        text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _failed(_encoding_problem(exc, file))
+    locator = _Locator(text, max_depth)
+    document = _fast_parse(text, max_depth)
+    if document is _DEFER:
+        document, problems = locator.parse(file)
+        if problems:
+            return _failed(*problems)
+    problems = _metrics_problems(document, file, locator)
+    if schema is not None:
+        problems.extend(schema._problems_at(document, file, locator))
+    return MetadataResult(present=True, document=document, problems=tuple(problems))
+
+
+def _failed(*problems: Problem) -> MetadataResult:
+    return MetadataResult(present=True, document=None, problems=problems)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+_KINDS = {
+    stat.S_IFREG: "regular file",
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFDIR: "directory",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+class _NotRegularError(Exception):
+    def __init__(self, mode: int, name: str) -> None:
+        self.kind = _KINDS.get(stat.S_IFMT(mode), "special file")
+        self.name = name
+        super().__init__(f"{name}: {self.kind}")
+
+
+def _read_regular_file(unit_dir: str, filename: str, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file; symlinks and special files are never opened."""
+    dir_fd = os.open(unit_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        *parents, name = filename.split("/")
+        for i, part in enumerate(parents):  # `sub/name.json` must not escape via a symlink
+            shown = "/".join(parents[: i + 1])
+            parent_fd, dir_fd = dir_fd, _open_checked(part, dir_fd, stat.S_IFDIR, shown)
+            os.close(parent_fd)
+        fd = _open_checked(name, dir_fd, stat.S_IFREG, filename)
+    finally:
+        os.close(dir_fd)
+    try:
+        return _read_at_most(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _open_checked(name: str, dir_fd: int, kind: int, shown: str) -> int:
+    """Open `name` only if it is of file type `kind`; never follows a symlink."""
+    # lstat first: merely opening a FIFO or a device can block or have side effects.
+    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    if stat.S_IFMT(mode) != kind:
+        raise _NotRegularError(mode, shown)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags | (os.O_DIRECTORY if kind == stat.S_IFDIR else 0), dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a symlink since the lstat
+            raise _NotRegularError(stat.S_IFLNK, shown) from None
+        raise
+    mode = os.fstat(fd).st_mode  # or replaced by something else
+    if stat.S_IFMT(mode) != kind:
+        os.close(fd)
+        raise _NotRegularError(mode, shown)
+    return fd
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 20))):
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+# --- fast path: the C parser, trusted only when it accepts --------------------------------
+
+_DEFER: Any = object()  # "ask the strict parser"
+# Before 3.12 the C parser's nesting guard is sys.getrecursionlimit(); raised far above the
+# default, a deep `[[[[` could overflow the C stack, so only the strict parser is used then.
+_C_SAFE_RECURSION_LIMIT = 10_000
+# The C parser's integer limit depends on PYTHONINTMAXSTRDIGITS; ours does not. The lookbehind
+# starts a match only at the first digit of a run, keeping the search linear.
+_LONG_DIGITS = re.compile(rf"(?<![0-9])[0-9]{{{_MAX_INT_DIGITS + 1}}}")
+
+
+class _DeferError(Exception):
+    pass
+
+
+def _refuse(_: object) -> Any:
+    raise _DeferError  # NaN, Infinity, -Infinity
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise _DeferError
+    return members
+
+
+def _finite_float(literal: str) -> float:
+    number = float(literal)
+    if math.isinf(number):
+        raise _DeferError
+    return number
+
+
+_C_DECODER = json.JSONDecoder(
+    parse_constant=_refuse, parse_float=_finite_float, object_pairs_hook=_unique_members
+)
+
+
+def _fast_parse(text: str, max_depth: int) -> Any:
+    """The document if the C parser accepts it within `max_depth`, else `_DEFER`."""
+    if sys.getrecursionlimit() > _C_SAFE_RECURSION_LIMIT or _LONG_DIGITS.search(text):
+        return _DEFER
+    try:
+        document = _C_DECODER.decode(text)
+    except (ValueError, RecursionError, _DeferError):  # ValueError: syntax, huge integers
+        return _DEFER
+    level = [document] if isinstance(document, (dict, list)) else []
+    for _ in range(max_depth):  # breadth-first, one nesting level per round
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, (dict, list))
+        ]
+    return _DEFER if level else document
+
+
+# --- strict parser ------------------------------------------------------------------------
+
+
+class _InvalidError(Exception):
+    """Parsing stopped at character offset `pos`."""
+
+    def __init__(self, code: str, message: str, pos: int, pointer: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.pos, self.pointer = code, message, pos, pointer
+
+
+def _syntax(message: str, pos: int) -> _InvalidError:
+    return _InvalidError("metadata_syntax", message, pos)
+
+
+def _skip(text: str, pos: int) -> int:
+    """The offset of the first non-whitespace character at or after `pos`."""
+    match = _WS.match(text, pos)
+    return match.end() if match else pos
+
+
+class _ObjectFrame:
+    __slots__ = ("container", "key", "offsets", "start")
+    closer = "}"
+
+    def __init__(self, start: int) -> None:
+        self.container: dict[str, Any] = {}
+        self.offsets: dict[str, int] = {}  # where each member's value starts
+        self.start, self.key = start, ""
+
+    def add(self, value: Any, start: int) -> None:
+        self.container[self.key] = value
+        self.offsets[self.key] = start
+
+    def token(self) -> str | int:
+        return self.key
+
+
+class _ArrayFrame:
+    __slots__ = ("container", "offsets", "start")
+    closer = "]"
+
+    def __init__(self, start: int) -> None:
+        self.container: list[Any] = []
+        self.offsets: list[int] = []
+        self.start = start
+
+    def add(self, value: Any, start: int) -> None:
+        self.container.append(value)
+        self.offsets.append(start)
+
+    def token(self) -> str | int:
+        return len(self.container)
+
+
+class _Parser:
+    """Strict RFC 8259 parser with an explicit stack that remembers where every value starts."""
+
+    def __init__(self, text: str, max_depth: int) -> None:
+        self.text, self.max_depth = text, max_depth
+        self.stack: list[_ObjectFrame | _ArrayFrame] = []
+        self.duplicates: list[tuple[JsonPath, int]] = []  # (path, offset of the repeated key)
+        self.offsets: dict[int, dict[str, int] | list[int]] = {}  # id(container) -> children
+        self.root_start = 0
+        self.result: Any = None
+
+    def parse(self) -> Any:
+        text = self.text
+        pos = self.root_start = _skip(text, 0)
+        if pos == len(text):
+            raise _syntax("empty document; expected a JSON value", pos)
+        while True:
+            start, ch = pos, text[pos : pos + 1]
+            if ch in ("{", "["):
+                frame = self._push(ch, pos)
+                pos = _skip(text, pos + 1)
+                if not text.startswith(frame.closer, pos):
+                    pos = self._member(pos, comma=None)
+                    continue
+                value, start, pos = self._pop(pos)
+            else:
+                value, pos = self._scalar(pos)
+            next_pos = self._after_value(value, start, pos)
+            if next_pos is None:
+                return self.result
+            pos = next_pos
+
+    def _after_value(self, value: Any, start: int, pos: int) -> int | None:
+        """Attach a finished value, consume separators and closers; None at document end."""
+        text = self.text
+        while self.stack:
+            frame = self.stack[-1]
+            frame.add(value, start)
+            pos = _skip(text, pos)
+            ch = text[pos : pos + 1]
+            if ch == ",":
+                return self._member(_skip(text, pos + 1), comma=pos)
+            if ch != frame.closer:
+                after = "object member" if frame.closer == "}" else "array element"
+                raise _syntax(_unexpected(ch, f"',' or '{frame.closer}' after {after}"), pos)
+            value, start, pos = self._pop(pos)
+        pos = _skip(text, pos)
+        if pos < len(text):
+            raise _syntax(_unexpected(text[pos], "the end of the document"), pos)
+        self.result = value
+        return None
+
+    def _push(self, ch: str, pos: int) -> _ObjectFrame | _ArrayFrame:
+        if len(self.stack) >= self.max_depth:
+            message = f"nesting is deeper than max_depth ({self.max_depth})"
+            raise _InvalidError("metadata_too_deep", message, pos, pointer(self._path()))
+        frame = _ObjectFrame(pos) if ch == "{" else _ArrayFrame(pos)
+        self.offsets[id(frame.container)] = frame.offsets
+        self.stack.append(frame)
+        return frame
+
+    def _pop(self, pos: int) -> tuple[Any, int, int]:
+        frame = self.stack.pop()
+        return frame.container, frame.start, pos + 1
+
+    def _path(self) -> JsonPath:
+        return tuple(frame.token() for frame in self.stack)
+
+    def _member(self, pos: int, comma: int | None) -> int:
+        """Where the next member's value starts; for objects, after its key and colon."""
+        frame, text = self.stack[-1], self.text
+        if comma is not None and text.startswith(frame.closer, pos):
+            raise _syntax(f"trailing comma before '{frame.closer}'", comma)
+        if isinstance(frame, _ArrayFrame):
+            return pos
+        if not text.startswith('"', pos):
+            word = _WORD.match(text, pos)
+            if word is not None:
+                raise _syntax(f"object key {word.group()[:40]!r} must be in double quotes", pos)
+            raise _syntax(_unexpected(text[pos : pos + 1], "a string object key"), pos)
+        key, end = self._string(pos)
+        if key in frame.container and len(self.duplicates) < MAX_PROBLEMS:
+            self.duplicates.append(((*self._path()[:-1], key), pos))
+        frame.key = key
+        pos = _skip(text, end)
+        if not text.startswith(":", pos):
+            raise _syntax(_unexpected(text[pos : pos + 1], "':' after object key"), pos)
+        return _skip(text, pos + 1)
+
+    def _scalar(self, pos: int) -> tuple[Any, int]:
+        text = self.text
+        ch = text[pos : pos + 1]
+        if ch == '"':
+            return self._string(pos)
+        if ch == "-" or "0" <= ch <= "9":
+            return self._number(pos)
+        word = _WORD.match(text, pos)
+        if word is None:
+            raise _syntax(_unexpected(ch, "a JSON value"), pos)
+        name = word.group()
+        if name in _LITERALS:
+            return _LITERALS[name], word.end()
+        if name in ("NaN", "Infinity"):
+            raise _syntax(f"{name} is not allowed in JSON", pos)
+        if name in _PYTHON_LITERALS:
+            raise _syntax(f"{name} is not JSON; use {_PYTHON_LITERALS[name]}", pos)
+        raise _syntax(f"unexpected {name[:40]!r}; expected a JSON value", pos)
+
+    def _number(self, pos: int) -> tuple[int | float, int]:
+        text = self.text
+        match = _NUMBER.match(text, pos)
+        if match is None:
+            if text.startswith("-Infinity", pos):
+                raise _syntax("-Infinity is not allowed in JSON", pos)
+            raise _syntax("invalid number: expected a digit after '-'", pos)
+        literal, end = match.group(), match.end()
+        if text[end : end + 1] in _NUMBER_TAIL:
+            if literal.lstrip("-") == "0" and text[end : end + 1].isdigit():
+                raise _syntax("numbers must not have leading zeros", pos)
+            raise _syntax(f"invalid number {text[pos : end + 1][:40]!r}", end)
+        if match.group(1) or match.group(2):
+            number = float(literal)
+            if math.isinf(number):
+                raise _syntax(f"number out of range: {literal[:40]}", pos)
+            return number, end
+        if len(literal.lstrip("-")) > _MAX_INT_DIGITS:
+            raise _syntax(f"number out of range: more than {_MAX_INT_DIGITS} digits", pos)
+        try:
+            return int(literal), end
+        except ValueError:  # PYTHONINTMAXSTRDIGITS may set a lower limit
+            raise _syntax("number out of range: too many digits", pos) from None
+
+    def _string(self, pos: int) -> tuple[str, int]:
+        """Decode the string whose opening quote is at `pos`; returns (value, end offset)."""
+        text = self.text
+        plain = _PLAIN_STRING.match(text, pos)
+        if plain is not None:  # fast path: no escapes
+            return plain.group(1), plain.end()
+        parts: list[str] = []
+        i = pos + 1
+        while True:
+            chunk = _STRING_CHUNK.match(text, i)
+            chunk_end = chunk.end() if chunk else i
+            parts.append(text[i:chunk_end])
+            i, ch = chunk_end, text[chunk_end : chunk_end + 1]
+            if ch == '"':
+                return "".join(parts), i + 1
+            if ch == "":
+                raise _syntax("unterminated string", pos)
+            if ch != "\\":
+                raise _syntax(f"control character U+{ord(ch):04X} in string must be escaped", i)
+            char, i = self._escape(i)
+            parts.append(char)
+
+    def _escape(self, i: int) -> tuple[str, int]:
+        text = self.text
+        esc = text[i + 1 : i + 2]
+        if esc in _ESCAPES:
+            return _ESCAPES[esc], i + 2
+        if esc != "u":
+            raise _syntax(f"invalid escape: backslash followed by {esc!r}", i)
+        if _HEX4.match(text, i + 2) is None:
+            raise _syntax("invalid \\u escape: expected 4 hex digits", i)
+        code = int(text[i + 2 : i + 6], 16)
+        # A high surrogate followed by a low one is one character; lone ones are kept (RFC 8259).
+        if 0xD800 <= code <= 0xDBFF and text.startswith("\\u", i + 6) and _HEX4.match(text, i + 8):
+            low = int(text[i + 8 : i + 12], 16)
+            if 0xDC00 <= low <= 0xDFFF:
+                return chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)), i + 12
+        return chr(code), i + 6
+
+
+def _unexpected(ch: str, expected: str) -> str:
+    if ch == "":
+        return f"unexpected end of document; expected {expected}"
+    if ch == "'":
+        return "strings must use double quotes, not single quotes"
+    if ch == "/":
+        return "comments are not allowed in JSON"
+    return f"unexpected character {ch!r}; expected {expected}"
+
+
+# --- locations ----------------------------------------------------------------------------
+
+
+class _Locator:
+    """The strict parser's verdict on a text and where its values start; parses lazily."""
+
+    def __init__(self, text: str, max_depth: int) -> None:
+        self._parser = _Parser(text, max_depth)
+        self._error: _InvalidError | None = None
+        self._parsed = False
+        self._line_starts: list[int] | None = None
+
+    def parse(self, file: str) -> tuple[Any, list[Problem]]:
+        """(document, []) when the text is strict JSON, else (None, problems)."""
+        parser = self._parse()
+        if self._error is not None:
+            line, column = self.line_column(self._error.pos)
+            err = self._error
+            return None, [Problem(err.code, err.message, file, line, column, err.pointer)]
+        problems = []
+        for path, offset in parser.duplicates:
+            line, column = self.line_column(offset)
+            message = f"duplicate object key {str(path[-1])[:80]!r}"
+            problems.append(
+                Problem("metadata_duplicate_key", message, file, line, column, pointer(path))
+            )
+        return (None if problems else parser.result), problems
+
+    def at(self, path: Iterable[str | int]) -> tuple[int | None, int | None]:
+        """Line and column where the value at `path` starts, or (None, None) if unknown."""
+        parser = self._parse()
+        offset, value = parser.root_start, parser.result
+        for token in path:
+            children: Any = parser.offsets.get(id(value))
+            try:
+                offset, value = children[token], value[token]
+            except (TypeError, KeyError, IndexError):
+                return None, None
+        return self.line_column(offset)
+
+    def line_column(self, offset: int) -> tuple[int, int]:
+        if self._line_starts is None:
+            self._line_starts = _line_starts(self._parser.text)
+        line = bisect.bisect_right(self._line_starts, offset)
+        return line, offset - self._line_starts[line - 1] + 1
+
+    def _parse(self) -> _Parser:
+        if not self._parsed:
+            self._parsed = True
+            try:
+                self._parser.parse()
+            except _InvalidError as exc:
+                self._error = exc
+        return self._parser
+
+
+def _line_starts(text: str) -> list[int]:
+    return [0, *(m.end() for m in _LINE_BREAK.finditer(text))]
+
+
+def pointer(path: Iterable[str | int]) -> str:
+    """The RFC 6901 JSON pointer for `path` (`~` and `/` escaped)."""
+    return "".join("/" + str(t).replace("~", "~0").replace("/", "~1") for t in path)
+
+
+def _encoding_problem(exc: UnicodeDecodeError, file: str) -> Problem:
+    body = exc.object.removeprefix(b"\xef\xbb\xbf")
+    valid = body[: exc.start].decode("utf-8")  # cannot fail: the first bad byte is at start
+    starts = _line_starts(valid)
+    line, column = len(starts), len(valid) - starts[-1] + 1
+    message = f"not valid UTF-8: byte 0x{body[exc.start]:02x} ({exc.reason})"
+    return Problem("metadata_encoding", message, file, line, column)
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+_Found: TypeAlias = tuple[JsonPath, JsonPath, str]  # (pointer path, path located, message)
+
+
+def _metrics_problems(document: Any, file: str, locator: _Locator) -> list[Problem]:
+    """SPEC §7: `metrics`, when present, is an array of {name, numberValue} objects."""
+    if not isinstance(document, dict) or "metrics" not in document:
+        return []
+    metrics = document["metrics"]
+    found: list[_Found] = []
+    if not isinstance(metrics, list):
+        here: JsonPath = ("metrics",)
+        found.append((here, here, f"metrics must be an array, got {_type(metrics)}"))
+    else:
+        for i, item in enumerate(metrics):
+            found.extend(_metric_problems(i, item))
+    problems = []
+    for path, located, message in found[:MAX_PROBLEMS]:
+        line, column = locator.at(located)
+        problems.append(Problem("metadata_metrics", message, file, line, column, pointer(path)))
+    return problems
+
+
+def _metric_problems(i: int, item: Any) -> list[_Found]:
+    here: JsonPath = ("metrics", i)
+    if not isinstance(item, dict):
+        return [(here, here, f"metrics[{i}] must be an object, got {_type(item)}")]
+    found: list[_Found] = []
+    name, value = item.get("name"), item.get("numberValue")
+    if not isinstance(name, str) or not name:
+        found.append(_member_problem(item, here, "name", "a non-empty string"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        found.append(_member_problem(item, here, "numberValue", "a finite number"))
+    return found
+
+
+def _member_problem(item: dict[str, Any], here: JsonPath, key: str, rule: str) -> _Found:
+    """Locate the member's value when it exists, else the metric object itself."""
+    message = f"metrics[{here[1]}].{key} must be {rule}"
+    if key not in item:
+        return (*here, key), here, f"{message}, but it is missing"
+    got = "an empty string" if item[key] == "" else _type(item[key])
+    return (*here, key), (*here, key), f"{message}, got {got}"
+
+
+def _type(value: Any) -> str:
+    """The JSON name of a parsed value's type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+# --- schema -------------------------------------------------------------------------------
+
+
+class SchemaValidator:
+    """A JSON Schema (`metadata.schema`) every metadata document must satisfy."""
+
+    __slots__ = ("_unresolvable", "_validator", "path")
+
+    def __init__(self, validator: Any, path: str) -> None:
+        self._validator = validator  # a jsonschema validator instance
+        references = importlib.import_module("referencing.exceptions")  # jsonschema's dependency
+        self._unresolvable: type[Exception] = references.Unresolvable
+        self.path = path
+
+    @classmethod
+    def from_file(cls, path: str) -> SchemaValidator:
+        """Load and check a schema; errors are `ConfigError("metadata.schema: <path>: ...")`."""
+        jsonschema = _import_jsonschema()
+        try:
+            with open(path, "rb") as f:
+                schema = json.loads(f.read())
+        except OSError as exc:
+            raise ConfigError(f"metadata.schema: {path}: {exc.strerror or exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError(f"metadata.schema: {path}: not valid JSON: {exc}") from None
+        validator_cls = _validator_class(jsonschema, schema, path)
+        try:
+            validator_cls.check_schema(schema)
+        except jsonschema.exceptions.SchemaError as exc:
+            where = pointer(exc.absolute_path) or "/"
+            message = f"metadata.schema: {path}: invalid JSON Schema at {where}: {exc.message}"
+            raise ConfigError(message) from None
+        return cls(validator_cls(schema), path)
+
+    def problems(self, document: Any, *, file: str) -> list[Problem]:
+        """One `metadata_schema` problem per violation, sorted by pointer, at most 50."""
+        return self._problems_at(document, file, None)
+
+    def _problems_at(self, document: Any, file: str, locator: _Locator | None) -> list[Problem]:
+        """`problems`, with line/column when `locator` knows where the values are."""
+        try:
+            errors = sorted(self._validator.iter_errors(document), key=_error_order)
+        except self._unresolvable as exc:  # the schema's fault: report it, do not crash
+            message = f"schema {self.path} has a $ref that cannot be resolved: {exc}"
+            return [Problem("metadata_schema", _shorten(message), file)]
+        problems = []
+        for error in errors[:MAX_PROBLEMS]:
+            path = tuple(error.absolute_path)
+            line, column = locator.at(path) if locator else (None, None)
+            message = _shorten(error.message)
+            problems.append(Problem("metadata_schema", message, file, line, column, pointer(path)))
+        return problems
+
+
+def _import_jsonschema() -> Any:
+    # An optional extra: imported only when a schema is configured.
+    try:
+        return importlib.import_module("jsonschema")
+    except ImportError:
+        message = (
+            "metadata.schema: requires the 'jsonschema' package (pip install modelwatch[schema])"
+        )
+        raise ConfigError(message) from None
+
+
+def _validator_class(jsonschema: Any, schema: Any, path: str) -> Any:
+    """The validator for the schema's `$schema` dialect (2020-12 when it names none)."""
+    if not isinstance(schema, (dict, bool)):
+        raise ConfigError(f"metadata.schema: {path}: a JSON Schema must be an object or boolean")
+    uri = schema.get("$schema") if isinstance(schema, dict) else None
+    if uri is None:
+        return jsonschema.Draft202012Validator
+    # An explicit default stops jsonschema silently using the latest draft for unknown URIs.
+    found = (
+        jsonschema.validators.validator_for(schema, default=None) if isinstance(uri, str) else None
+    )
+    if found is None:
+        raise ConfigError(f"metadata.schema: {path}: unknown $schema {uri!r}")
+    return found
+
+
+def _error_order(error: Any) -> tuple[list[tuple[int, int, str]], str]:
+    # Array indices sort numerically (/metrics/2 before /metrics/10).
+    path = [(0, t, "") if isinstance(t, int) else (1, 0, str(t)) for t in error.absolute_path]
+    return path, str(error.message)
+
+
+def _shorten(message: str) -> str:
+    return message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 1] + "…"
