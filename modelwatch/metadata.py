@@ -628,7 +628,11 @@ def _type(value: Any) -> str:
 
 
 class SchemaValidator:
-    """A JSON Schema (`metadata.schema`) every metadata document must satisfy."""
+    """A JSON Schema (`metadata.schema`) every metadata document must satisfy.
+
+    The schema must be self-contained: `$ref`s to other files or URLs are not fetched, and a
+    document that reaches one gets a `metadata_schema` problem saying so.
+    """
 
     __slots__ = ("_unresolvable", "_validator", "path")
 
@@ -656,7 +660,10 @@ class SchemaValidator:
             where = pointer(exc.absolute_path) or "/"
             message = f"metadata.schema: {path}: invalid JSON Schema at {where}: {exc.message}"
             raise ConfigError(message) from None
-        return cls(validator_cls(schema), path)
+        # An empty registry: `$ref`s resolve within the schema only, never over the network
+        # (jsonschema's default still fetches remote URLs, deprecated).
+        registry = importlib.import_module("referencing").Registry()
+        return cls(validator_cls(schema, registry=registry), path)
 
     def problems(self, document: Any, *, file: str) -> list[Problem]:
         """One `metadata_schema` problem per violation, sorted by pointer, at most 50."""

@@ -516,10 +516,16 @@ def test_schema_problems_without_a_file(tmp_path: Path) -> None:
 
 
 def test_unresolvable_schema_reference_is_a_problem_not_a_crash(tmp_path: Path) -> None:
-    """A schema $ref that cannot be resolved (no network is used) is reported per document."""
-    path = schema_file(tmp_path, {"properties": {"a": {"$ref": "https://example.invalid/s"}}})
+    """Local $refs work; a remote $ref is never fetched and is reported per document."""
+    remote = {"$ref": "https://example.com/schema.json"}  # exists, but must not be fetched
+    local = {"$ref": "#/$defs/positive"}
+    path = schema_file(
+        tmp_path,
+        {"$defs": {"positive": {"minimum": 0}}, "properties": {"a": remote, "n": local}},
+    )
     schema = SchemaValidator.from_file(path)
-    assert check(b'{"b": 1}', schema=schema).ok
+    assert check(b'{"n": 1}', schema=schema).ok
+    assert only_problem(check(b'{"n": -1}', schema=schema)).pointer == "/n"
     problem = only_problem(check(b'{"a": 1}', schema=schema))
     assert problem.code == "metadata_schema" and "cannot be resolved" in problem.message
 
