@@ -30,7 +30,6 @@ from modelwatch.manifest import PatternSet, scan_unit
 from modelwatch.metadata import (
     MetadataResult,
     SchemaValidator,
-    validate_metadata_bytes,
     validate_unit_metadata,
 )
 from modelwatch.state import StateDir, Store
@@ -202,17 +201,16 @@ def _validate_path(
 def _validate_file(
     path: str, meta: MetadataConfig, schema: SchemaValidator | None
 ) -> MetadataResult:
-    name = os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(meta.max_bytes + 1)
-    except OSError as exc:
-        problem = Problem("metadata_unreadable", f"cannot read: {exc.strerror}", file=name)
-        return MetadataResult(present=False, document=None, problems=(problem,))
-    if len(data) > meta.max_bytes:
-        problem = Problem("metadata_too_large", f"larger than {meta.max_bytes} bytes", file=name)
-        return MetadataResult(present=True, document=None, problems=(problem,))
-    return validate_metadata_bytes(data, file=name, max_depth=meta.max_depth, schema=schema)
+    """A metadata file named on the command line: the same safe reader as the daemon's
+    (no symlink followed, FIFOs never opened, at most max_bytes read)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    result = validate_unit_metadata(
+        directory, name, max_bytes=meta.max_bytes, max_depth=meta.max_depth, schema=schema
+    )
+    if not result.present:
+        missing = Problem("metadata_unreadable", "no such file", file=name)
+        return MetadataResult(present=False, document=None, problems=(missing,))
+    return result
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -62,8 +62,13 @@ class Event:
         }
 
     def to_json(self) -> str:
-        """Compact JSON on one line (newlines in names are escaped by JSON)."""
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        """Compact ASCII JSON on one line.
+
+        ASCII keeps every line encodable whatever the metadata holds (JSON allows lone
+        surrogate escapes such as "\\ud800", which no UTF-8 encoder accepts raw); newlines in
+        names are escaped by JSON.
+        """
+        return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Event:

@@ -237,3 +237,12 @@ def test_redeliver_requeues_dead_letters(tmp_path: Path) -> None:
     assert "1 event(s)" in result.stdout
     assert mw(tmp_path, "scan", "--config", str(config)).returncode == 0
     assert (blocked / "events.jsonl").read_text().count("\n") == 1
+
+
+def test_validate_never_opens_a_fifo(tmp_path: Path) -> None:
+    """`validate` on a FIFO reports it as not a regular file instead of hanging."""
+    fifo = tmp_path / "gradient-model-metadata.json"
+    os.mkfifo(fifo)
+    result = mw(tmp_path, "validate", str(fifo))
+    assert result.returncode == 1
+    assert "metadata_not_regular_file" in result.stdout

@@ -326,3 +326,30 @@ def test_event_ids_are_deterministic(harness: Callable[..., Harness]) -> None:
     assert body["specversion"] == "1.0"
     assert body["datacontenttype"] == "application/json"
     assert body["time"].endswith("Z")
+
+
+def test_hostile_names_and_metadata_still_give_one_line_events(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """Non-UTF-8 and newline file names, and a lone surrogate in metadata, stay one JSON line."""
+    from modelwatch.sinks.jsonl import JsonlSink
+    from modelwatch.testing import sink_config
+
+    h = harness()
+    root = os.fsencode(h.root)
+    with open(root + b"/weird-\xff-name.bin", "wb") as f:
+        f.write(b"legacy pickle")
+    write(Path(h.root) / "two\nlines.onnx")
+    write(Path(h.root) / "gradient-model-metadata.json", '{"note": "\\ud800"}')
+    h.touch(Path(h.root) / "model.onnx")
+    (event,) = h.advance(3)
+    assert event.short_type == "registered"
+    paths = [f["path"] for f in event.data["files"]]
+    assert "weird-\\xff-name.bin" in paths
+    assert "two\nlines.onnx" in paths
+    out = tmp_path / "events.jsonl"
+    sink = JsonlSink(sink_config("jsonl", options={"path": str(out)}))
+    sink.send(event)
+    sink.close()
+    (line,) = out.read_bytes().splitlines()
+    assert json.loads(line)["id"] == event.id
