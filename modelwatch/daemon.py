@@ -76,6 +76,7 @@ class Daemon:
         schema = _schema(self.config)
         self.state.lock()
         self._store = Store(self.state.db_path)
+        self._store.retry_now()
         registry = Registry(self._store, _routes(self.config), self.host)
         units = Units(self.config, registry, self.clock, schema)
         self.pipeline = Pipeline(units, self.changes, self.clock, self._wake_workers)

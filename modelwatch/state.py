@@ -307,6 +307,11 @@ class Store:
                 (attempts, next_attempt, error[:2000], "dead" if dead else "pending", sink, seq),
             )
 
+    def retry_now(self) -> None:
+        """Make every pending event due now (on start: the sink may have been fixed)."""
+        with self._transaction() as db:
+            db.execute("UPDATE outbox SET next_attempt = 0 WHERE state = 'pending'")
+
     def redeliver(self, sink: str | None = None, event_id: str | None = None) -> int:
         """Move dead letters back to pending; returns how many."""
         sql = (

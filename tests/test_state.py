@@ -1,0 +1,259 @@
+"""The durable state: outbox order, sink independence, retries, full disks, restarts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from modelwatch.config import Config
+from modelwatch.daemon import Daemon
+from modelwatch.errors import StateError
+from modelwatch.state import SCHEMA_VERSION, StateDir, Store
+from modelwatch.testing import MemorySink
+from tests.conftest import wait_until
+from tests.writers import write_safetensors
+
+
+def config_text(
+    root: Path, state: Path, sinks: tuple[str, ...] = ("memory",), depth: int = 1
+) -> str:
+    tables = "".join(f'[[sinks]]\ntype = "memory"\nname = "{name}"\n' for name in sinks)
+    return (
+        f'[daemon]\nstate_dir = "{state}"\nshutdown_timeout_seconds = 2\n'
+        "[defaults]\nsettle_seconds = 0.5\n"
+        f'[[roots]]\npath = "{root}"\nunit_depth = {depth}\n{tables}'
+    )
+
+
+class Harness:
+    """Starts and stops daemons over one root and state dir, with memory sinks."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.running: list[tuple[Daemon, threading.Event, threading.Thread]] = []
+
+    def start(self, *sinks: MemorySink) -> Daemon:
+        daemon = Daemon(self.config, sinks=list(sinks), host="testhost")
+        daemon.start()
+        stop = threading.Event()
+        thread = threading.Thread(target=daemon.serve, args=(stop,), name="lifecycle")
+        thread.start()
+        self.running.append((daemon, stop, thread))
+        return daemon
+
+    def stop(self) -> None:
+        while self.running:
+            daemon, stop, thread = self.running.pop()
+            stop.set()
+            thread.join()
+            daemon.stop()
+
+
+@pytest.fixture
+def harness(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def build(sinks: tuple[str, ...] = ("memory",), state: Path | None = None) -> Harness:
+        root = tmp_path / "models"
+        root.mkdir(exist_ok=True)
+        state_dir = state or tmp_path / "state"
+        text = config_text(root, state_dir, sinks)
+        h = Harness(make_config(text, MODELWATCH_STATE_DIR=str(state_dir)))
+        made.append(h)
+        return h
+
+    yield build
+    for h in made:
+        h.stop()
+
+
+def model(root: Path, name: str, size: int = 1000) -> None:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    write_safetensors(root / name / "model.safetensors", {"w": size})
+
+
+def test_state_dir_is_private_and_versioned(tmp_path: Path) -> None:
+    """state_dir is created 0700 and the database carries its schema version."""
+    state = StateDir(str(tmp_path / "s"))
+    store = Store(state.db_path)
+    store.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o700
+    import sqlite3
+
+    db = sqlite3.connect(state.db_path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A state store written by a newer modelwatch is not silently downgraded."""
+    import sqlite3
+
+    state = StateDir(str(tmp_path / "s"))
+    db = sqlite3.connect(state.db_path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StateError, match="newer than this modelwatch"):
+        Store(state.db_path)
+
+
+def test_second_lock_on_the_same_state_dir_fails(tmp_path: Path) -> None:
+    """Two daemons cannot share a state_dir."""
+    first, second = StateDir(str(tmp_path)), StateDir(str(tmp_path))
+    first.lock()
+    try:
+        with pytest.raises(StateError, match=f"pid {os.getpid()}"):
+            second.lock()
+    finally:
+        first.unlock()
+
+
+def test_a_failing_sink_never_delays_another(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """One sink failing for a while: the other gets every event at once; later, both get all,
+    in version order per unit."""
+    h = harness(sinks=("good", "flaky"))
+    good, flaky = MemorySink(), MemorySink()
+    good.name, flaky.name = "good", "flaky"
+    flaky.fail_next(6, retry_after=0.3)
+    h.start(good, flaky)
+    root = tmp_path / "models"
+    model(root, "a", 100)
+    good.wait_for(1)
+    model(root, "a", 200)
+    model(root, "b", 100)
+    got = good.wait_for(3, timeout=10)
+    assert len(got) == 3
+    assert flaky.events == []  # still failing: retries are spaced by Retry-After
+    done = flaky.wait_for(3, timeout=15)
+    assert [e.id for e in done] == [e.id for e in got]
+    versions_a = [e.data["version"] for e in done if e.subject == "a"]
+    assert versions_a == [1, 2]
+
+
+def test_permanent_failure_goes_to_dead_letters_and_redeliver_resends(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """A permanent sink error dead-letters the event; redeliver puts it back; it is delivered."""
+    h = harness()
+    sink = MemorySink()
+    sink.fail_next(1, permanent=True)
+    daemon = h.start(sink)
+    model(tmp_path / "models", "a")
+    store = Store(daemon.state.db_path)
+    try:
+        wait_until(lambda: [s.dead for s in store.sink_stats()] == [1])
+        assert store.redeliver(sink="memory") == 1
+        for worker in daemon.workers:
+            worker.wake.set()
+        assert len(sink.wait_for(1)) == 1
+        wait_until(lambda: store.sink_stats() == [])
+    finally:
+        store.close()
+
+
+def test_restart_emits_exactly_what_changed_while_down(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """Stop; modify one, add one, delete one, leave one; start -> v2, v1, removed, nothing."""
+    h = harness()
+    root = tmp_path / "models"
+    for name in ("keep", "modify", "delete"):
+        model(root, name)
+    sink = MemorySink()
+    h.start(sink)
+    assert len(sink.wait_for(3)) == 3
+    h.stop()
+    model(root, "modify", 2000)
+    model(root, "add")
+    shutil.rmtree(root / "delete")
+    after = MemorySink()
+    h.start(after)
+    events = after.wait_for(3)
+    assert after.wait_for(4, timeout=2.0) == events  # and nothing more
+    got = sorted((e.subject, e.short_type, e.data["version"]) for e in events)
+    assert got == [("add", "registered", 1), ("delete", "removed", 1), ("modify", "registered", 2)]
+
+
+def test_stop_leaves_undelivered_events_for_the_next_start(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """Events a sink could not take before shutdown are delivered after a restart, same ids."""
+    h = harness()
+    down = MemorySink()
+    down.fail_next(1000, retry_after=60)
+    daemon = h.start(down)
+    model(tmp_path / "models", "a")
+    store = Store(daemon.state.db_path)
+    try:
+        wait_until(lambda: [s.pending for s in store.sink_stats()] == [1])
+    finally:
+        store.close()
+    h.stop()
+    up = MemorySink()
+    h.start(up)
+    (event,) = up.wait_for(1)
+    assert event.subject == "a"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs for the state dir, so the disk can really fill up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the filesystem holding `directory` completely; returns the filler file."""
+    filler = directory / f"filler-{uuid.uuid4().hex}"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_full_disk_loses_nothing(
+    harness: Callable[..., Harness], tmp_path: Path, small_disk: Path
+) -> None:
+    """State dir on a full disk: the daemon keeps running, and registers all once space returns."""
+    h = harness(state=small_disk / "state")
+    sink = MemorySink()
+    with structlog.testing.capture_logs() as logs:
+        h.start(sink)
+        filler = fill(small_disk)
+        names = [f"exp-{i:02d}" for i in range(30)]
+        for name in names:
+            model(tmp_path / "models", name)
+        wait_until(lambda: any(e["event"] == "state_write_failed" for e in list(logs)))
+        assert len(sink.events) < len(names)  # what could not be committed was not sent
+        filler.unlink()
+        events = sink.wait_for(len(names), timeout=30)
+    assert sorted(e.subject for e in events) == names
+    assert all(e.data["version"] == 1 for e in events)
+    assert all(t.is_alive() for _, _, t in h.running)
