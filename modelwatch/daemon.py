@@ -9,6 +9,7 @@ worker per sink, and the caller's thread running the lifecycle loop (`Daemon.ser
 from __future__ import annotations
 
 import queue
+import random
 import socket
 import threading
 import time
@@ -29,11 +30,16 @@ from modelwatch.registry import Registry, Route
 from modelwatch.sinks import Sink, build_sink
 from modelwatch.state import StateDir, Store
 from modelwatch.units import Unit
-from modelwatch.watch import RootWatcher
+from modelwatch.watch import OverflowAlarm, Rescan, RootWatcher
 
 log = structlog.get_logger("modelwatch.daemon")
 
 ROOT_CHECK_SECONDS = 1.0
+
+
+def jittered(interval: float, rng: random.Random) -> float:
+    """`interval` +-25%, so a fleet of nodes does not rescan shared storage in lockstep."""
+    return interval * rng.uniform(0.75, 1.25)
 
 
 def _routes(config: Config) -> list[Route]:
@@ -70,6 +76,8 @@ class Daemon:
         self.workers: list[DeliveryWorker] = []
         self.pipeline: Pipeline | None = None
         self._store: Store | None = None
+        self._alarm = OverflowAlarm(self._on_overflow)
+        self._rng = random.Random()
 
     def start(self, *, wait_ready: bool = True) -> None:
         """Lock the state, start every thread, reconcile every root, then report ready."""
@@ -89,6 +97,7 @@ class Daemon:
         ]
         for worker in self.workers:
             worker.start()
+        self._alarm.install()
         for watcher in self.watchers:
             watcher.ensure()  # queues the initial Rescan of each existing root
         marker = Ready()
@@ -103,14 +112,28 @@ class Daemon:
         for worker in self.workers:
             worker.wake.set()
 
+    def _on_overflow(self) -> None:
+        """Kernel events were lost: rescan every inotify root (called on a watchdog thread)."""
+        log.warning("inotify_overflow", action="rescanning inotify roots")
+        for watcher in self.watchers:
+            if watcher.kind == "inotify":
+                self.changes.put(Rescan(watcher.root.path, reason="overflow"))
+
     def serve(self, stop: threading.Event) -> None:
-        """The lifecycle loop, until `stop` is set."""
+        """The lifecycle loop, until `stop` is set: follow roots, periodic reconcile."""
+        interval = self.config.daemon.reconcile_interval_seconds
+        next_reconcile = time.monotonic() + jittered(interval, self._rng)
         while not stop.wait(ROOT_CHECK_SECONDS):
             for watcher in self.watchers:
                 watcher.ensure()
+            if time.monotonic() >= next_reconcile:
+                for watcher in self.watchers:
+                    self.changes.put(Rescan(watcher.root.path, reason="periodic"))
+                next_reconcile = time.monotonic() + jittered(interval, self._rng)
 
     def stop(self) -> None:
         """Stop intake, let in-flight deliveries finish within the shutdown timeout."""
+        self._alarm.remove()
         for watcher in self.watchers:
             watcher.stop()
         if self.pipeline is not None:

@@ -10,9 +10,13 @@ whatever happened while nobody watched is reconciled.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +38,7 @@ from watchdog.observers.polling import PollingObserver
 
 from modelwatch.clock import Clock
 from modelwatch.config import RootConfig
+from modelwatch.mounts import choose_observer, root_filesystem
 from modelwatch.units import describe
 
 log = structlog.get_logger("modelwatch.watch")
@@ -70,21 +75,35 @@ class Rescan:
 
     root: str
     below: str = ""
+    reason: str = "root_changed"  # startup | periodic | overflow | root_changed
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, root: str, changes: queue.Queue[Any], clock: Clock) -> None:
+    """Enqueues every event, with paths under the configured root path.
+
+    A root given as a symlink is watched at its target (`watched`); event paths are mapped
+    back with a string operation (no I/O on the observer thread).
+    """
+
+    def __init__(self, root: str, watched: str, changes: queue.Queue[Any], clock: Clock) -> None:
         self.root = root
+        self.watched = watched
         self.changes = changes
         self.clock = clock
+
+    def _path(self, raw: bytes | str) -> str:
+        path = os.fsdecode(raw)
+        if self.watched != self.root and path.startswith(self.watched):
+            return self.root + path[len(self.watched) :]
+        return path
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         dest = event.dest_path or None
         self.changes.put(
             Change(
                 self.root,
-                os.fsdecode(event.src_path),
-                os.fsdecode(dest) if dest else None,
+                self._path(event.src_path),
+                self._path(dest) if dest else None,
                 event.is_directory,
                 self.clock.monotonic(),
             )
@@ -99,20 +118,58 @@ def _identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if os.path.isdir(path) else None
 
 
-class RootWatcher:
-    """One root's observer, (re)started by `ensure()` from the lifecycle thread."""
+# inotify limits and the sysctl that raises each, for the fallback warning.
+_LIMITS = {
+    errno.ENOSPC: "fs.inotify.max_user_watches",
+    errno.EMFILE: "fs.inotify.max_user_instances",
+    errno.ENFILE: "fs.file-max",
+}
 
-    def __init__(self, root: RootConfig, changes: queue.Queue[Any], clock: Clock) -> None:
+ObserverFactory = Callable[[str, float], Any]
+
+
+def make_observer(kind: str, poll_interval: float) -> Any:
+    """A watchdog observer of `kind` ("inotify" or "polling")."""
+    if kind == "polling":
+        return PollingObserver(timeout=poll_interval)
+    return Observer()
+
+
+class RootWatcher:
+    """One root's observer, (re)started by `ensure()` from the lifecycle thread.
+
+    The observer kind is chosen when the root is first watched: the configured `observer`, or
+    for "auto" polling on network/FUSE filesystems and inotify elsewhere. When inotify runs
+    out of watches or instances, the root falls back to polling (with a warning naming the
+    sysctl to raise) and stays on polling until the daemon restarts.
+    """
+
+    def __init__(
+        self,
+        root: RootConfig,
+        changes: queue.Queue[Any],
+        clock: Clock,
+        observer_factory: ObserverFactory = make_observer,
+    ) -> None:
         self.root = root
         self.changes = changes
         self.clock = clock
+        self.observer_factory = observer_factory
         self._observer: Any = None
+        self._kind = "missing"
+        self._fallback = False
         self._identity: tuple[int, int] | None = None
         self._log = log.bind(root=describe(root.path))
 
     @property
     def kind(self) -> str:
-        return "polling" if self.root.policy.observer == "polling" else "inotify"
+        """ "inotify", "polling", or "missing" while the root is not watched."""
+        return self._kind if self._observer is not None else "missing"
+
+    @property
+    def fell_back(self) -> bool:
+        """True when inotify limits forced this root onto polling."""
+        return self._fallback
 
     @property
     def watching(self) -> bool:
@@ -140,25 +197,75 @@ class RootWatcher:
         if self._observer is None and current is not None:
             self._start(current)
 
+    def _choose(self) -> str:
+        if self._fallback:
+            return "polling"
+        return choose_observer(self.root.policy.observer, root_filesystem(self.root.path))
+
     def _start(self, identity: tuple[int, int]) -> None:
-        observer: Any
-        if self.kind == "polling":
-            observer = PollingObserver(timeout=self.root.policy.poll_interval_seconds)
-        else:
-            observer = Observer()
-        handler = _Handler(self.root.path, self.changes, self.clock)
+        kind = self._choose()
         try:
-            observer.schedule(handler, self.root.path, recursive=True, event_filter=EVENT_FILTER)
-            observer.start()
+            observer = self._launch(kind)
         except OSError as exc:
-            self._log.warning("watch_failed", error=str(exc))
-            return
-        self._observer, self._identity = observer, identity
-        self._log.info("root_watched", observer=self.kind)
+            sysctl = _LIMITS.get(exc.errno or 0)
+            if kind != "inotify" or sysctl is None:
+                self._log.warning("watch_failed", observer=kind, error=str(exc))
+                return
+            self._log.warning(
+                "inotify_limit_reached",
+                error=str(exc),
+                fallback="polling",
+                hint=f"raise the sysctl {sysctl}",
+            )
+            self._fallback, kind = True, "polling"
+            try:
+                observer = self._launch(kind)
+            except OSError as again:
+                self._log.warning("watch_failed", observer=kind, error=str(again))
+                return
+        self._observer, self._identity, self._kind = observer, identity, kind
+        self._log.info("root_watched", observer=kind)
         self.changes.put(Rescan(self.root.path))
+
+    def _launch(self, kind: str) -> Any:
+        observer = self.observer_factory(kind, self.root.policy.poll_interval_seconds)
+        watched = os.path.realpath(self.root.path)
+        handler = _Handler(self.root.path, watched, self.changes, self.clock)
+        try:
+            observer.schedule(handler, watched, recursive=True, event_filter=EVENT_FILTER)
+            observer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                observer.stop()
+            raise
+        return observer
 
     def stop(self) -> None:
         observer, self._observer, self._identity = self._observer, None, None
         if observer is not None:
             observer.stop()
             observer.join(timeout=5)
+
+
+class OverflowAlarm(logging.Handler):
+    """Calls `on_overflow` when watchdog reports a kernel inotify queue overflow.
+
+    watchdog (>= 7) logs the overflow and rebuilds its watches, but the events lost are not
+    replayed; the daemon must rescan. The log record is the only signal watchdog gives.
+    """
+
+    LOGGER = "watchdog.observers.inotify_c"
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.on_overflow()
+
+    def install(self) -> None:
+        logging.getLogger(self.LOGGER).addHandler(self)
+
+    def remove(self) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self)
