@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from modelwatch.config import Config, load_config
+from tests.receiver import Receiver, running_receiver
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +50,10 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         return load_config(str(path), environ)
 
     return build
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A recording HTTP server on 127.0.0.1 (see tests/receiver.py)."""
+    with running_receiver() as server:
+        yield server

@@ -27,6 +27,7 @@ import pytest
 from modelwatch.config import DEFAULT_IGNORE, DEFAULT_IN_PROGRESS
 from modelwatch.manifest import PatternSet, fingerprint, scan_unit
 from tests.conftest import wait_until
+from tests.receiver import Receiver
 from tests.writers import write_safetensors
 
 KILLS = 30
@@ -100,7 +101,9 @@ class Writer(threading.Thread):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_loses_and_renumbers_nothing(tmp_path: Path) -> None:
+def test_sigkill_at_random_moments_loses_and_renumbers_nothing(
+    tmp_path: Path, receiver: Receiver
+) -> None:
     """30+ SIGKILLs while models are written: every version delivered, ids and versions sound."""
     rng = random.Random(SEED)
     root, state, out = tmp_path / "models", tmp_path / "state", tmp_path / "events.jsonl"
@@ -111,6 +114,7 @@ def test_sigkill_at_random_moments_loses_and_renumbers_nothing(tmp_path: Path) -
         "[defaults]\nsettle_seconds = 0.3\n"
         f'[[roots]]\npath = "{root}"\nunit_depth = 1\n'
         f'[[sinks]]\ntype = "jsonl"\npath = "{out}"\n'
+        f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\ntimeout_seconds = 5\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELWATCH_", "PS_"))}
     env["MODELWATCH_LOG_LEVEL"] = "warning"
@@ -143,6 +147,8 @@ def test_sigkill_at_random_moments_loses_and_renumbers_nothing(tmp_path: Path) -
         assert proc.wait(timeout=30) == 0
 
     events = read_jsonl(out)
+    posted = [json.loads(r.body) for r in list(receiver.requests)]
+    assert {e["id"] for e in posted} == {e["id"] for e in events}, "both sinks got everything"
     store = registered_in_store(state)
     assert len(store) >= 8, "the writer should have produced versions in every unit"
 

@@ -17,9 +17,11 @@ import structlog
 from modelwatch.config import Config
 from modelwatch.daemon import Daemon
 from modelwatch.errors import StateError
+from modelwatch.sinks import build_sink
 from modelwatch.state import SCHEMA_VERSION, StateDir, Store
 from modelwatch.testing import MemorySink
 from tests.conftest import wait_until
+from tests.receiver import Receiver, Reply
 from tests.writers import write_safetensors
 
 
@@ -257,3 +259,42 @@ def test_full_disk_loses_nothing(
     assert sorted(e.subject for e in events) == names
     assert all(e.data["version"] == 1 for e in events)
     assert all(t.is_alive() for _, _, t in h.running)
+
+
+def test_webhook_outage_then_everything_in_order(
+    tmp_path: Path, make_config: Callable[..., Config], receiver: Receiver
+) -> None:
+    """A receiver failing with 503, a timeout and 429 + Retry-After: the other sink is not
+    delayed, and afterwards the receiver has every event, in version order per unit."""
+    root = tmp_path / "models"
+    root.mkdir()
+    receiver.script(
+        Reply(503), Reply(204, delay=1.5), Reply(429, headers={"Retry-After": "1"}), Reply(500)
+    )
+    text = config_text(root, tmp_path / "state") + (
+        f'[[sinks]]\ntype = "webhook"\nname = "hook"\nurl = "{receiver.url}"\n'
+        "timeout_seconds = 0.5\n"
+    )
+    config = make_config(text)
+    memory = MemorySink()
+    h = Harness(config)
+    try:
+        h.start(memory, build_sink(config.sinks[1]))
+        model(root, "a", 100)
+        memory.wait_for(1)
+        model(root, "a", 200)
+        model(root, "b", 100)
+        fast = memory.wait_for(3)
+        assert len(fast) == 3
+
+        def delivered() -> list[str]:
+            ok = [r for r in receiver.requests if r.headers.get("webhook-id")]
+            return [r.headers["webhook-id"] for r in ok]
+
+        wait_until(lambda: set(delivered()) >= {e.id for e in fast}, timeout=30)
+    finally:
+        h.stop()
+    # the last attempt of each id is the successful one; their order is the commit order
+    last = {event_id: i for i, event_id in enumerate(delivered())}
+    assert sorted(last, key=last.__getitem__) == [e.id for e in fast]
+    assert len(receiver.requests) >= 3 + 4  # four failures were retried

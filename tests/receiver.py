@@ -1,0 +1,148 @@
+"""A recording HTTP/1.1 server on 127.0.0.1 for webhook tests (real sockets, scripted replies)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the server answers to the next request."""
+
+    status: int = 204
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    delay: float = 0.0
+    echo_credentials: bool = False  # answer with the request's signature and authorization
+
+
+@dataclass(frozen=True)
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    client_port: int
+
+
+class Receiver(ThreadingHTTPServer):
+    # The daemon's connections are cut at shutdown; their handler threads must not linger.
+    daemon_threads = False
+
+    """A recording HTTP/1.1 server; `script(...)` queues replies (then 204 for ever)."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[Received] = []
+        self.replies: list[Reply] = []
+        self.idle_timeout: float | None = None
+        self.connections_opened = 0
+        self.connections_closed = 0
+        self.stopping = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def server_bind(self) -> None:  # skip HTTPServer's reverse DNS lookup
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "127.0.0.1", self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}/hooks/models"
+
+    def script(self, *replies: Reply) -> None:
+        with self._lock:
+            self.replies.extend(replies)
+
+    def record(self, request: Received) -> Reply:
+        with self._lock:
+            self.requests.append(request)
+            return self.replies.pop(0) if self.replies else Reply()
+
+    def opened(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.connections_opened += 1
+            self._open.add(conn)
+
+    def closed(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.connections_closed += 1
+            self._open.discard(conn)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up mid-answer (the timeout tests) is expected, not news."""
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.shutdown()
+        with self._lock:
+            still_open = list(self._open)
+        for conn in still_open:  # wake handlers blocked on a kept-alive connection
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self.server_close()  # joins the handler threads
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Receiver
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.idle_timeout)
+        self.server.opened(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.closed(self.connection)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        request = Received(self.command, self.path, headers, body, self.client_address[1])
+        reply = self.server.record(request)
+        if reply.delay:
+            self.server.stopping.wait(reply.delay)
+        content = reply.body
+        if reply.echo_credentials:
+            echoed = {k: headers.get(k, "") for k in ("webhook-signature", "authorization")}
+            content = json.dumps(echoed).encode()
+        try:
+            self.send_response(reply.status)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+        except OSError:
+            self.close_connection = True
+
+    do_GET = do_POST
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def running_receiver() -> Iterator[Receiver]:
+    """A started Receiver, stopped and joined on exit."""
+    server = Receiver()
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver"
+    )
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join()
