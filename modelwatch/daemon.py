@@ -8,6 +8,7 @@ worker per sink, and the caller's thread running the lifecycle loop (`Daemon.ser
 
 from __future__ import annotations
 
+import os
 import queue
 import random
 import socket
@@ -18,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from modelwatch import reaper
 from modelwatch.clock import Clock, SystemClock
 from modelwatch.config import Config
 from modelwatch.delivery import DeliveryWorker, drain
@@ -124,6 +126,8 @@ class Daemon:
         interval = self.config.daemon.reconcile_interval_seconds
         next_reconcile = time.monotonic() + jittered(interval, self._rng)
         while not stop.wait(ROOT_CHECK_SECONDS):
+            if os.getpid() == 1:  # a container without an init: we are the reaper
+                reaper.reap_orphans()
             for watcher in self.watchers:
                 watcher.ensure()
             if time.monotonic() >= next_reconcile:

@@ -27,6 +27,7 @@ from typing import IO
 
 import structlog
 
+from modelwatch import reaper
 from modelwatch.config import SinkConfig
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
@@ -90,7 +91,7 @@ class CommandSink:
             "MODELWATCH_UNIT_PATH": event.unit_path,
         }
         try:
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
@@ -105,6 +106,8 @@ class CommandSink:
             raise SinkError(message) from exc  # out of processes or descriptors: transient
         except ValueError as exc:  # a value the environment cannot carry (NUL, bad encoding)
             raise PermanentSinkError(f"command {self.argv[0]!r}: {exc}") from exc
+        reaper.track(proc.pid)
+        return proc
 
     def _judge(self, event: Event, code: int | None, stderr: str) -> None:
         """Delivered on status 0; `code` None means the command timed out."""
@@ -187,6 +190,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the command and everything it started
         proc.wait()
+    reaper.untrack(proc.pid)
     for pipe in (proc.stdin, proc.stderr):
         if pipe is not None:
             with contextlib.suppress(OSError):
