@@ -12,8 +12,6 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-import structlog
-
 from modelwatch import __version__, log
 from modelwatch.config import (
     Config,
@@ -23,7 +21,7 @@ from modelwatch.config import (
     render_toml,
     with_cli_roots,
 )
-from modelwatch.daemon import Daemon, build_sinks, scan_once
+from modelwatch.daemon import Daemon, build_sinks
 from modelwatch.errors import ConfigError, ModelwatchError, Problem
 from modelwatch.inspection import readiness
 from modelwatch.manifest import PatternSet, scan_unit
@@ -32,6 +30,7 @@ from modelwatch.metadata import (
     SchemaValidator,
     validate_unit_metadata,
 )
+from modelwatch.scan import scan_once
 from modelwatch.state import StateDir, Store
 
 EXIT_OK = 0
@@ -106,22 +105,23 @@ def _configure_logging(config: Config) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     _configure_logging(config)
-    stop = threading.Event()
+    stop, reload_requested = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            structlog.get_logger("modelwatch").warning(
-                "reload_unsupported", note="restart to apply a changed config"
-            )
-            return
-        stop.set()
+        (reload_requested if signum == signal.SIGHUP else stop).set()
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
+
+    def reload() -> Config:
+        new = _load(args)
+        _configure_logging(new)
+        return new
+
     daemon = Daemon(config)
     try:
         daemon.start()
-        daemon.serve(stop)
+        daemon.serve(stop, reload=reload, reload_requested=reload_requested)
     finally:
         daemon.stop()
     return EXIT_OK

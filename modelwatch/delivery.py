@@ -103,7 +103,8 @@ class DeliveryWorker(threading.Thread):
             while not self.stopping.is_set():
                 self.last_beat = self.clock.monotonic()
                 self.wake.clear()
-                self.wake.wait(self._step(store))
+                # at most a second between heartbeats, even while idle or backing off
+                self.wake.wait(min(self._step(store), 1.0))
         finally:
             store.close()
             self.sink.close()

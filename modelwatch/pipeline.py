@@ -23,7 +23,7 @@ from modelwatch.events import Event
 from modelwatch.inspection import inspect_unit, readiness
 from modelwatch.manifest import Manifest, PatternSet, fingerprint, scan_unit
 from modelwatch.metadata import SchemaValidator
-from modelwatch.registry import Registry
+from modelwatch.registry import Registry, Route
 from modelwatch.settle import Settler, Timing, Verdict
 from modelwatch.units import Unit, describe, list_units, locate
 from modelwatch.watch import Change, Rescan
@@ -38,6 +38,16 @@ class Ready:
 
     def __init__(self) -> None:
         self.done = threading.Event()
+
+
+class Reconfigure(Ready):
+    """Queue item: switch to a reloaded config (applied by the settle thread, which owns it)."""
+
+    def __init__(self, config: Config, routes: list[Route], schema: SchemaValidator | None) -> None:
+        super().__init__()
+        self.config = config
+        self.routes = routes
+        self.schema = schema
 
 
 class RootRules:
@@ -69,6 +79,17 @@ class Units:
         self.clock = clock
         self.schema = schema
         self.rules = {r.path: RootRules(r) for r in config.roots}
+
+    def reconfigure(self, change: Reconfigure) -> list[str]:
+        """Apply a reloaded config; returns the roots no longer watched."""
+        old = self.rules
+        self.config, self.schema = change.config, change.schema
+        self.registry.routes = tuple(change.routes)
+        self.rules = {
+            r.path: old[r.path] if r.path in old and old[r.path].config == r else RootRules(r)
+            for r in change.config.roots
+        }
+        return [path for path in old if path not in self.rules]
 
     def candidates(self, root: str, below: str = "") -> list[Unit]:
         """Units on disk under `root` plus units the store believes are present there."""
@@ -156,7 +177,13 @@ class Pipeline(threading.Thread):
             return
 
     def handle(self, item: Change | Rescan | Ready) -> None:
-        if isinstance(item, Ready):
+        if isinstance(item, Reconfigure):
+            for root in self.units.reconfigure(item):
+                for unit in self.settler.pending():
+                    if unit.root == root:
+                        self.settler.forget(unit)
+            item.done.set()
+        elif isinstance(item, Ready):
             item.done.set()
         elif isinstance(item, Rescan):
             self.reconcile(item.root, item.below)

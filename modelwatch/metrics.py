@@ -1,0 +1,165 @@
+"""Prometheus metrics, on a registry of their own (never the process-global one).
+
+Contract:
+
+* `Metrics(version=..., sinks=..., outbox=...)` creates every series up front, so counters
+  read 0 before their first increment and `rate()` works from the first scrape.
+* Methods are named after what happened; the daemon calls them as it happens:
+  `event(type)`, `delivery(sink, outcome)`, `settled(seconds)`, `roots(counts)`,
+  `reconcile(reason)`, `set_outbox(stats)`. Each is thread-safe.
+* Label values come from small fixed sets (`EVENT_TYPES`, `OUTCOMES`, `OBSERVERS`,
+  `RECONCILE_REASONS`) or from configured sink names; anything else is a `ValueError`, so no
+  label ever carries a path or another unbounded value.
+* `render()` returns the Prometheus text format. When an `outbox` callable was given it is
+  called first (under a lock, one scrape at a time) to refresh the outbox gauges; if it fails
+  the failure is logged (`metrics_outbox_failed`) and the previous values are served.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from modelwatch import __version__
+
+log = structlog.get_logger("modelwatch.metrics")
+
+EVENT_TYPES = ("registered", "rejected", "removed")
+OUTCOMES = ("delivered", "failed", "dead")
+OBSERVERS = ("inotify", "polling", "missing")
+RECONCILE_REASONS = ("startup", "periodic", "overflow", "root_changed")
+# Seconds from a unit's first change to its settle: default settle periods are seconds, large
+# checkpoints copied over a network take many minutes, and max_wait defaults to an hour.
+SETTLE_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+OutboxStats = Iterable[tuple[str, int, int]]  # (sink, pending, dead)
+
+
+def _known(kind: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
+    return value
+
+
+class Metrics:
+    """Every modelwatch metric, registered in `self.registry`."""
+
+    def __init__(
+        self,
+        *,
+        version: str = __version__,
+        sinks: Iterable[str] = (),
+        outbox: Callable[[], OutboxStats] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._outbox_source = outbox
+        self._render_lock = threading.Lock()
+        self._outbox_lock = threading.Lock()
+        self._outbox_sinks: set[str] = set()
+        self._define()
+        self._initialise(version, tuple(sinks))
+
+    def _define(self) -> None:
+        registry = self.registry
+        self._events = Counter(
+            "modelwatch_events", "Events committed, by type.", ["type"], registry=registry
+        )
+        self._deliveries = Counter(
+            "modelwatch_deliveries",
+            "Delivery attempts, by sink and outcome (delivered, failed and retried, dead).",
+            ["sink", "outcome"],
+            registry=registry,
+        )
+        self._pending = Gauge(
+            "modelwatch_outbox_pending",
+            "Events waiting in the outbox, by sink.",
+            ["sink"],
+            registry=registry,
+        )
+        self._dead = Gauge(
+            "modelwatch_dead_letters", "Dead-lettered events, by sink.", ["sink"], registry=registry
+        )
+        self._settle = Histogram(
+            "modelwatch_settle_seconds",
+            "Seconds from a unit's first observed change to its settle.",
+            buckets=SETTLE_BUCKETS,
+            registry=registry,
+        )
+        self._roots = Gauge(
+            "modelwatch_roots", "Roots, by observer kind.", ["observer"], registry=registry
+        )
+        self._reconciles = Counter(
+            "modelwatch_reconciles", "Root reconciles, by reason.", ["reason"], registry=registry
+        )
+        self._info = Gauge(
+            "modelwatch_info",
+            "Always 1; the labels describe the build.",
+            ["version"],
+            registry=registry,
+        )
+
+    def _initialise(self, version: str, sinks: tuple[str, ...]) -> None:
+        self._info.labels(version=version).set(1)
+        for kind in EVENT_TYPES:
+            self._events.labels(type=kind)
+        for observer in OBSERVERS:
+            self._roots.labels(observer=observer)
+        for reason in RECONCILE_REASONS:
+            self._reconciles.labels(reason=reason)
+        for sink in sinks:
+            for outcome in OUTCOMES:
+                self._deliveries.labels(sink=sink, outcome=outcome)
+        self.set_outbox((sink, 0, 0) for sink in sinks)
+
+    def event(self, type: str) -> None:
+        """An event was committed; `type` is short ("registered") or the full CloudEvents type."""
+        short = _known("event type", type.rsplit(".", 1)[-1], EVENT_TYPES)
+        self._events.labels(type=short).inc()
+
+    def delivery(self, sink: str, outcome: str) -> None:
+        """One delivery attempt to `sink` ended with `outcome` (delivered, failed or dead)."""
+        self._deliveries.labels(sink=sink, outcome=_known("outcome", outcome, OUTCOMES)).inc()
+
+    def settled(self, seconds: float) -> None:
+        """A unit settled `seconds` after its first observed change."""
+        self._settle.observe(max(0.0, seconds))
+
+    def roots(self, counts: Mapping[str, int]) -> None:
+        """How many roots each observer kind watches now; kinds left out count 0."""
+        for observer in counts:
+            _known("observer", observer, OBSERVERS)
+        for observer in OBSERVERS:
+            self._roots.labels(observer=observer).set(counts.get(observer, 0))
+
+    def reconcile(self, reason: str) -> None:
+        """A root was reconciled against the state store, for `reason`."""
+        self._reconciles.labels(reason=_known("reconcile reason", reason, RECONCILE_REASONS)).inc()
+
+    def set_outbox(self, stats: OutboxStats) -> None:
+        """Outbox depth per sink from `(sink, pending, dead)`; sinks seen before and missing
+        now read 0."""
+        rows = {sink: (pending, dead) for sink, pending, dead in stats}
+        with self._outbox_lock:
+            for sink in self._outbox_sinks - rows.keys():
+                rows[sink] = (0, 0)
+            for sink, (pending, dead) in rows.items():
+                self._pending.labels(sink=sink).set(pending)
+                self._dead.labels(sink=sink).set(dead)
+            self._outbox_sinks |= rows.keys()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric (refreshing the outbox first)."""
+        with self._render_lock:
+            self._refresh_outbox()
+            return generate_latest(self.registry)
+
+    def _refresh_outbox(self) -> None:
+        if self._outbox_source is None:
+            return
+        try:
+            self.set_outbox(self._outbox_source())
+        except Exception as exc:  # a failing scrape must not take the health server down
+            log.warning("metrics_outbox_failed", error=str(exc))

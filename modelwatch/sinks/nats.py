@@ -1,0 +1,415 @@
+"""`nats` sink: publishes each event to NATS JetStream and waits for the ack (SPEC §5b).
+
+Keys: `servers` (a URL or a list of URLs: nats://, tls://, ws:// or wss://; default
+`["nats://127.0.0.1:4222"]`), `subject = "modelwatch.events"`, `stream = ""`,
+`create_stream = false`, `timeout_seconds = 10`, and at most one of `credentials_file` (a
+`.creds` file; needs the `nkeys` package) and `token_env` (the environment variable holding a
+token).
+
+Each event is one message on `subject`: the CloudEvent in structured JSON as the payload, with
+headers `Nats-Msg-Id` (the event id), `Content-Type: application/cloudevents+json`, `ce-id` and
+`ce-type`. It is delivered when JetStream acknowledges it; an ack flagged as a duplicate counts.
+
+Duplicates: JetStream drops a message whose `Nats-Msg-Id` it already stored within the stream's
+duplicate window (2 minutes by default), so the redelivery of an event after a crash or a lost
+ack is usually stored once. A redelivery after the window (a long outage, `redeliver` of a dead
+letter) is stored again: delivery is at-least-once and consumers deduplicate by the event id
+(SPEC §8).
+
+Only a stream makes messages persistent, and modelwatch never creates one unless told to.
+Create it with the nats CLI::
+
+    nats stream add modelwatch --subjects modelwatch.events --storage file \\
+        --dupe-window 2m --defaults
+
+With `stream` set, the first connection checks that the stream exists and captures `subject`
+(otherwise `PermanentSinkError` saying how to fix it) and every publish expects that stream;
+`create_stream = true` creates a missing stream instead (file storage, 2 minute duplicate
+window). Without `stream`, any stream capturing `subject` stores the events.
+
+Failures: refused or lost connections, timeouts, "no responders" (JetStream down, or no stream
+captures the subject yet) and JetStream 5xx answers are `SinkError` (retried); authorization and
+permission violations, a missing or mismatched stream, an oversized message and other JetStream
+4xx answers are `PermanentSinkError`.
+
+nats-py is asyncio: the sink owns a private event loop, created in the thread that first calls
+`send` and run only inside `send` and `close` (called from that same thread). The connection
+stays open between sends. Since nobody answers the server's pings while the loop is idle, the
+server may drop it; that is noticed during the next send, which reconnects and publishes again
+at once (harmless: the message keeps its `Nats-Msg-Id`). Messages and `repr` mask credentials in
+server URLs and never contain the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import math
+import os
+import re
+import urllib.parse
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from nats.aio.client import Client
+from nats.errors import (
+    AuthorizationError,
+    BadSubjectError,
+    InvalidUserCredentialsError,
+    MaxPayloadError,
+    NoRespondersError,
+    NoServersError,
+)
+from nats.js import JetStreamContext
+from nats.js.api import StorageType
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+from modelwatch.config import SinkConfig, mask_secrets
+from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
+from modelwatch.events import Event
+from modelwatch.sinks import check_options
+
+T = TypeVar("T")
+
+_OPTIONS: dict[str, type | tuple[type, ...]] = {
+    "servers": (str, list),
+    "subject": str,
+    "stream": str,
+    "create_stream": bool,
+    "timeout_seconds": (int, float),
+    "credentials_file": str,
+    "token_env": str,
+}
+_SCHEMES = ("nats", "tls", "ws", "wss")
+_SUBJECT = re.compile(r"[!-~]+")  # printable ASCII, no spaces; wildcards are refused separately
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_DUPLICATE_WINDOW = 120.0
+_STREAM_NAME_IN_USE = 10058  # a concurrent create_stream won the race: check that stream
+_REFUSED = ("authorization violation", "permissions violation", "authentication")
+_PERMANENT = (AuthorizationError, InvalidUserCredentialsError, BadSubjectError, MaxPayloadError)
+
+
+class _ConnectionLost(Exception):
+    """The connection closed, or the server refused an operation, while a request waited."""
+
+
+class NatsSink:
+    """Delivered when JetStream acknowledges the message (an ack for a duplicate included)."""
+
+    def __init__(self, config: SinkConfig) -> None:
+        check_options(config, _OPTIONS)
+        self.name = config.name
+        self._servers = _servers(config)
+        self._subject = _subject(config)
+        self._stream, self._create_stream = _stream(config)
+        self._timeout = _timeout(config)
+        self._credentials, self._token = _auth(config)
+        self._origin = ", ".join(mask_secrets(self._servers))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Client | None = None
+        self._trouble: asyncio.Future[str] | None = None
+        self._last_error: Exception | None = None
+        self._stream_checked = not self._stream
+
+    def __repr__(self) -> str:
+        return (
+            f"NatsSink(name={self.name!r}, servers={mask_secrets(self._servers)!r}, "
+            f"subject={self._subject!r}, stream={self._stream!r})"
+        )
+
+    def send(self, event: Event) -> None:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._deliver(event))
+
+    def close(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        try:
+            loop.run_until_complete(self._disconnect(drain=True))
+        finally:
+            _shut_down(loop)
+
+    # --- one delivery --------------------------------------------------------------------
+
+    async def _deliver(self, event: Event) -> None:
+        reopen = self._client is not None  # a kept connection may have been dropped while idle
+        while True:
+            try:
+                return await self._publish(event)
+            except _ConnectionLost as lost:
+                await self._disconnect()
+                if str(lost):  # the server refused: reconnecting cannot help
+                    raise PermanentSinkError(self._scrub(f"{self._origin}: {lost}")) from None
+                if not reopen:
+                    raise SinkError(f"{self._origin}: connection lost before the ack") from None
+                reopen = False
+            except SinkError:
+                raise
+            except Exception as exc:
+                if self._client is not None and not self._client.is_connected:
+                    await self._disconnect()
+                raise self._failure(exc) from exc
+
+    async def _publish(self, event: Event) -> None:
+        js = await self._jetstream()
+        headers = {
+            "Nats-Msg-Id": event.id,
+            "Content-Type": "application/cloudevents+json",
+            "ce-id": event.id,
+            "ce-type": event.type,
+        }
+        payload = event.to_json().encode()
+        publish = js.publish(
+            self._subject,
+            payload,
+            timeout=self._timeout,
+            stream=self._stream or None,
+            headers=headers,
+        )
+        await self._race(publish)
+
+    async def _jetstream(self) -> JetStreamContext:
+        if self._client is not None and not self._client.is_connected:
+            await self._disconnect()
+        client = self._client or await self._connect()
+        js = client.jetstream(timeout=self._timeout)
+        if not self._stream_checked:
+            await self._race(self._check_stream(js))
+            self._stream_checked = True
+        return js
+
+    async def _race(self, work: Coroutine[Any, Any, T]) -> T:
+        """`work`'s result, unless the connection closes first (then `_ConnectionLost`):
+        nats-py would leave the request waiting for its whole timeout."""
+        if self._trouble is None:
+            raise RuntimeError("_race before _connect")
+        task = asyncio.ensure_future(work)
+        await asyncio.wait((task, self._trouble), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise _ConnectionLost(self._trouble.result())
+
+    # --- the stream ----------------------------------------------------------------------
+
+    async def _check_stream(self, js: JetStreamContext) -> None:
+        try:
+            info = await js.stream_info(self._stream)
+        except NotFoundError:
+            if not self._create_stream:
+                raise PermanentSinkError(
+                    f"{self._origin}: JetStream stream {self._stream!r} does not exist; create"
+                    f" it with `nats stream add {self._stream} --subjects {self._subject}"
+                    " --storage file --dupe-window 2m --defaults`, or set create_stream = true"
+                ) from None
+            await self._add_stream(js)
+            return
+        subjects = info.config.subjects or []
+        if not any(subject_matches(pattern, self._subject) for pattern in subjects):
+            raise PermanentSinkError(
+                f"{self._origin}: JetStream stream {self._stream!r} does not capture subject"
+                f" {self._subject!r} (its subjects: {', '.join(subjects) or 'none'}); add the"
+                f" subject with `nats stream edit {self._stream}` or change `subject`"
+            )
+
+    async def _add_stream(self, js: JetStreamContext) -> None:
+        try:
+            await js.add_stream(
+                name=self._stream,
+                subjects=[self._subject],
+                storage=StorageType.FILE,
+                duplicate_window=_DUPLICATE_WINDOW,
+            )
+        except APIError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+            self._create_stream = False
+            await self._check_stream(js)
+
+    # --- the connection ------------------------------------------------------------------
+
+    async def _connect(self) -> Client:
+        client = Client()
+        trouble: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def closed() -> None:
+            if not trouble.done():
+                trouble.set_result("")
+
+        async def error(exc: Exception) -> None:
+            self._last_error = exc
+            if not trouble.done() and any(word in str(exc).lower() for word in _REFUSED):
+                trouble.set_result(str(exc))
+
+        whole_seconds = max(1, math.ceil(self._timeout))
+        try:
+            await asyncio.wait_for(
+                client.connect(
+                    servers=list(self._servers),
+                    name="modelwatch",
+                    allow_reconnect=False,  # a lost connection is reopened by the next send
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
+                    connect_timeout=whole_seconds,
+                    drain_timeout=whole_seconds,
+                    error_cb=error,
+                    disconnected_cb=closed,
+                    closed_cb=closed,
+                    user_credentials=self._credentials,
+                    token=self._token,
+                ),
+                self._timeout,
+            )
+        except BaseException:
+            await client.close()
+            raise
+        self._client, self._trouble = client, trouble
+        return client
+
+    async def _disconnect(self, *, drain: bool = False) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if drain and client.is_connected:
+            # a drain that fails or times out still ends with the close below
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.drain(), self._timeout)
+        if not client.is_closed:
+            await client.close()
+
+    # --- errors --------------------------------------------------------------------------
+
+    def _failure(self, exc: Exception) -> SinkError:
+        """The SinkError (retry) or PermanentSinkError for what nats-py raised."""
+        if isinstance(exc, NoStreamResponseError):
+            return SinkError(
+                f"{self._origin}: no JetStream stream answered on {self._subject!r} (is"
+                " JetStream enabled, and does a stream capture the subject?)"
+            )
+        if isinstance(exc, NoRespondersError):
+            return SinkError(f"{self._origin}: JetStream is not enabled or not available")
+        if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+            return SinkError(f"{self._origin}: no answer within {self._timeout:g} s")
+        if isinstance(exc, APIError):
+            text = f"{self._origin}: JetStream refused: {exc.description} ({exc.err_code})"
+            retry = (exc.code or 0) >= 500
+            return SinkError(text) if retry else PermanentSinkError(self._scrub(text))
+        cause = self._last_error if isinstance(exc, NoServersError) else exc
+        text = self._scrub(f"{self._origin}: {_describe(cause or exc)}")
+        refused = isinstance(exc, _PERMANENT) or any(w in text.lower() for w in _REFUSED)
+        return PermanentSinkError(text) if refused else SinkError(text)
+
+    def _scrub(self, text: str) -> str:
+        text = str(mask_secrets(text))
+        return text.replace(self._token, "***") if self._token else text
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether the NATS subject `pattern` (with `*` and `>` wildcards) captures `subject`."""
+    wanted, given = pattern.split("."), subject.split(".")
+    for index, part in enumerate(wanted):
+        if part == ">":
+            return len(given) > index
+        if index >= len(given) or part not in ("*", given[index]):
+            return False
+    return len(wanted) == len(given)
+
+
+def _describe(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
+    """Finish the loop's leftover tasks and executor threads, then close it."""
+    try:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+    finally:
+        loop.close()
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+def _servers(config: SinkConfig) -> tuple[str, ...]:
+    value = config.options.get("servers", ["nats://127.0.0.1:4222"])
+    servers = [value] if isinstance(value, str) else value
+    if not servers:
+        raise ConfigError(f"{config.key}.servers: must name at least one server")
+    for index, server in enumerate(servers):
+        where = f"{config.key}.servers" + ("" if isinstance(value, str) else f"[{index}]")
+        if not isinstance(server, str):
+            raise ConfigError(f"{where}: must be a string, got {server!r}")
+        parts = urllib.parse.urlsplit(server)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            raise ConfigError(f"{where}: invalid port") from None
+        if parts.scheme not in _SCHEMES or not parts.hostname:
+            raise ConfigError(
+                f"{where}: must be a nats://, tls://, ws:// or wss:// URL with a host,"
+                f" got {mask_secrets(server)!r}"
+            )
+    return tuple(servers)
+
+
+def _subject(config: SinkConfig) -> str:
+    subject = str(config.options.get("subject", "modelwatch.events"))
+    tokens = subject.split(".")
+    if not _SUBJECT.fullmatch(subject) or "" in tokens or {"*", ">"} & set(tokens):
+        raise ConfigError(
+            f"{config.key}.subject: must be dot-separated tokens of printable ASCII without"
+            f" spaces or wildcards, got {subject!r}"
+        )
+    return subject
+
+
+def _stream(config: SinkConfig) -> tuple[str, bool]:
+    stream = str(config.options.get("stream", ""))
+    create = bool(config.options.get("create_stream", False))
+    if stream and not _STREAM_NAME.fullmatch(stream):
+        raise ConfigError(
+            f"{config.key}.stream: must be letters, digits, '-' and '_', got {stream!r}"
+        )
+    if create and not stream:
+        raise ConfigError(f"{config.key}.create_stream: needs `stream` (the name to create)")
+    return stream, create
+
+
+def _timeout(config: SinkConfig) -> float:
+    value = config.options.get("timeout_seconds", 10)
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{config.key}.timeout_seconds: must be > 0, got {value!r}")
+    return float(value)
+
+
+def _auth(config: SinkConfig) -> tuple[str | None, str | None]:
+    """(credentials file, token): what authenticates the connection, if anything."""
+    options = config.options
+    if "credentials_file" in options and "token_env" in options:
+        raise ConfigError(f"{config.key}.token_env: give credentials_file or token_env, not both")
+    if "credentials_file" in options:
+        where = f"{config.key}.credentials_file"
+        path = os.path.expanduser(str(options["credentials_file"]))
+        if not os.access(path, os.R_OK) or not os.path.isfile(path):
+            raise ConfigError(f"{where}: cannot read {path}")
+        if importlib.util.find_spec("nkeys") is None:
+            raise ConfigError(f"{where}: needs the nkeys package (pip install nkeys)")
+        return path, None
+    if "token_env" in options:
+        variable = str(options["token_env"])
+        token = os.environ.get(variable, "").strip() if variable else ""
+        if not token:
+            raise ConfigError(
+                f"{config.key}.token_env: environment variable {variable!r} is not set or empty"
+            )
+        return None, token
+    return None, None

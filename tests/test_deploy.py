@@ -1,0 +1,133 @@
+"""The deployment files: the Kubernetes sidecar manifest and the hardened systemd unit."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from modelwatch.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = REPO / "deploy" / "kubernetes.yaml"
+UNIT = REPO / "systemd" / "modelwatch.service"
+MAX_EXPOSURE = 2.0
+PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+
+
+def manifest() -> list[dict[str, Any]]:
+    with MANIFEST.open() as file:
+        return [doc for doc in yaml.safe_load_all(file) if doc is not None]
+
+
+def pod_spec() -> dict[str, Any]:
+    (pod,) = [doc for doc in manifest() if doc["kind"] == "Pod"]
+    spec: dict[str, Any] = pod["spec"]
+    return spec
+
+
+def sidecar() -> dict[str, Any]:
+    (container,) = [c for c in pod_spec()["initContainers"] if c["name"] == "modelwatch"]
+    return container
+
+
+def test_manifest_runs_modelwatch_as_a_native_sidecar() -> None:
+    """modelwatch is an init container with restartPolicy Always next to the training one."""
+    spec = pod_spec()
+    assert sidecar()["restartPolicy"] == "Always"
+    assert [c["name"] for c in spec["containers"]] == ["train"]
+
+
+def test_sidecar_sees_the_model_volume_read_only() -> None:
+    """The shared model volume is read-only for modelwatch, writable for training."""
+    mounts = {m["name"]: m for m in sidecar()["volumeMounts"]}
+    assert mounts["models"] == {"name": "models", "mountPath": "/artifacts", "readOnly": True}
+    train_mounts = {m["name"]: m for m in pod_spec()["containers"][0]["volumeMounts"]}
+    assert not train_mounts["models"].get("readOnly", False)
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    assert "emptyDir" in volumes["modelwatch-state"]
+
+
+def test_sidecar_is_locked_down() -> None:
+    """Read-only root file system, non-root, no privilege escalation, no capabilities."""
+    context = sidecar()["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["runAsNonRoot"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+
+
+def test_sidecar_probes_use_the_health_endpoints() -> None:
+    """Liveness on /healthz; readiness and startup on /readyz, all on the health port."""
+    container = sidecar()
+    paths = {kind: container[kind]["httpGet"]["path"] for kind in PROBES}
+    assert paths == {
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+        "startupProbe": "/readyz",
+    }
+    ports = {container[kind]["httpGet"]["port"] for kind in PROBES}
+    assert ports == {"health"}
+    assert container["ports"] == [{"name": "health", "containerPort": 9464, "protocol": "TCP"}]
+
+
+def test_config_map_is_a_valid_config_listening_on_the_probe_port(tmp_path: Path) -> None:
+    """The ConfigMap's config.toml loads and, with the container's env, watches /artifacts."""
+    (config_map,) = [doc for doc in manifest() if doc["kind"] == "ConfigMap"]
+    path = tmp_path / "config.toml"
+    path.write_text(config_map["data"]["config.toml"])
+    env = {e["name"]: e["value"] for e in sidecar()["env"] if "value" in e}
+    config = load_config(str(path), env)
+    assert config.daemon.health_listen == "0.0.0.0:9464"
+    assert config.daemon.state_dir == "/var/lib/modelwatch"
+    assert [root.path for root in config.roots] == ["/artifacts"]
+
+
+def unit_section(name: str) -> dict[str, list[str]]:
+    """Every `Key=Value` of one section of the unit file (keys may repeat in systemd)."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif section == name and line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_unit_is_a_notify_service_with_watchdog_state_and_reload() -> None:
+    """Type=notify, a watchdog, a private state directory and SIGHUP reload."""
+    service = unit_section("Service")
+    assert service["Type"] == ["notify"]
+    assert service["NotifyAccess"] == ["main"]
+    assert [int(value) for value in service["WatchdogSec"]] == [30]
+    assert service["StateDirectory"] == ["modelwatch"]
+    assert service["StateDirectoryMode"] == ["0700"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["ProtectSystem"] == ["strict"]
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (Debian/Ubuntu package: systemd)",
+)
+def test_unit_hardening_scores_ok() -> None:
+    """`systemd-analyze security --offline` passes and rates the unit's exposure <= 2.0."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout
+    assert float(match[1]) <= MAX_EXPOSURE, result.stdout
