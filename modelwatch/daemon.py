@@ -125,6 +125,8 @@ class Daemon:
         self._alarm.install()
         for watcher in self.watchers:
             watcher.ensure()  # queues the initial Rescan of each existing root
+            if not watcher.watching:  # a missing root: its units may have been removed
+                self.changes.put(Rescan(watcher.root.path, reason="startup"))
             self.metrics.reconcile("startup")
         marker = Ready()
         self.changes.put(marker)

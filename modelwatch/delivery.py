@@ -162,10 +162,11 @@ class DeliveryWorker(threading.Thread):
 def drain(sink: Sink, store: Store, *, max_attempts: int, clock: Clock) -> bool:
     """Deliver every due event of one sink once, in order (for `modelwatch scan`).
 
-    Stops at the first failure, leaving it and later events in the outbox. True when the
-    outbox of this sink is empty or only holds dead letters.
+    Stops at the first failure, leaving it and later events in the outbox. True only when
+    every event was delivered (nothing failed, nothing went to the dead letters).
     """
     rng = random.Random()
+    ok = True
     while (row := store.next_pending(sink.name)) is not None:
         now = clock.time()
         outcome = attempt(sink, row, now=now, max_attempts=max_attempts, rng=rng)
@@ -183,4 +184,5 @@ def drain(sink: Sink, store: Store, *, max_attempts: int, clock: Clock) -> bool:
         log.warning("delivery_failed", sink=sink.name, event_id=row.event.id, error=outcome.error)
         if not outcome.dead:
             return False
-    return True
+        ok = False
+    return ok

@@ -18,7 +18,9 @@ from modelwatch.metadata import SchemaValidator, validate_unit_metadata
 
 def readiness(unit_dir: str, manifest: Manifest, policy: UnitPolicy) -> str | None:
     """None when the unit may settle, else the reason it may not (for logs)."""
-    if manifest.too_many_files or manifest.unreadable:
+    if manifest.unreadable:
+        return f"cannot read {manifest.unreadable[0]}"
+    if manifest.too_many_files:
         return None  # settles, then is rejected with a precise problem
     if manifest.in_progress:
         return f"in-progress file present: {manifest.in_progress[0]}"
@@ -119,7 +121,4 @@ def _manifest_problems(manifest: Manifest) -> list[Problem]:
         problems.append(
             Problem("too_many_files", f"more than {len(manifest.entries)} files in the unit")
         )
-    problems.extend(
-        Problem("unreadable", f"cannot read {path}", file=path) for path in manifest.unreadable
-    )
     return problems

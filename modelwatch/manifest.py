@@ -41,7 +41,13 @@ class Entry:
 
     @property
     def path(self) -> str:
+        """Display form, for events and logs."""
         return display(self.raw)
+
+    @property
+    def name(self) -> str:
+        """The relative path as the OS takes it (surrogate escapes), for opening the file."""
+        return self.raw.decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +63,13 @@ class Manifest:
 
     @property
     def empty(self) -> bool:
-        """No files at all (not even in-progress ones)."""
-        return not self.entries and not self.in_progress and not self.too_many_files
+        """No files at all (not even in-progress ones), and nothing that could not be read."""
+        return (
+            not self.entries
+            and not self.in_progress
+            and not self.too_many_files
+            and not self.unreadable
+        )
 
     @property
     def files(self) -> tuple[Entry, ...]:
@@ -67,7 +78,8 @@ class Manifest:
 
     @property
     def sizes(self) -> dict[str, int]:
-        return {e.path: e.size for e in self.files}
+        """Relative name (as the OS takes it) -> size of every regular file."""
+        return {e.name: e.size for e in self.files}
 
     @property
     def total_bytes(self) -> int:
@@ -126,13 +138,22 @@ def scan_unit(
     ignore: PatternSet,
     in_progress: PatternSet,
     max_files: int,
+    follow_top: bool = False,
 ) -> Manifest:
-    """Scan `unit_dir` (see the module docstring). Never raises for what is on disk."""
+    """Scan `unit_dir` (see the module docstring). Never raises for what is on disk.
+
+    `follow_top`: the unit directory itself may be a symlink (a depth-0 root given as one);
+    nothing below it is ever followed. Only ENOENT/ENOTDIR mean "gone": any other error (EIO,
+    ESTALE on NFS, EACCES) is reported as unreadable, so a hiccup never looks like a removal.
+    """
     root = os.fsencode(unit_dir)
     try:
-        st = os.lstat(root)
-    except OSError:
+        st = os.stat(root) if follow_top else os.lstat(root)
+    except (FileNotFoundError, NotADirectoryError):
         return Manifest(exists=False)
+    except OSError as exc:
+        reason = f". ({exc.strerror})"
+        return Manifest(exists=True, unreadable=(reason,), stat_key=((reason.encode(), 0, 0, 0),))
     if not stat.S_ISDIR(st.st_mode):
         return Manifest(exists=False)
     walker = _Walker(root, ignore, in_progress, max_files)
@@ -140,6 +161,7 @@ def scan_unit(
     entries = tuple(sorted(walker.entries, key=lambda e: e.raw))
     key = tuple((e.raw, e.size, e.mtime_ns, e.inode) for e in entries)
     key += tuple((p.encode("utf-8", "surrogateescape"), 0, 0, 0) for p in walker.in_progress)
+    key += tuple((p.encode("utf-8", "surrogateescape"), -1, 0, 0) for p in walker.unreadable)
     return Manifest(
         exists=True,
         entries=entries,
@@ -185,8 +207,8 @@ class _Walker:
                         break
         except FileNotFoundError:
             pass  # removed while we looked; the next scan sees the new state
-        except OSError:
-            self.unreadable.append(display(rel_dir) or ".")
+        except OSError as exc:
+            self.unreadable.append(f"{display(rel_dir) or '.'} ({exc.strerror})")
         return subdirs
 
     def _visit(self, dirent: os.DirEntry[bytes], rel: bytes) -> bytes | None:
@@ -195,8 +217,8 @@ class _Walker:
             st = dirent.stat(follow_symlinks=False)
         except FileNotFoundError:
             return None
-        except OSError:
-            self.unreadable.append(display(rel))
+        except OSError as exc:
+            self.unreadable.append(f"{display(rel)} ({exc.strerror})")
             return None
         mode = st.st_mode
         if stat.S_ISDIR(mode):
@@ -239,6 +261,12 @@ def fingerprint(entries: Sequence[Entry], digests: dict[bytes, str] | None = Non
             h.update(b"\0->" + e.symlink_target.encode("utf-8", "surrogateescape"))
         h.update(b"\n")
     return "sha256:" + h.hexdigest()
+
+
+def pending_fingerprint(manifest: Manifest) -> str:
+    """A fingerprint that also covers in-progress file names (for `not_settled` events)."""
+    marks = [Entry(p.encode("utf-8", "surrogateescape"), 0, 0, 0) for p in manifest.in_progress]
+    return fingerprint([*manifest.entries, *marks])
 
 
 def sha256_file(unit_dir: str, entry: Entry, chunk: int = 1 << 20) -> str | None:

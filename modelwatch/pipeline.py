@@ -8,6 +8,7 @@ again one quiet period later; the loop itself never dies of a unit.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -21,7 +22,13 @@ from modelwatch.config import Config, RootConfig
 from modelwatch.errors import StateError
 from modelwatch.events import Event
 from modelwatch.inspection import inspect_unit, readiness
-from modelwatch.manifest import Manifest, PatternSet, fingerprint, scan_unit
+from modelwatch.manifest import (
+    Manifest,
+    PatternSet,
+    fingerprint,
+    pending_fingerprint,
+    scan_unit,
+)
 from modelwatch.metadata import SchemaValidator
 from modelwatch.registry import Registry, Route
 from modelwatch.settle import Settler, Timing, Verdict
@@ -62,6 +69,7 @@ class RootRules:
     def scan(self, unit: Unit) -> Manifest:
         return scan_unit(
             unit.path,
+            follow_top=unit.name == ".",
             ignore=self.ignore,
             in_progress=self.in_progress,
             max_files=self.config.policy.max_files_per_unit,
@@ -92,14 +100,20 @@ class Units:
         return [path for path in old if path not in self.rules]
 
     def candidates(self, root: str, below: str = "") -> list[Unit]:
-        """Units on disk under `root` plus units the store believes are present there."""
+        """Units on disk under `root` plus units the store believes are present there.
+
+        The store keys units by their display path; a record that matches a unit found on
+        disk is that unit (names that are not UTF-8 cannot be rebuilt from the display form).
+        """
         rules = self.rules[root]
         found = set(list_units(root, rules.config.unit_depth, below))
+        on_disk = {unit.display for unit in found}
         prefix = describe(os.path.join(root, below)) if below else describe(root)
-        for record in self.registry.store.units(root):
-            if record.present and (record.path == prefix or record.path.startswith(prefix + "/")):
-                name = os.path.relpath(record.path, root) if record.path != root else "."
-                found.add(Unit(root, name))
+        for record in self.registry.store.units(describe(root)):
+            inside = record.path == prefix or record.path.startswith(prefix + "/")
+            if record.present and inside and record.path not in on_disk:
+                gone = os.path.relpath(record.path, describe(root))
+                found.add(Unit(root, gone))  # relpath gives "." for a depth-0 root
         return sorted(found)
 
     def settle(self, unit: Unit, manifest: Manifest, settled_after: float) -> Event | None:
@@ -213,10 +227,14 @@ class Pipeline(threading.Thread):
         for unit in self.units.candidates(root, below):
             if unit in self.settler:
                 continue
-            manifest = rules.scan(unit)
-            if manifest.exists and not self._maybe_changed(unit, manifest):
-                continue
-            self.settler.observe(unit, now)
+            try:
+                manifest = rules.scan(unit)
+                unchanged = manifest.exists and not self._maybe_changed(unit, manifest)
+            except Exception:  # the unit is settled the slow way rather than skipped
+                log.exception("reconcile_failed", unit=unit.display)
+                unchanged = False
+            if not unchanged:
+                self.settler.observe(unit, now)
 
     def _maybe_changed(self, unit: Unit, manifest: Manifest) -> bool:
         policy = self.units.rules[unit.root].config.policy
@@ -245,8 +263,11 @@ class Pipeline(threading.Thread):
         after = self.settler.settled(unit, now)
         try:
             event = self.units.settle(unit, manifest, after)
-        except StateError as exc:
-            ulog.error("state_write_failed", error=str(exc))
+        except Exception as exc:  # state store full, or a bug: the unit is never dropped
+            if isinstance(exc, StateError):
+                ulog.error("state_write_failed", error=str(exc))
+            else:
+                ulog.exception("unit_failed")
             self.settler.observe(unit, first)  # keep the episode; retry next quiet period
             self.settler.observe(unit, now)
             return
@@ -269,6 +290,8 @@ class Pipeline(threading.Thread):
         found = inspect_unit(
             unit.path, manifest, policy, self.units.config.metadata, self.units.schema
         )
+        # In-progress names count here, so a later rejection of the same files gets its own id.
+        found = dataclasses.replace(found, fingerprint=pending_fingerprint(manifest))
         waited = now - self.settler.first_change(unit)
         try:
             event = self.units.registry.not_settled(
@@ -279,7 +302,7 @@ class Pipeline(threading.Thread):
                 waited=waited,
                 reason=reason,
             )
-        except StateError as exc:
+        except Exception as exc:
             log.error("state_write_failed", unit=unit.display, error=str(exc))
             return
         log.warning("unit_not_settled", unit=unit.display, event_id=event.id, reason=reason)

@@ -17,7 +17,7 @@ from modelwatch.errors import Problem
 from modelwatch.events import REGISTERED, REJECTED, REMOVED, Event, make_event
 from modelwatch.inspection import Inspection
 from modelwatch.state import Store
-from modelwatch.units import Unit
+from modelwatch.units import Unit, describe
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,10 @@ class Registry:
             data["version"] = (record.last_version if record else 0) + 1
         event = self._event(event_type, unit, when, data)
         self.store.record_settled(
-            root=unit.root, event=event, outcome=outcome, sinks=self._sinks_for(event_type)
+            root=describe(unit.root),
+            event=event,
+            outcome=outcome,
+            sinks=self._sinks_for(event_type),
         )
         return event
 
@@ -117,7 +120,7 @@ class Registry:
     def _event(event_type: str, unit: Unit, when: float, data: dict[str, Any]) -> Event:
         return make_event(
             event_type,
-            root=unit.root,
+            root=describe(unit.root),
             unit_path=unit.display,
             name=unit.display_name,
             when=when,

@@ -29,6 +29,8 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
+MAX_BACKOFF = 300.0
+
 
 class Verdict(enum.Enum):
     WAIT = "wait"
@@ -49,6 +51,7 @@ class _Pending:
     probe_at: float = 0.0
     has_probe: bool = False
     overdue_reported: bool = False
+    backoff: float = 0.0  # extra wait between re-checks of a unit stuck past max_wait
 
 
 class Settler(Generic[K]):
@@ -73,6 +76,7 @@ class Settler(Generic[K]):
         p.last_change = max(p.last_change, t)
         p.has_probe = False
         p.probe = None
+        p.backoff = 0.0
 
     def first_change(self, unit: K) -> float:
         return self._pending[unit].first_change
@@ -81,7 +85,7 @@ class Settler(Generic[K]):
         half = self._timing_for(unit).settle_seconds / 2
         if not p.has_probe:
             return p.last_change + half
-        return max(p.last_change + 2 * half, p.probe_at + half)
+        return max(p.last_change + 2 * half, p.probe_at + half) + p.backoff
 
     def _overdue_at(self, unit: K, p: _Pending) -> float | None:
         if p.overdue_reported:
@@ -118,10 +122,17 @@ class Settler(Generic[K]):
         return Verdict.STABLE
 
     def not_ready(self, unit: K, key: object, now: float) -> None:
-        """Stable but not complete: look again one quiet period from now."""
+        """Stable but not complete: look again one quiet period from now.
+
+        Past `max_wait` the re-checks back off exponentially (up to `MAX_BACKOFF`): a unit that
+        stays incomplete for hours must not cost a full completeness check every few seconds.
+        """
         p = self._pending[unit]
         p.last_change = now
         p.probe, p.probe_at, p.has_probe = key, now, True
+        if p.overdue_reported:
+            settle = self._timing_for(unit).settle_seconds
+            p.backoff = min(MAX_BACKOFF, max(settle, 2 * p.backoff))
 
     def settled(self, unit: K, now: float) -> float:
         """The unit settled; returns seconds since its first observed change."""

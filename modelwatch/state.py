@@ -280,6 +280,9 @@ class Store:
         rows = self._query(
             "SELECT o.seq, o.attempts, o.next_attempt, e.body FROM outbox o"
             " JOIN events e ON e.seq = o.seq WHERE o.sink = ? AND o.state = 'pending'"
+            # a unit with a dead letter waits for it (redeliver keeps version order)
+            " AND NOT EXISTS (SELECT 1 FROM outbox d JOIN events de ON de.seq = d.seq"
+            "  WHERE d.sink = o.sink AND d.state = 'dead' AND de.unit = e.unit AND d.seq < o.seq)"
             " ORDER BY o.seq LIMIT 1",
             (sink,),
         )

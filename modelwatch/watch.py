@@ -34,7 +34,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from modelwatch.clock import Clock
 from modelwatch.config import RootConfig
@@ -131,7 +131,9 @@ ObserverFactory = Callable[[str, float], Any]
 def make_observer(kind: str, poll_interval: float) -> Any:
     """A watchdog observer of `kind` ("inotify" or "polling")."""
     if kind == "polling":
-        return PollingObserver(timeout=poll_interval)
+        # lstat: symlinks inside units are never followed (a link to / or a loop would make
+        # every pass walk outside the unit, or fail).
+        return PollingObserverVFS(os.lstat, os.scandir, polling_interval=poll_interval)
     return Observer()
 
 
@@ -159,6 +161,7 @@ class RootWatcher:
         self._kind = "missing"
         self._fallback = False
         self._identity: tuple[int, int] | None = None
+        self._failed_identity: tuple[int, int] | None = None
         self._log = log.bind(root=describe(root.path))
 
     @property
@@ -209,7 +212,7 @@ class RootWatcher:
         except OSError as exc:
             sysctl = _LIMITS.get(exc.errno or 0)
             if kind != "inotify" or sysctl is None:
-                self._log.warning("watch_failed", observer=kind, error=str(exc))
+                self._failed_watch(identity, kind, exc)
                 return
             self._log.warning(
                 "inotify_limit_reached",
@@ -221,11 +224,18 @@ class RootWatcher:
             try:
                 observer = self._launch(kind)
             except OSError as again:
-                self._log.warning("watch_failed", observer=kind, error=str(again))
+                self._failed_watch(identity, kind, again)
                 return
         self._observer, self._identity, self._kind = observer, identity, kind
         self._log.info("root_watched", observer=kind)
         self.changes.put(Rescan(self.root.path))
+
+    def _failed_watch(self, identity: tuple[int, int], kind: str, exc: OSError) -> None:
+        """Log once per root identity and rescan, so what is there is still registered."""
+        if self._failed_identity != identity:
+            self._failed_identity = identity
+            self._log.warning("watch_failed", observer=kind, error=str(exc))
+            self.changes.put(Rescan(self.root.path))
 
     def _launch(self, kind: str) -> Any:
         observer = self.observer_factory(kind, self.root.policy.poll_interval_seconds)

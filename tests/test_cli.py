@@ -227,7 +227,7 @@ def test_redeliver_requeues_dead_letters(tmp_path: Path) -> None:
         f'[defaults]\nsettle_seconds = 0.2\n[[roots]]\npath = "{models}"\n'
         f'[[sinks]]\ntype = "jsonl"\npath = "{blocked}/events.jsonl"\nmax_attempts = 1\n'
     )
-    assert mw(tmp_path, "scan", "--config", str(config)).returncode == 0
+    assert mw(tmp_path, "scan", "--config", str(config)).returncode == 1  # went dead
     status = json.loads(mw(tmp_path, "status", "--config", str(config), "--format", "json").stdout)
     assert status["sinks"] == [
         {"sink": "jsonl", "pending": 0, "dead": 1, "oldest_pending_seconds": None}

@@ -5,6 +5,7 @@ Changes are fed the way the watchers would feed them; time moves only when the t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -21,6 +22,7 @@ from modelwatch.registry import Registry, Route
 from modelwatch.state import StateDir, Store
 from modelwatch.testing import FakeClock
 from modelwatch.watch import Change, Rescan
+from tests.writers import write_safetensors
 
 
 class Harness:
@@ -313,8 +315,6 @@ def _event_ids(events: list[Event]) -> list[str]:
 
 def test_event_ids_are_deterministic(harness: Callable[..., Harness]) -> None:
     """The id is sha256(type, path, fingerprint): recomputable by any node."""
-    import hashlib
-
     h = harness()
     h.touch(write(Path(h.root) / "model.onnx"))
     (event,) = h.advance(3)
@@ -353,3 +353,89 @@ def test_hostile_names_and_metadata_still_give_one_line_events(
     sink.close()
     (line,) = out.read_bytes().splitlines()
     assert json.loads(line)["id"] == event.id
+
+
+def test_non_utf8_names_survive_checks_and_restarts(harness: Callable[..., Harness]) -> None:
+    """A unit and a weight file whose names are not UTF-8 register once, are checked for
+    completeness under their real name, and a restart does not call them removed."""
+    h = harness(depth=1)
+    unit = os.fsencode(h.root) + b"/exp-\xff"
+    os.mkdir(unit)
+    full = Path(h.root) / "scratch.safetensors"
+    write_safetensors(full, {"w": 64})
+    os.rename(full, unit + b"/model-\xfe.safetensors")
+    h.rescan()
+    (event,) = h.advance(3)
+    assert event.subject == "exp-\\xff"
+    assert event.data["format"] == "safetensors"
+    h.close()
+    again = Harness(h.config)
+    try:
+        again.rescan()
+        assert again.advance(5) == []
+    finally:
+        again.close()
+
+
+def test_depth_zero_root_given_as_a_symlink_registers(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """/artifacts -> /real/dir: the unit is the link's target, scanned without following
+    anything below it."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "artifacts"
+    link.symlink_to(real)
+    h = harness(root=link)
+    write(real / "model.onnx")
+    h.rescan()
+    (event,) = h.advance(3)
+    assert event.data["files"] == [{"path": "model.onnx", "size": 100}]
+
+
+def test_not_settled_and_a_later_rejection_have_different_ids(
+    harness: Callable[..., Harness],
+) -> None:
+    """A unit held by an in-progress file past max_wait, then settling with bad metadata:
+    two rejected events consumers can tell apart."""
+    h = harness(max_wait=6)
+    write(Path(h.root) / "gradient-model-metadata.json", "{bad")
+    temp = write(Path(h.root) / "model.onnx.part")
+    h.touch(write(Path(h.root) / "model.onnx"))
+    (stuck,) = h.advance(8)
+    temp.unlink()
+    h.touch(temp)
+    (rejected,) = h.advance(3)
+    assert [e["code"] for e in stuck.data["errors"]] == ["not_settled"]
+    assert [e["code"] for e in rejected.data["errors"]] == ["metadata_syntax"]
+    assert stuck.id != rejected.id
+
+
+def test_too_many_files_is_rejected(harness: Callable[..., Harness]) -> None:
+    """More files than max_files_per_unit -> rejected with too_many_files."""
+    h = harness(extra="max_files_per_unit = 3")
+    for i in range(5):
+        write(Path(h.root) / f"shard-{i}.bin")
+    h.rescan()
+    (event,) = h.advance(3)
+    assert event.short_type == "rejected"
+    assert [e["code"] for e in event.data["errors"]] == ["too_many_files"]
+
+
+def test_content_digest_ignores_touches(harness: Callable[..., Harness]) -> None:
+    """content_digest = sha256: files carry digests, and a touch that changes only the mtime
+    is not a new version."""
+    h = harness(extra='content_digest = "sha256"')
+    model = write(Path(h.root) / "model.onnx", b"weights")
+    h.touch(model)
+    (event,) = h.advance(3)
+    assert event.data["files"] == [
+        {
+            "path": "model.onnx",
+            "size": 7,
+            "sha256": hashlib.sha256(b"weights").hexdigest(),
+        }
+    ]
+    os.utime(model, ns=(1, 1))
+    h.touch(model)
+    assert h.advance(3) == []

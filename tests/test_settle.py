@@ -97,3 +97,23 @@ def test_next_deadline_covers_overdue() -> None:
     s = Settler(lambda _u: Timing(settle_seconds=100.0, max_wait_seconds=10.0))
     s.observe("u", 0.0)
     assert s.next_deadline() == 10.0
+
+
+def test_rechecks_back_off_once_past_max_wait() -> None:
+    """A unit stuck incomplete past max_wait is re-checked less and less often."""
+    s = Settler(lambda _u: Timing(settle_seconds=2.0, max_wait_seconds=10.0))
+    s.observe("u", 0.0)
+    s.scanned("u", "k", 1.0)
+    assert s.scanned("u", "k", 2.0) is Verdict.STABLE
+    s.not_ready("u", "k", 2.0)
+    assert s.overdue(10.0) == ["u"]
+    gaps, now = [], 2.0
+    for _ in range(6):
+        at = s.next_deadline()
+        assert at is not None
+        gaps.append(at - now)
+        now = at
+        assert s.scanned("u", "k", now) is Verdict.STABLE
+        s.not_ready("u", "k", now)
+    assert gaps[1:] == sorted(gaps[1:]) and gaps[-1] > 4 * gaps[1]
+    assert all(g <= 2.0 + 300.0 for g in gaps)

@@ -17,6 +17,7 @@ import structlog
 from modelwatch.config import Config
 from modelwatch.daemon import Daemon
 from modelwatch.errors import StateError
+from modelwatch.events import Event
 from modelwatch.sinks import build_sink
 from modelwatch.state import SCHEMA_VERSION, StateDir, Store
 from modelwatch.testing import MemorySink
@@ -298,3 +299,71 @@ def test_webhook_outage_then_everything_in_order(
     last = {event_id: i for i, event_id in enumerate(delivered())}
     assert sorted(last, key=last.__getitem__) == [e.id for e in fast]
     assert len(receiver.requests) >= 3 + 4  # four failures were retried
+
+
+def test_dead_letter_holds_back_later_versions_of_its_unit(tmp_path: Path) -> None:
+    """v1 dead-lettered: v2 of the same unit waits (another unit does not); after redeliver
+    they go out in version order."""
+    from modelwatch.events import REGISTERED, make_event
+
+    store = Store(StateDir(str(tmp_path)).db_path)
+
+    def event(unit: str, version: int) -> Event:
+        return make_event(
+            REGISTERED,
+            root="/r",
+            unit_path=f"/r/{unit}",
+            name=unit,
+            when=0.0,
+            data={"fingerprint": f"sha256:{unit}{version}", "version": version},
+        )
+
+    try:
+        for e in (event("a", 1), event("a", 2), event("b", 1)):
+            store.record_event(e, ["hook"])
+        head = store.next_pending("hook")
+        assert head is not None and head.event.data["version"] == 1
+        store.mark_failed("hook", head.seq, attempts=1, next_attempt=0, error="410", dead=True)
+        nxt = store.next_pending("hook")
+        assert nxt is not None and nxt.event.subject == "b"
+        store.mark_delivered("hook", nxt.seq)
+        assert store.next_pending("hook") is None  # a/v2 waits behind the dead a/v1
+        assert store.redeliver("hook") == 1
+        order = []
+        while (row := store.next_pending("hook")) is not None:
+            order.append((row.event.subject, row.event.data["version"]))
+            store.mark_delivered("hook", row.seq)
+        assert order == [("a", 1), ("a", 2)]
+    finally:
+        store.close()
+
+
+def test_root_gone_while_down_is_reconciled_before_ready(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """A root deleted while the daemon was down: its models are removed before READY."""
+    h = harness()
+    model(tmp_path / "models", "a")
+    sink = MemorySink()
+    h.start(sink)
+    sink.wait_for(1)
+    h.stop()
+    shutil.rmtree(tmp_path / "models")
+    after = MemorySink()
+    h.start(after)
+    (removed,) = after.wait_for(1)
+    assert (removed.short_type, removed.subject) == ("removed", "a")
+
+
+def test_retry_delay_is_full_jitter_capped_and_honours_retry_after() -> None:
+    """Backoff: uniform in [0, min(cap, base * 2^(n-1))]; Retry-After wins."""
+    import random
+
+    from modelwatch.delivery import BACKOFF_CAP, retry_delay
+
+    rng = random.Random(1)
+    for attempts, ceiling in ((1, 1.0), (2, 2.0), (4, 8.0), (20, BACKOFF_CAP), (500, BACKOFF_CAP)):
+        delays = [retry_delay(attempts, None, rng) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling * 0.8  # really spread over the range
+    assert retry_delay(3, 42.0, rng) == 42.0

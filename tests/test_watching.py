@@ -254,3 +254,20 @@ def test_kernel_queue_overflow_misses_no_unit(tmp_path: Path) -> None:
         # watchdog 6 (the last release for Python 3.10) drops the overflow silently; there the
         # periodic reconcile is the safety net.
         assert any("inotify_overflow" in line for line in lines), "the overflow was noticed"
+
+
+def test_polling_never_follows_symlinks_out_of_a_unit(
+    start: Callable[..., Running], tmp_path: Path
+) -> None:
+    """A polled unit with a symlink loop and a link to /usr still registers, listing the links
+    as links."""
+    d = start(extra='observer = "polling"\npoll_interval_seconds = 0.2')
+    unit = d.root / "exp"
+    model(unit)
+    os.symlink("..", unit / "loop")
+    os.symlink("/usr", unit / "escape")
+    (event,) = d.sink.wait_for(1)
+    rows = {f["path"]: f for f in event.data["files"]}
+    assert rows["escape"] == {"path": "escape", "size": 0, "symlink": "/usr"}
+    assert rows["loop"]["symlink"] == ".."
+    assert [w.kind for w in d.daemon.watchers] == ["polling"]
