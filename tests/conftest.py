@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,14 @@ import pytest
 
 from modelwatch.config import Config, load_config
 from tests.receiver import Receiver, running_receiver
+
+# Fuzz depth: the suite's default keeps CI fast; MODELWATCH_FUZZ_EXAMPLES=20000 digs deeper.
+FUZZ_SCALE = max(1, int(os.environ.get("MODELWATCH_FUZZ_EXAMPLES", "300"))) / 300
+
+
+def examples(n: int) -> int:
+    """`n` hypothesis examples at the default depth, scaled by MODELWATCH_FUZZ_EXAMPLES."""
+    return max(1, int(n * FUZZ_SCALE))
 
 
 @pytest.fixture(autouse=True)

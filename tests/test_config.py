@@ -35,6 +35,7 @@ from modelwatch.config import (
     with_cli_roots,
 )
 from modelwatch.errors import ConfigError
+from tests.conftest import examples
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -916,7 +917,7 @@ DOCUMENTS = st.dictionaries(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(document=DOCUMENTS)
 def test_any_document_loads_or_raises_config_error(document: dict[str, Any]) -> None:
     """Arbitrary TOML-shaped documents either load (and round-trip) or raise ConfigError."""
@@ -995,7 +996,7 @@ VALID_DOCUMENTS = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(document=VALID_DOCUMENTS)
 def test_every_valid_document_loads_and_round_trips(document: dict[str, Any]) -> None:
     """Any document within the documented rules loads, and check-config output reloads equal."""
@@ -1012,7 +1013,7 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     text=st.text(alphabet=TOML_ALPHABET, max_size=120) | st.text(max_size=60),
     raw=st.binary(max_size=40),

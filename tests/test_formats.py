@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelwatch.formats import FORMATS, check_complete, detect_format, model_type_for
+from tests.conftest import examples
 from tests.writers import (
     copy_tree_chunked,
     write_hf_sharded,
@@ -648,7 +649,7 @@ _COMPANIONS = {"model.safetensors.index.json": "config.json", "checkpoint": "ckp
 
 
 @pytest.mark.parametrize("name", sorted(_CONTENT))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(data=st.data())
 def test_arbitrary_content_never_raises(
     tmp_path_factory: pytest.TempPathFactory, name: str, data: st.DataObject

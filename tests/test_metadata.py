@@ -27,6 +27,7 @@ from modelwatch.metadata import (
     validate_metadata_bytes,
     validate_unit_metadata,
 )
+from tests.conftest import examples
 
 NAME = "gradient-model-metadata.json"
 MB = 1 << 20
@@ -587,14 +588,14 @@ json_values = st.recursive(
 json_ish_text = st.text(alphabet="{}[],:\"\\ \n\t01-.eE+tfalsenuNI/'x\u00e9\x00", max_size=60)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_raise(data: bytes) -> None:
     """Any bytes at all give a result, never an exception."""
     assert isinstance(check(data, max_depth=4), MetadataResult)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(json_ish_text)
 def test_json_like_text_never_raises(text: str) -> None:
     """Near-JSON text (the likely mistakes) gives a result with a located problem or none."""
@@ -603,7 +604,7 @@ def test_json_like_text_never_raises(text: str) -> None:
         assert problem.line is not None and problem.column is not None
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(json_values, st.booleans(), st.sampled_from([None, 1]))
 def test_serialised_json_round_trips(value: Any, ascii_only: bool, indent: int | None) -> None:
     """Whatever json.dumps writes (finite floats) is valid and parses back to an equal value."""
@@ -615,7 +616,7 @@ def test_serialised_json_round_trips(value: Any, ascii_only: bool, indent: int |
         assert only_problem(check(data, max_depth=depth(value) - 1)).code == "metadata_too_deep"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.one_of(json_ish_text, json_values.map(json.dumps)))
 def test_strict_parser_agrees_with_fast_path(text: str) -> None:
     """The C fast path accepts a text only if the strict parser does, with an equal value."""

@@ -1,43 +1,39 @@
 """`nats` sink: publishes each event to NATS JetStream and waits for the ack (SPEC §5b).
 
-Keys: `servers` (a URL or a list of URLs: nats://, tls://, ws:// or wss://; default
+Keys: `servers` (a nats://, tls://, ws:// or wss:// URL, or a list of them; default
 `["nats://127.0.0.1:4222"]`), `subject = "modelwatch.events"`, `stream = ""`,
 `create_stream = false`, `timeout_seconds = 10`, and at most one of `credentials_file` (a
-`.creds` file; needs the `nkeys` package) and `token_env` (the environment variable holding a
-token).
+`.creds` file; needs the `nkeys` package) and `token_env` (the variable holding a token).
 
-Each event is one message on `subject`: the CloudEvent in structured JSON as the payload, with
-headers `Nats-Msg-Id` (the event id), `Content-Type: application/cloudevents+json`, `ce-id` and
-`ce-type`. It is delivered when JetStream acknowledges it; an ack flagged as a duplicate counts.
+Each event is one message on `subject`: the structured CloudEvent JSON as payload, headers
+`Nats-Msg-Id` (the event id), `Content-Type: application/cloudevents+json`, `ce-id`, `ce-type`.
+Delivered when JetStream acknowledges it; an ack flagged `duplicate` counts as delivered.
 
-Duplicates: JetStream drops a message whose `Nats-Msg-Id` it already stored within the stream's
-duplicate window (2 minutes by default), so the redelivery of an event after a crash or a lost
-ack is usually stored once. A redelivery after the window (a long outage, `redeliver` of a dead
-letter) is stored again: delivery is at-least-once and consumers deduplicate by the event id
-(SPEC §8).
+Duplicates: JetStream drops a message whose `Nats-Msg-Id` the stream stored within its duplicate
+window (2 minutes by default), so an event redelivered after a crash or a lost ack is stored
+once. Later redeliveries (a long outage, `redeliver` of a dead letter) are stored again: delivery
+is at-least-once and consumers deduplicate by event id (SPEC §8).
 
-Only a stream makes messages persistent, and modelwatch never creates one unless told to.
-Create it with the nats CLI::
+Only a stream stores messages, and the sink creates none unless `create_stream = true` (then a
+missing `stream` is created on `subject`: file storage, 2 minute duplicate window). Create it::
 
     nats stream add modelwatch --subjects modelwatch.events --storage file \\
         --dupe-window 2m --defaults
 
 With `stream` set, the first connection checks that the stream exists and captures `subject`
-(otherwise `PermanentSinkError` saying how to fix it) and every publish expects that stream;
-`create_stream = true` creates a missing stream instead (file storage, 2 minute duplicate
-window). Without `stream`, any stream capturing `subject` stores the events.
+(else `PermanentSinkError` saying how to fix it) and each publish expects that stream.
 
 Failures: refused or lost connections, timeouts, "no responders" (JetStream down, or no stream
-captures the subject yet) and JetStream 5xx answers are `SinkError` (retried); authorization and
+captures the subject yet) and JetStream 5xx are `SinkError` (retried); authorization and
 permission violations, a missing or mismatched stream, an oversized message and other JetStream
-4xx answers are `PermanentSinkError`.
+4xx answers are `PermanentSinkError`. Messages and `repr` mask credentials in server URLs and
+never contain the token.
 
 nats-py is asyncio: the sink owns a private event loop, created in the thread that first calls
-`send` and run only inside `send` and `close` (called from that same thread). The connection
-stays open between sends. Since nobody answers the server's pings while the loop is idle, the
-server may drop it; that is noticed during the next send, which reconnects and publishes again
-at once (harmless: the message keeps its `Nats-Msg-Id`). Messages and `repr` mask credentials in
-server URLs and never contain the token.
+`send` and run only inside `send` and `close` (both from that thread). The connection is kept
+between sends; as nobody answers the server's pings while the loop is idle, the server may drop
+it, which the next send notices and repairs at once by reconnecting and publishing again (the
+same `Nats-Msg-Id`, so harmless).
 """
 
 from __future__ import annotations
@@ -85,8 +81,9 @@ _SCHEMES = ("nats", "tls", "ws", "wss")
 _SUBJECT = re.compile(r"[!-~]+")  # printable ASCII, no spaces; wildcards are refused separately
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _DUPLICATE_WINDOW = 120.0
+_WATCH_SECONDS = 0.02
 _STREAM_NAME_IN_USE = 10058  # a concurrent create_stream won the race: check that stream
-_REFUSED = ("authorization violation", "permissions violation", "authentication")
+_REFUSED = ("authorization violation", "permissions violation", "user authentication")
 _PERMANENT = (AuthorizationError, InvalidUserCredentialsError, BadSubjectError, MaxPayloadError)
 
 
@@ -105,16 +102,17 @@ class NatsSink:
         self._stream, self._create_stream = _stream(config)
         self._timeout = _timeout(config)
         self._credentials, self._token = _auth(config)
-        self._origin = ", ".join(mask_secrets(self._servers))
+        self._shown = [str(mask_secrets(server)) for server in self._servers]
+        self._origin = ", ".join(self._shown)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Client | None = None
-        self._trouble: asyncio.Future[str] | None = None
         self._last_error: Exception | None = None
+        self._refusal = ""  # a permission violation the server reported on this connection
         self._stream_checked = not self._stream
 
     def __repr__(self) -> str:
         return (
-            f"NatsSink(name={self.name!r}, servers={mask_secrets(self._servers)!r}, "
+            f"NatsSink(name={self.name!r}, servers={self._shown!r}, "
             f"subject={self._subject!r}, stream={self._stream!r})"
         )
 
@@ -154,7 +152,6 @@ class NatsSink:
                 raise self._failure(exc) from exc
 
     async def _publish(self, event: Event) -> None:
-        js = await self._jetstream()
         headers = {
             "Nats-Msg-Id": event.id,
             "Content-Type": "application/cloudevents+json",
@@ -162,37 +159,36 @@ class NatsSink:
             "ce-type": event.type,
         }
         payload = event.to_json().encode()
-        publish = js.publish(
-            self._subject,
-            payload,
-            timeout=self._timeout,
-            stream=self._stream or None,
-            headers=headers,
-        )
-        await self._race(publish)
-
-    async def _jetstream(self) -> JetStreamContext:
         if self._client is not None and not self._client.is_connected:
             await self._disconnect()
         client = self._client or await self._connect()
         js = client.jetstream(timeout=self._timeout)
         if not self._stream_checked:
-            await self._race(self._check_stream(js))
+            await self._race(client, self._check_stream(js))
             self._stream_checked = True
-        return js
+        stream = self._stream or None
+        publish = js.publish(self._subject, payload, stream=stream, headers=headers)
+        await self._race(client, publish)
 
-    async def _race(self, work: Coroutine[Any, Any, T]) -> T:
-        """`work`'s result, unless the connection closes first (then `_ConnectionLost`):
-        nats-py would leave the request waiting for its whole timeout."""
-        if self._trouble is None:
-            raise RuntimeError("_race before _connect")
+    async def _race(self, client: Client, work: Coroutine[Any, Any, T]) -> T:
+        """`work`'s result, unless the connection closes or the server refuses something
+        first (`_ConnectionLost`): nats-py would leave the request waiting for its timeout."""
         task = asyncio.ensure_future(work)
-        await asyncio.wait((task, self._trouble), return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise _ConnectionLost(self._trouble.result())
+        watch = asyncio.ensure_future(self._watch(client))
+        try:
+            await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            task.cancel()  # no-op once done
+            watch.cancel()
+            await asyncio.gather(task, watch, return_exceptions=True)
+        if task.cancelled():
+            raise _ConnectionLost(self._refusal)
+        return task.result()
+
+    async def _watch(self, client: Client) -> None:
+        # polled, so that it needs no callback and covers refusals reported through error_cb
+        while client.is_connected and not self._refusal:
+            await asyncio.sleep(_WATCH_SECONDS)
 
     # --- the stream ----------------------------------------------------------------------
 
@@ -234,16 +230,12 @@ class NatsSink:
 
     async def _connect(self) -> Client:
         client = Client()
-        trouble: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        async def closed() -> None:
-            if not trouble.done():
-                trouble.set_result("")
+        self._refusal = ""
 
         async def error(exc: Exception) -> None:
             self._last_error = exc
-            if not trouble.done() and any(word in str(exc).lower() for word in _REFUSED):
-                trouble.set_result(str(exc))
+            if any(word in str(exc).lower() for word in _REFUSED):
+                self._refusal = str(exc)
 
         whole_seconds = max(1, math.ceil(self._timeout))
         try:
@@ -257,8 +249,6 @@ class NatsSink:
                     connect_timeout=whole_seconds,
                     drain_timeout=whole_seconds,
                     error_cb=error,
-                    disconnected_cb=closed,
-                    closed_cb=closed,
                     user_credentials=self._credentials,
                     token=self._token,
                 ),
@@ -267,7 +257,7 @@ class NatsSink:
         except BaseException:
             await client.close()
             raise
-        self._client, self._trouble = client, trouble
+        self._client = client
         return client
 
     async def _disconnect(self, *, drain: bool = False) -> None:
@@ -285,22 +275,23 @@ class NatsSink:
 
     def _failure(self, exc: Exception) -> SinkError:
         """The SinkError (retry) or PermanentSinkError for what nats-py raised."""
+        where = self._origin
         if isinstance(exc, NoStreamResponseError):
             return SinkError(
-                f"{self._origin}: no JetStream stream answered on {self._subject!r} (is"
-                " JetStream enabled, and does a stream capture the subject?)"
+                f"{where}: no JetStream stream answered on {self._subject!r} (is JetStream"
+                " enabled, and does a stream capture the subject?)"
             )
         if isinstance(exc, NoRespondersError):
-            return SinkError(f"{self._origin}: JetStream is not enabled or not available")
+            return SinkError(f"{where}: JetStream is not enabled or not available")
         if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-            return SinkError(f"{self._origin}: no answer within {self._timeout:g} s")
+            return SinkError(f"{where}: no answer within {self._timeout:g} s")
         if isinstance(exc, APIError):
-            text = f"{self._origin}: JetStream refused: {exc.description} ({exc.err_code})"
-            retry = (exc.code or 0) >= 500
-            return SinkError(text) if retry else PermanentSinkError(self._scrub(text))
-        cause = self._last_error if isinstance(exc, NoServersError) else exc
-        text = self._scrub(f"{self._origin}: {_describe(cause or exc)}")
-        refused = isinstance(exc, _PERMANENT) or any(w in text.lower() for w in _REFUSED)
+            text = f"{where}: JetStream refused: {exc.description} ({exc.err_code})"
+            return SinkError(text) if (exc.code or 0) >= 500 else PermanentSinkError(text)
+        cause = (self._last_error if isinstance(exc, NoServersError) else None) or exc
+        detail = " ".join(str(cause).split()) or type(cause).__name__
+        refused = isinstance(cause, _PERMANENT) or any(w in detail.lower() for w in _REFUSED)
+        text = self._scrub(f"{where}: {detail}")
         return PermanentSinkError(text) if refused else SinkError(text)
 
     def _scrub(self, text: str) -> str:
@@ -317,10 +308,6 @@ def subject_matches(pattern: str, subject: str) -> bool:
         if index >= len(given) or part not in ("*", given[index]):
             return False
     return len(wanted) == len(given)
-
-
-def _describe(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
@@ -350,17 +337,15 @@ def _servers(config: SinkConfig) -> tuple[str, ...]:
         raise ConfigError(f"{config.key}.servers: must name at least one server")
     for index, server in enumerate(servers):
         where = f"{config.key}.servers" + ("" if isinstance(value, str) else f"[{index}]")
-        if not isinstance(server, str):
-            raise ConfigError(f"{where}: must be a string, got {server!r}")
-        parts = urllib.parse.urlsplit(server)
+        parts = urllib.parse.urlsplit(server if isinstance(server, str) else "")
         try:
-            parts.port  # noqa: B018 - raises ValueError for a bad port
-        except ValueError:
-            raise ConfigError(f"{where}: invalid port") from None
-        if parts.scheme not in _SCHEMES or not parts.hostname:
+            valid = parts.scheme in _SCHEMES and bool(parts.hostname) and parts.port != 0
+        except ValueError:  # a port that is not a number or out of range
+            valid = False
+        if not valid:
             raise ConfigError(
-                f"{where}: must be a nats://, tls://, ws:// or wss:// URL with a host,"
-                f" got {mask_secrets(server)!r}"
+                f"{where}: must be a nats://, tls://, ws:// or wss:// URL with a host and a"
+                f" valid port, got {mask_secrets(server)!r}"
             )
     return tuple(servers)
 
