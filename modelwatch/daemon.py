@@ -23,7 +23,7 @@ import structlog
 
 from modelwatch import reaper
 from modelwatch.clock import Clock, SystemClock
-from modelwatch.config import Config, SinkConfig
+from modelwatch.config import Config, RootConfig, SinkConfig
 from modelwatch.delivery import DeliveryWorker
 from modelwatch.errors import ModelwatchError
 from modelwatch.events import Event
@@ -35,7 +35,7 @@ from modelwatch.pipeline import Pipeline, Ready, Reconfigure, Units
 from modelwatch.registry import Registry, Route
 from modelwatch.sinks import Sink, build_sink
 from modelwatch.state import StateDir, Store
-from modelwatch.watch import OverflowAlarm, Rescan, RootWatcher
+from modelwatch.watch import ObserverFactory, OverflowAlarm, Rescan, RootWatcher, make_observer
 
 log = structlog.get_logger("modelwatch.daemon")
 
@@ -77,6 +77,7 @@ class Daemon:
         sink_factory: SinkFactory = build_sink,
         host: str | None = None,
         environ: dict[str, str] | None = None,
+        observer_factory: ObserverFactory = make_observer,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
@@ -86,7 +87,8 @@ class Daemon:
         self.changes: queue.Queue[Any] = queue.Queue()
         self.state = StateDir(config.daemon.state_dir)
         self.ready = threading.Event()
-        self.watchers = [RootWatcher(r, self.changes, self.clock) for r in config.roots]
+        self.observer_factory = observer_factory
+        self.watchers = [self._watcher(r) for r in config.roots]
         self.workers: list[DeliveryWorker] = []
         self.pipeline: Pipeline | None = None
         self.notifier = Notifier.from_environ(environ if environ is not None else os.environ)
@@ -105,6 +107,9 @@ class Daemon:
         self._rng = random.Random()
         self._last_ping = 0.0
         self.max_beat_age = MAX_BEAT_AGE
+
+    def _watcher(self, root: RootConfig) -> RootWatcher:
+        return RootWatcher(root, self.changes, self.clock, self.observer_factory)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -285,7 +290,7 @@ class Daemon:
         kept = {w.root.path for w in self.watchers}
         for root in new.roots:
             if root.path not in kept:
-                watcher = RootWatcher(root, self.changes, self.clock)
+                watcher = self._watcher(root)
                 self.watchers.append(watcher)
                 watcher.ensure()
 

@@ -12,6 +12,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -48,6 +49,11 @@ class Outcome:
     dead: bool = False
     next_attempt: float = 0.0
     error: str = ""
+
+    @property
+    def name(self) -> str:
+        """delivered | dead | failed (the metrics' `outcome` label)."""
+        return "delivered" if self.delivered else "dead" if self.dead else "failed"
 
 
 def attempt(
@@ -126,37 +132,34 @@ class DeliveryWorker(threading.Thread):
         return 0.0
 
     def _record(self, store: Store, row: OutboxRow, outcome: Outcome) -> None:
-        ev = self._log.bind(
-            event_id=row.event.id, unit=row.event.unit_path, type=row.event.short_type
-        )
         try:
-            if outcome.delivered:
-                store.mark_delivered(row.sink, row.seq)
-                ev.info("delivered", attempts=row.attempts + 1)
-            else:
-                store.mark_failed(
-                    row.sink,
-                    row.seq,
-                    attempts=row.attempts + 1,
-                    next_attempt=outcome.next_attempt,
-                    error=outcome.error,
-                    dead=outcome.dead,
-                )
-                level = ev.error if outcome.dead else ev.warning
-                level(
-                    "delivery_dead" if outcome.dead else "delivery_failed",
-                    error=outcome.error,
-                    attempts=row.attempts + 1,
-                )
+            record(store, row, outcome, self._log)
         except StateError as exc:
             # Not recorded: the event stays pending and is sent again (at-least-once).
-            ev.error("delivery_not_recorded", error=str(exc))
+            self._log.error("delivery_not_recorded", event_id=row.event.id, error=str(exc))
             self.stopping.wait(1.0)
         if self.on_outcome is not None:
-            outcome_name = (
-                "delivered" if outcome.delivered else "dead" if outcome.dead else "failed"
-            )
-            self.on_outcome(self.sink.name, outcome_name)
+            self.on_outcome(self.sink.name, outcome.name)
+
+
+def record(store: Store, row: OutboxRow, outcome: Outcome, logger: Any) -> None:
+    """Write an attempt's outcome to the outbox and log it (unit, event id, attempts)."""
+    ev = logger.bind(event_id=row.event.id, unit=row.event.unit_path, type=row.event.short_type)
+    attempts = row.attempts + 1
+    if outcome.delivered:
+        store.mark_delivered(row.sink, row.seq)
+        ev.info("delivered", attempts=attempts)
+        return
+    store.mark_failed(
+        row.sink,
+        row.seq,
+        attempts=attempts,
+        next_attempt=outcome.next_attempt,
+        error=outcome.error,
+        dead=outcome.dead,
+    )
+    level = ev.error if outcome.dead else ev.warning
+    level("delivery_" + outcome.name, error=outcome.error, attempts=attempts)
 
 
 def drain(sink: Sink, store: Store, *, max_attempts: int, clock: Clock) -> bool:
@@ -170,18 +173,9 @@ def drain(sink: Sink, store: Store, *, max_attempts: int, clock: Clock) -> bool:
     while (row := store.next_pending(sink.name)) is not None:
         now = clock.time()
         outcome = attempt(sink, row, now=now, max_attempts=max_attempts, rng=rng)
+        record(store, row, outcome, log.bind(sink=sink.name))
         if outcome.delivered:
-            store.mark_delivered(row.sink, row.seq)
             continue
-        store.mark_failed(
-            row.sink,
-            row.seq,
-            attempts=row.attempts + 1,
-            next_attempt=outcome.next_attempt,
-            error=outcome.error,
-            dead=outcome.dead,
-        )
-        log.warning("delivery_failed", sink=sink.name, event_id=row.event.id, error=outcome.error)
         if not outcome.dead:
             return False
         ok = False

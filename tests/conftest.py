@@ -7,10 +7,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from modelwatch.config import Config, load_config
+from modelwatch.daemon import Daemon
 from tests.receiver import Receiver, running_receiver
 
 # Fuzz depth: the suite's default keeps CI fast; MODELWATCH_FUZZ_EXAMPLES=20000 digs deeper.
@@ -66,3 +68,25 @@ def receiver() -> Iterator[Receiver]:
     """A recording HTTP server on 127.0.0.1 (see tests/receiver.py)."""
     with running_receiver() as server:
         yield server
+
+
+@pytest.fixture
+def run_daemon() -> Iterator[Callable[..., Daemon]]:
+    """Start Daemons (given sink objects) with their lifecycle loop on a thread, as `run`
+    does; every one is stopped and joined at teardown."""
+    running: list[tuple[Daemon, threading.Event, threading.Thread]] = []
+
+    def start(config: Config, sinks: list[Any], **kwargs: Any) -> Daemon:
+        daemon = Daemon(config, sinks=sinks, host="testhost", **kwargs)
+        daemon.start()
+        stop = threading.Event()
+        thread = threading.Thread(target=daemon.serve, args=(stop,), name="lifecycle")
+        thread.start()
+        running.append((daemon, stop, thread))
+        return daemon
+
+    yield start
+    for daemon, stop, thread in running:
+        stop.set()
+        thread.join()
+        daemon.stop()

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,7 +42,9 @@ class Running:
 
 
 @pytest.fixture
-def running(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Running]:
+def running(
+    tmp_path: Path, make_config: Callable[..., Config], run_daemon: Callable[..., Daemon]
+) -> Running:
     root = tmp_path / "root"
     root.mkdir()
     config = make_config(
@@ -50,17 +52,7 @@ def running(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Runn
         f'[[roots]]\npath = "{root}"\nunit_depth = 1\n[[sinks]]\ntype = "memory"\n'
     )
     sink = MemorySink(config.sinks[0])
-    daemon = Daemon(config, sinks=[sink], host="testhost")
-    daemon.start()
-    stop = threading.Event()
-    lifecycle = threading.Thread(target=daemon.serve, args=(stop,), name="lifecycle")
-    lifecycle.start()
-    try:
-        yield Running(daemon, sink, root)
-    finally:
-        stop.set()
-        lifecycle.join()
-        daemon.stop()
+    return Running(run_daemon(config, [sink]), sink, root)
 
 
 def good_model(unit: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,9 +44,9 @@ class Running:
 
 
 @pytest.fixture
-def start(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Callable[..., Running]]:
-    daemons: list[tuple[Daemon, threading.Event, threading.Thread]] = []
-
+def start(
+    tmp_path: Path, make_config: Callable[..., Config], run_daemon: Callable[..., Daemon]
+) -> Callable[..., Running]:
     def run(depth: int = 1, extra: str = "", create_root: bool = True) -> Running:
         root = tmp_path / "root"
         if create_root:
@@ -57,19 +57,9 @@ def start(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Callab
             '[[sinks]]\ntype = "memory"\n'
         )
         sink = MemorySink(config.sinks[0])
-        daemon = Daemon(config, sinks=[sink], host="testhost")
-        daemon.start()
-        stop = threading.Event()
-        lifecycle = threading.Thread(target=daemon.serve, args=(stop,), name="lifecycle")
-        lifecycle.start()
-        daemons.append((daemon, stop, lifecycle))
-        return Running(daemon, sink, root)
+        return Running(run_daemon(config, [sink]), sink, root)
 
-    yield run
-    for daemon, stop, lifecycle in daemons:
-        stop.set()
-        lifecycle.join()
-        daemon.stop()
+    return run
 
 
 def test_saved_model_written_in_chunks_registers_once_after_the_last_write(

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,9 @@ class Running:
 
 
 @pytest.fixture
-def start(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Callable[..., Running]]:
-    daemons: list[tuple[Daemon, threading.Event, threading.Thread]] = []
-
+def start(
+    tmp_path: Path, make_config: Callable[..., Config], run_daemon: Callable[..., Daemon]
+) -> Callable[..., Running]:
     def run(
         depth: int = 1,
         extra: str = "",
@@ -84,22 +84,12 @@ def start(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Callab
             f'[[roots]]\npath = "{root}"\nunit_depth = {depth}\n[[sinks]]\ntype = "memory"\n'
         )
         sink = MemorySink(config.sinks[0])
-        daemon = Daemon(config, sinks=[sink], host="testhost")
-        if factory is not None:
-            for watcher in daemon.watchers:
-                watcher.observer_factory = factory
-        daemon.start()
-        stop = threading.Event()
-        thread = threading.Thread(target=daemon.serve, args=(stop,), name="lifecycle")
-        thread.start()
-        daemons.append((daemon, stop, thread))
+        if factory is None:
+            return Running(run_daemon(config, [sink]), sink, root)
+        daemon = run_daemon(config, [sink], observer_factory=factory)
         return Running(daemon, sink, root)
 
-    yield run
-    for daemon, stop, thread in daemons:
-        stop.set()
-        thread.join()
-        daemon.stop()
+    return run
 
 
 def model(unit: Path, size: int = 1000, **kw: Any) -> None:
