@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import structlog
@@ -275,7 +276,37 @@ class OverflowAlarm(logging.Handler):
             self.on_overflow()
 
     def install(self) -> None:
+        _report_overflows_on_watchdog6()
         logging.getLogger(self.LOGGER).addHandler(self)
 
     def remove(self) -> None:
         logging.getLogger(self.LOGGER).removeHandler(self)
+
+
+def _report_overflows_on_watchdog6() -> None:
+    """watchdog < 7 (the last line for Python 3.10) drops IN_Q_OVERFLOW silently.
+
+    Wrap its event-buffer parser so an overflow is logged the way watchdog 7 logs it, and the
+    alarm above works on both. Nothing changes on watchdog >= 7.
+    """
+    if int(version("watchdog").split(".")[0]) >= 7:
+        return
+    try:
+        from watchdog.observers import inotify_c
+    except ImportError:  # not Linux
+        return
+    inotify = getattr(inotify_c, "Inotify", None)
+    original = getattr(inotify, "_parse_event_buffer", None)
+    if inotify is None or original is None or getattr(original, "_modelwatch", False):
+        return
+    overflow = 0x4000  # IN_Q_OVERFLOW
+    logger = logging.getLogger(OverflowAlarm.LOGGER)
+
+    def parse(event_buffer: bytes) -> Any:
+        for wd, mask, cookie, name in original(event_buffer):
+            if wd == -1 and mask & overflow:
+                logger.warning("Inotify queue overflowed; filesystem events were lost")
+            yield wd, mask, cookie, name
+
+    parse._modelwatch = True  # type: ignore[attr-defined]
+    inotify._parse_event_buffer = staticmethod(parse)

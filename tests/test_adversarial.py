@@ -203,6 +203,24 @@ def test_unreadable_files_as_an_unprivileged_user(tmp_path: Path) -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv (util-linux) to drop to an unprivileged user")
     uid, gid = nobody()
+    probe = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import modelwatch",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(
+            f"this Python cannot run as nobody here (lives under a private home?): "
+            f"{probe.stderr.decode(errors='replace').strip()[:200]}"
+        )
     base = Path(
         f"/tmp/modelwatch-unpriv-{os.getpid()}"
     )  # tmp_path is 0700 root: unusable by nobody
