@@ -197,7 +197,6 @@ def test_root_created_after_start_is_picked_up(start: Callable[..., Running]) ->
     """A root that does not exist at start is watched once it appears."""
     d = start(depth=0, create_root=False)
     assert d.daemon.ready.is_set()
-    time.sleep(0.5)  # the root is missing for a while
     d.root.mkdir()
     wait_until(lambda: all(w.watching for w in d.daemon.watchers), timeout=5)
     write_safetensors(d.root / "model.safetensors", {"w": 10})

@@ -155,7 +155,7 @@ def test_root_symlink_swapped_is_followed(start: Callable[..., Running], tmp_pat
     os.replace(tmp_path / "root.new", tmp_path / "root")
     removed = d.sink.wait_for(2)[1]
     assert (removed.short_type, removed.subject) == ("removed", "a")
-    time.sleep(1.5)  # let the lifecycle loop notice the swap (it checks every second)
+    # the removal came from the rescan that followed re-watching the new target
     model(second / "b")
     assert d.sink.wait_for(3)[2].subject == "b"
 
@@ -233,7 +233,7 @@ def test_kernel_queue_overflow_misses_no_unit(tmp_path: Path) -> None:
 
         try:
             wait_until(lambda: len(delivered()) == units, timeout=90)
-            time.sleep(2.0)  # and nothing more arrives
+            time.sleep(1.0)  # and nothing more arrives
             counts = delivered()
             assert set(counts.values()) == {1}
         finally:
