@@ -188,8 +188,19 @@ class Daemon:
         threads: list[Any] = [self.pipeline, *self.workers] if self.pipeline else []
         dead = [t.name for t in threads if not t.is_alive()]
         dead += [f"watch {w.root.path}" for w in self.watchers if not w.alive()]
-        beats = {t.name: t.last_beat for t in threads}
-        return dead + pipeline_healthy(beats, self.clock.monotonic(), self.max_beat_age)
+        now = self.clock.monotonic()
+        beats = {t.name: t.last_beat for t in threads if t not in self.workers}
+        stale = pipeline_healthy(beats, now, self.max_beat_age)
+        for worker in self.workers:
+            # A sink may declare sends that legitimately take long (multi-GB uploads).
+            allowed = max(self.max_beat_age, getattr(worker.sink, "max_send_seconds", 0.0))
+            since = worker.sending_since
+            beat_age = now - worker.last_beat
+            if (since is not None and now - since > allowed) or (
+                since is None and beat_age > self.max_beat_age
+            ):
+                stale.append(worker.name)
+        return dead + stale
 
     # -- the lifecycle loop ----------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class DeliveryWorker(threading.Thread):
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.last_beat = clock.monotonic()
+        self.sending_since: float | None = None  # set while a send is in progress
         self._rng = random.Random()
         self._log = log.bind(sink=sink.name)
 
@@ -127,7 +128,13 @@ class DeliveryWorker(threading.Thread):
         now = self.clock.time()
         if row.next_attempt > now:
             return row.next_attempt - now
-        outcome = attempt(self.sink, row, now=now, max_attempts=self.max_attempts, rng=self._rng)
+        self.sending_since = self.clock.monotonic()
+        try:
+            outcome = attempt(
+                self.sink, row, now=now, max_attempts=self.max_attempts, rng=self._rng
+            )
+        finally:
+            self.sending_since = None
         self._record(store, row, outcome)
         return 0.0
 

@@ -1,0 +1,354 @@
+"""`mlflow` sink: registers each settled model as an MLflow model version (SPEC §5b).
+
+Keys: `tracking_uri` (required; the `http://` or `https://` URL of an MLflow server, also the
+registry URI), `model_name = "{name}"` (a template over the event's `name`, `experiment_id`,
+`host`, `format`, `model_type`, `version`, `fingerprint`, `path`, `root`) and
+`experiment_name = "modelwatch"`. Needs `pip install 'modelwatch[mlflow]'` (MLflow's client).
+Credentials come from MLflow's own environment variables, `MLFLOW_TRACKING_TOKEN` or
+`MLFLOW_TRACKING_USERNAME` + `MLFLOW_TRACKING_PASSWORD`; never from the URI.
+
+A `registered` event is delivered when its model version exists. Each step first looks for
+the result of an earlier attempt, by the tag `modelwatch.event_id`:
+
+1. the run in the experiment, created with the tags `modelwatch.event_id` and
+   `modelwatch.<field>` for fingerprint, path, host, experiment_id, format, model_type, version;
+2. unless that run is FINISHED: the metadata metrics (step 0, the event's time as timestamp,
+   so logging them again adds nothing) and the unit's listed files as artifacts; then FINISHED;
+3. the registered model (created if missing) and a version with the run's artifact location
+   as source, tagged `modelwatch.event_id`.
+
+So a redelivered event creates nothing, and an attempt that died after creating the run is
+completed with that run. (Two daemons sending the same event at the same moment can still both
+create a version: MLflow has no unique keys to lean on.) `removed` tags the version it undoes
+`modelwatch.removed = "true"` (a no-op without one). `rejected` has nothing to register and is
+acknowledged without contacting the server; leave it out with `event_types`.
+
+Files are opened without following any symlink on the way and uploaded from the open file via
+`/proc/self/fd` (Linux), so a directory swapped for a symlink cannot make the sink read outside
+the unit. A listed file that is gone or has changed size is skipped, as are metrics MLflow
+would refuse; the run is then tagged `modelwatch.incomplete_artifacts` or
+`modelwatch.skipped_metrics` (retrying would not help; a newer version has its own event).
+
+Errors: 5xx, 408, 409, 429 and connection failures are `SinkError` (retried); other 4xx
+(authentication, permission, invalid name, not an MLflow API) and a model name MLflow refuses
+(empty, "/" or ":") are `PermanentSinkError`. Messages never contain the token or password.
+MLflow's client retries each request itself before failing: bound one attempt with
+`MLFLOW_HTTP_REQUEST_MAX_RETRIES` and `MLFLOW_HTTP_REQUEST_TIMEOUT`. It also sends usage
+telemetry unless `MLFLOW_DISABLE_TELEMETRY=true` is set in the daemon's environment.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import posixpath
+import re
+import stat
+import string
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mlflow.entities import Metric, Run, RunStatus
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from modelwatch.config import SinkConfig
+from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
+from modelwatch.events import REGISTERED, REJECTED, REMOVED, Event, event_id
+from modelwatch.sinks import check_options
+
+_OPTIONS: dict[str, type | tuple[type, ...]] = {
+    "tracking_uri": str,
+    "model_name": str,
+    "experiment_name": str,
+}
+_TEMPLATE_FIELDS: tuple[str, ...] = ("name", "experiment_id", "host", "format", "model_type")
+_TEMPLATE_FIELDS += ("version", "fingerprint", "path", "root")
+EVENT_TAG = "modelwatch.event_id"
+_RUN_TAGS = ("fingerprint", "path", "host", "experiment_id", "format", "model_type", "version")
+_RETRY_STATUSES = (408, 409, 429, 499)
+_SECRET_VARIABLES = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+# MLflow's own rule for metric names (mlflow.utils.validation), checked here so that one odd
+# name in untrusted metadata cannot turn the whole registration into a permanent failure.
+_METRIC_NAME = re.compile(r"[/\w.\- :]{1,250}")
+_METRIC_BATCH = 1000
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class MlflowSink:
+    """Delivered when the model version tagged with the event id exists."""
+
+    # Uploading a multi-GB model (and MLflow's own retries) can take long: the daemon's health
+    # check allows a send this long before calling the worker wedged.
+    max_send_seconds = 3600.0
+
+    def __init__(self, config: SinkConfig) -> None:
+        check_options(config, _OPTIONS, required=("tracking_uri",))
+        if not os.path.isdir("/proc/self/fd"):
+            raise ConfigError(f"{config.key}.type: the mlflow sink needs Linux /proc")
+        self.name = config.name
+        self._uri = _tracking_uri(config)
+        self._template, self._fields = _template(config)
+        self._experiment_name = _experiment_name(config)
+        self._client = MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
+        self._experiment_id: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"MlflowSink(name={self.name!r}, tracking_uri={self._uri!r}, "
+            f"model_name={self._template!r}, experiment_name={self._experiment_name!r})"
+        )
+
+    def send(self, event: Event) -> None:
+        if event.type == REJECTED:
+            return
+        try:
+            if event.type == REMOVED:
+                self._mark_removed(event)
+            elif event.type == REGISTERED:
+                model = self._model_name(event)
+                self._ensure_version(model, event, self._ensure_run(event))
+            else:
+                raise PermanentSinkError(f"unsupported event type {event.type!r}")
+        except MlflowException as exc:
+            raise classify(exc) from exc
+
+    def close(self) -> None:
+        """Nothing to release: MLflow's client shares its HTTP sessions process-wide."""
+
+    # --- the steps, each finding the result of an earlier attempt --------------------------
+
+    def _ensure_run(self, event: Event) -> Run:
+        """The event's run, with its metrics and artifacts, FINISHED."""
+        run = self._find_or_create_run(event)
+        if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+            self._fill_run(run.info.run_id, event)
+            self._client.update_run(run.info.run_id, status="FINISHED")
+        return run
+
+    def _find_or_create_run(self, event: Event) -> Run:
+        experiment_id = self._experiment()
+        found = self._client.search_runs(
+            [experiment_id], filter_string=f"tags.`{EVENT_TAG}` = '{event.id}'", max_results=1
+        )
+        if found:
+            return found[0]
+        tags = {EVENT_TAG: event.id}
+        tags |= {f"modelwatch.{k}": str(event.data[k]) for k in _RUN_TAGS if event.data.get(k)}
+        name = f"{event.subject} v{event.data.get('version', '?')}"
+        return self._client.create_run(experiment_id, tags=tags, run_name=name)
+
+    def _fill_run(self, run_id: str, event: Event) -> None:
+        metrics, skipped = _metrics(event)
+        for start in range(0, len(metrics), _METRIC_BATCH):
+            self._client.log_batch(run_id, metrics=metrics[start : start + _METRIC_BATCH])
+        if skipped:
+            self._client.set_tag(run_id, "modelwatch.skipped_metrics", ", ".join(skipped)[:5000])
+        if not self._log_files(run_id, event):
+            self._client.set_tag(run_id, "modelwatch.incomplete_artifacts", "true")
+
+    def _ensure_version(self, model: str, event: Event, run: Run) -> ModelVersion:
+        version = self._find_version(model, event.id)
+        if version is not None:
+            return version
+        try:
+            self._client.create_registered_model(model)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # no waiting for READY: the open-source registry creates versions READY at once, and
+        # waiting (up to 300 s by default) would outlast the delivery worker's heartbeat
+        return self._client.create_model_version(
+            model,
+            source=run.info.artifact_uri,
+            run_id=run.info.run_id,
+            tags={EVENT_TAG: event.id},
+            await_creation_for=0,
+        )
+
+    def _find_version(self, model: str, registered_id: str) -> ModelVersion | None:
+        # filtered by tag only: a name cannot be quoted safely in MLflow's filter syntax
+        found = self._client.search_model_versions(f"tags.`{EVENT_TAG}` = '{registered_id}'")
+        return next((v for v in found if v.name == model), None)
+
+    def _mark_removed(self, event: Event) -> None:
+        registered = event_id(REGISTERED, event.unit_path, str(event.data["fingerprint"]))
+        version = self._find_version(self._model_name(event), registered)
+        if version is not None:
+            for key, value in (("removed", "true"), ("removed_event_id", event.id)):
+                self._client.set_model_version_tag(
+                    version.name, version.version, f"modelwatch.{key}", value
+                )
+
+    def _experiment(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._find_or_create_experiment()
+        return self._experiment_id
+
+    def _find_or_create_experiment(self) -> str:
+        name = self._experiment_name
+        experiment = self._client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self._client.create_experiment(name)
+            except MlflowException as exc:  # unless created meanwhile by someone else
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            experiment = self._client.get_experiment_by_name(name)
+        if experiment is None or experiment.lifecycle_stage != "active":
+            raise PermanentSinkError(f"experiment {name!r} is deleted; restore it in MLflow")
+        return str(experiment.experiment_id)
+
+    def _model_name(self, event: Event) -> str:
+        fields = {key: event.data.get(key) for key in _TEMPLATE_FIELDS}
+        missing = [f"{{{key}}}" for key in self._fields if fields[key] is None]
+        if missing:
+            raise PermanentSinkError(f"model_name: {', '.join(missing)} is null for this event")
+        try:
+            model = self._template.format_map(fields)
+        except (ValueError, TypeError) as exc:
+            raise PermanentSinkError(f"model_name {self._template!r}: {exc}") from None
+        if model.strip() in ("", ".", "..") or "/" in model or ":" in model:
+            raise PermanentSinkError(
+                f"model_name {self._template!r} gives {model!r}: MLflow model names must be"
+                ' non-empty without "/" or ":" (set model_name for nested units)'
+            )
+        return model
+
+    # --- artifacts ---------------------------------------------------------------------------
+
+    def _log_files(self, run_id: str, event: Event) -> bool:
+        """Upload the unit's listed regular files; False if any was gone or had changed."""
+        complete = True
+        unit = [] if event.data.get("name") in (None, ".") else str(event.data["name"]).split("/")
+        with tempfile.TemporaryDirectory(prefix="modelwatch-mlflow-") as staging:
+            for entry in event.data.get("files") or ():
+                if "symlink" in entry:
+                    continue
+                rel = str(entry["path"])
+                with _open_listed(str(event.data["root"]), [*unit, *rel.split("/")]) as fd:
+                    if fd is None or os.fstat(fd).st_size != entry["size"]:
+                        complete = False
+                        continue
+                    # the name gives the artifact its file name; the open fd gives the content
+                    link = os.path.join(staging, posixpath.basename(rel))
+                    os.symlink(f"/proc/self/fd/{fd}", link)
+                    try:
+                        directory = posixpath.dirname(rel) or None
+                        self._client.log_artifact(run_id, link, artifact_path=directory)
+                    finally:
+                        os.unlink(link)
+        return complete
+
+
+def classify(exc: MlflowException) -> SinkError:
+    """The modelwatch error for an MLflow failure: retried, or permanent."""
+    status: int = exc.get_http_status_code()  # type: ignore[no-untyped-call]
+    message = f"MLflow {exc.error_code} (HTTP {status}): {_redact(exc.message)}"
+    if status >= 500 or status in _RETRY_STATUSES:
+        return SinkError(message)
+    return PermanentSinkError(message)
+
+
+def _redact(text: str, limit: int = 500) -> str:
+    for variable in _SECRET_VARIABLES:
+        secret = os.environ.get(variable, "")
+        if secret:
+            text = text.replace(secret, "***")
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _metrics(event: Event) -> tuple[list[Metric], list[str]]:
+    """(metrics MLflow accepts, names of those it would refuse) from the event's metadata."""
+    when = dt.datetime.fromisoformat(event.time.replace("Z", "+00:00"))
+    timestamp = int(when.timestamp() * 1000)
+    metrics: list[Metric] = []
+    skipped: list[str] = []
+    for item in event.data.get("metrics") or ():
+        name, value = (
+            (item.get("name"), item.get("numberValue")) if isinstance(item, dict) else (None, None)
+        )
+        if (
+            isinstance(name, str)
+            and _METRIC_NAME.fullmatch(name)
+            and posixpath.normpath(name) == name
+            and not name.startswith(("/", ".."))
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        ):
+            metrics.append(Metric(name, float(value), timestamp, 0))
+        else:
+            skipped.append(str(name))
+    return metrics, skipped
+
+
+@contextmanager
+def _open_listed(root: str, parts: list[str]) -> Iterator[int | None]:
+    """An fd of the regular file at `parts` below `root`, no symlink followed; None if none."""
+    if not parts or any(part in ("", ".", "..") for part in parts):
+        yield None
+        return
+    fds: list[int] = []
+    try:
+        fds.append(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        for part in parts[:-1]:
+            fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+        # lstat first so that FIFOs and devices are never opened
+        if stat.S_ISREG(os.stat(parts[-1], dir_fd=fds[-1], follow_symlinks=False).st_mode):
+            fds.append(os.open(parts[-1], _FILE_FLAGS, dir_fd=fds[-1]))
+    except (OSError, ValueError):  # gone, swapped for a symlink, or an unencodable name
+        pass
+    try:
+        opened = len(fds) == len(parts) + 1 and stat.S_ISREG(os.fstat(fds[-1]).st_mode)
+        yield fds[-1] if opened else None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+def _tracking_uri(config: SinkConfig) -> str:
+    where = f"{config.key}.tracking_uri"
+    uri = str(config.options["tracking_uri"])
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: must be an http:// or https:// URL of an MLflow server")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{where}: credentials in the URI are not supported; use MLFLOW_TRACKING_TOKEN or"
+            " MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if any(c.isspace() or not c.isprintable() for c in uri):
+        raise ConfigError(f"{where}: must not contain spaces or control characters")
+    return uri.rstrip("/")
+
+
+def _template(config: SinkConfig) -> tuple[str, tuple[str, ...]]:
+    """The `model_name` template and the event fields it uses."""
+    where = f"{config.key}.model_name"
+    template = str(config.options.get("model_name", "{name}"))
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not a valid template: {exc}") from None
+    for field in fields:
+        if field not in _TEMPLATE_FIELDS:
+            valid = ", ".join(f"{{{f}}}" for f in _TEMPLATE_FIELDS)
+            raise ConfigError(f"{where}: unknown field {{{field}}} (valid: {valid})")
+    if not template.strip():
+        raise ConfigError(f"{where}: must not be empty")
+    return template, tuple(fields)
+
+
+def _experiment_name(config: SinkConfig) -> str:
+    name = str(config.options.get("experiment_name", "modelwatch"))
+    if not name.strip():
+        raise ConfigError(f"{config.key}.experiment_name: must not be empty")
+    return name
