@@ -143,10 +143,16 @@ class Store:
             self._db = sqlite3.connect(
                 db_path, timeout=30, isolation_level=None, check_same_thread=False
             )
+        except sqlite3.Error as exc:
+            raise StateError(f"{db_path}: {exc}") from exc
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._migrate()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StateError) as exc:
+            self._db.close()
+            if isinstance(exc, StateError):
+                raise
             raise StateError(f"{db_path}: {exc}") from exc
         self.path = db_path
 
@@ -155,11 +161,15 @@ class Store:
         """A private in-memory copy (for `scan --dry-run`: decide as usual, record nothing)."""
         store = cls(":memory:")
         if os.path.exists(db_path):
-            source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
             try:
-                source.backup(store._db)
-            finally:
-                source.close()
+                source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+                try:
+                    source.backup(store._db)
+                finally:
+                    source.close()
+            except sqlite3.Error as exc:
+                store.close()
+                raise StateError(f"{db_path}: {exc}") from exc
         return store
 
     def close(self) -> None:
