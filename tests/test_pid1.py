@@ -65,6 +65,7 @@ def test_pid1_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
             "unshare",
             "--pid",
             "--fork",
+            "--kill-child",  # the daemon dies with unshare, even when the test fails
             "--mount-proc",
             sys.executable,
             "-m",
