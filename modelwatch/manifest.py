@@ -269,8 +269,11 @@ def pending_fingerprint(manifest: Manifest) -> str:
     return fingerprint([*manifest.entries, *marks])
 
 
-def sha256_file(unit_dir: str, entry: Entry, chunk: int = 1 << 20) -> str | None:
-    """Content digest of one regular file, opened without following symlinks."""
+def sha256_file(unit_dir: str, entry: Entry, chunk: int = 4 << 20) -> str | None:
+    """Content digest of one regular file, opened without following symlinks.
+
+    Reads into one reused buffer (no per-chunk allocation), so hashing runs at hashlib's speed.
+    """
     path = os.fsencode(unit_dir) + _SEP + entry.raw
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -281,8 +284,11 @@ def sha256_file(unit_dir: str, entry: Entry, chunk: int = 1 << 20) -> str | None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         h = hashlib.sha256()
-        while block := os.read(fd, chunk):
-            h.update(block)
+        buffer = bytearray(chunk)
+        view = memoryview(buffer)
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            while n := f.readinto(buffer):
+                h.update(view[:n])
         return h.hexdigest()
     except OSError:
         return None
