@@ -1,0 +1,1 @@
+"""modelwatch's benchmark suite: `python bench/run.py` (see bench/README.md)."""
