@@ -35,11 +35,11 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserverVFS
 
 from modelwatch.clock import Clock
 from modelwatch.config import RootConfig
 from modelwatch.mounts import choose_observer, root_filesystem
+from modelwatch.poller import RecordPoller
 from modelwatch.units import describe
 
 log = structlog.get_logger("modelwatch.watch")
@@ -132,9 +132,9 @@ ObserverFactory = Callable[[str, float], Any]
 def make_observer(kind: str, poll_interval: float) -> Any:
     """A watchdog observer of `kind` ("inotify" or "polling")."""
     if kind == "polling":
-        # lstat: symlinks inside units are never followed (a link to / or a loop would make
-        # every pass walk outside the unit, or fail).
-        return PollingObserverVFS(os.lstat, os.scandir, polling_interval=poll_interval)
+        # lstat only: symlinks inside units are never followed; an unchanged directory costs
+        # one bytes comparison per pass (see modelwatch.poller).
+        return RecordPoller(poll_interval)
     return Observer()
 
 

@@ -261,3 +261,31 @@ def test_polling_never_follows_symlinks_out_of_a_unit(
     assert rows["escape"] == {"path": "escape", "size": 0, "symlink": "/usr"}
     assert rows["loop"]["symlink"] == ".."
     assert [w.kind for w in d.daemon.watchers] == ["polling"]
+
+
+def test_poller_reports_creations_changes_and_deletions(tmp_path: Path) -> None:
+    """One polling pass over a real tree: only what changed produces events; an unchanged tree
+    produces none."""
+    from modelwatch.poller import changes, take
+
+    (tmp_path / "exp" / "sub").mkdir(parents=True)
+    (tmp_path / "exp" / "keep.bin").write_bytes(b"k")
+    (tmp_path / "exp" / "grow.bin").write_bytes(b"g")
+    (tmp_path / "exp" / "gone.bin").write_bytes(b"x")
+    os.symlink("/usr", tmp_path / "exp" / "escape")
+    before = take(str(tmp_path))
+    assert changes(before, take(str(tmp_path))) == []
+    with (tmp_path / "exp" / "grow.bin").open("ab") as f:
+        f.write(b"more")
+    (tmp_path / "exp" / "gone.bin").unlink()
+    (tmp_path / "exp" / "sub" / "new.bin").write_bytes(b"n")
+    got = sorted(
+        (type(e).__name__, os.path.relpath(e.src_path, tmp_path))
+        for e in changes(before, take(str(tmp_path)))
+    )
+    assert got == [
+        ("FileCreatedEvent", "exp/sub/new.bin"),
+        ("FileDeletedEvent", "exp/gone.bin"),
+        ("FileModifiedEvent", "exp/grow.bin"),
+    ]
+    assert not any("usr" in path for path in take(str(tmp_path)))  # links are not followed

@@ -1,0 +1,114 @@
+"""Polling a tree cheaply: per directory, one compact bytes record of its entries.
+
+Each pass walks the tree with os.scandir and
+lstat (DirEntry.stat) and, per directory, builds the sorted list of
+(name, inode, size, mtime_ns, mode) of its entries (size and mtime 0 for subdirectories: their
+own record covers their contents), marshalled to bytes. An unchanged directory costs one bytes
+comparison; a changed one is unmarshalled and diffed entry by entry, so the handler gets the
+same per-path events as from watchdog's polling emitter (created, deleted, modified).
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+import threading
+from typing import Any
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+)
+
+_S_ISDIR = stat.S_ISDIR
+Record = dict[str, bytes]
+
+
+def take(root: str) -> Record:
+    """directory path -> marshalled sorted entries, for every directory under `root`."""
+    records: Record = {}
+    stack = [root]
+    while stack:
+        path = stack.pop()
+        items = []
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    mode = st.st_mode
+                    if _S_ISDIR(mode):
+                        items.append((entry.name, st.st_ino, 0, 0, mode))
+                        stack.append(entry.path)
+                    else:
+                        items.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns, mode))
+        except OSError:
+            continue
+        items.sort()
+        records[path] = marshal.dumps(items, 2)  # version 2: no back-references, canonical
+    return records
+
+
+def changes(old: Record, new: Record) -> list[Any]:
+    """watchdog events for every entry that differs between two passes."""
+    events: list[Any] = []
+    for path, blob in new.items():
+        before = old.get(path)
+        if before is None or before == blob:
+            continue  # a new directory was reported by its parent
+        events += _diff(path, dict(_by_name(before)), dict(_by_name(blob)))
+    return events
+
+
+def _by_name(blob: bytes) -> list[tuple[str, tuple[int, int, int, int]]]:
+    # our own bytes from `take`, never read from outside the process
+    return [(name, rest) for name, *rest in marshal.loads(blob)]  # noqa: S302
+
+
+def _diff(path: str, old: dict[str, Any], new: dict[str, Any]) -> list[Any]:
+    events: list[Any] = []
+    for name in old.keys() - new.keys():
+        kind = DirDeletedEvent if _S_ISDIR(old[name][3]) else FileDeletedEvent
+        events.append(kind(os.path.join(path, name)))
+    for name, now in new.items():
+        was = old.get(name)
+        if was == now:
+            continue
+        full = os.path.join(path, name)
+        if was is None or _S_ISDIR(was[3]) != _S_ISDIR(now[3]):
+            events.append((DirCreatedEvent if _S_ISDIR(now[3]) else FileCreatedEvent)(full))
+        else:
+            events.append(FileModifiedEvent(full))
+    return events
+
+
+class RecordPoller(threading.Thread):
+    """Drop-in for the watchdog observer as `RootWatcher` uses it (schedule/start/stop)."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="poll", daemon=True)
+        self.interval = interval
+        self.emitters: list[threading.Thread] = []
+        self._stopped = threading.Event()
+        self._handler: Any = None
+        self._root = ""
+
+    def schedule(self, handler: Any, path: str, recursive: bool = True, **_: Any) -> None:
+        self._handler, self._root = handler, path
+
+    def run(self) -> None:
+        previous = take(self._root)
+        while not self._stopped.wait(self.interval):
+            current = take(self._root)
+            for event in changes(previous, current):
+                self._handler.on_any_event(event)
+            previous = current
+
+    def stop(self) -> None:
+        self._stopped.set()
