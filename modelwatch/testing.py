@@ -16,7 +16,7 @@ from typing import Any
 
 from modelwatch.config import EVENT_TYPES, SinkConfig
 from modelwatch.errors import PermanentSinkError, SinkError
-from modelwatch.events import Event
+from modelwatch.events import REGISTERED, Event, make_event
 
 
 class FakeClock:
@@ -54,6 +54,29 @@ def sink_config(
         max_attempts=int(common.get("max_attempts", 0)),
         options=MappingProxyType(dict(options or {})),
         key=str(common.get("key", "sinks[0]")),
+    )
+
+
+def sample_event(
+    name: str = "resnet",
+    version: int = 1,
+    *,
+    fingerprint: str | None = None,
+    root: str = "/storage/models",
+    event_type: str = REGISTERED,
+) -> Event:
+    """A well-formed event for testing a sink without a daemon (ONNX unit `root/name`)."""
+    return make_event(
+        event_type,
+        root=root,
+        unit_path=f"{root}/{name}",
+        name=name,
+        when=1_800_000_000.25,
+        data={
+            "fingerprint": fingerprint or f"sha256:{version:064x}",
+            "version": version,
+            "format": "onnx",
+        },
     )
 
 

@@ -21,11 +21,11 @@ import redis
 from modelwatch.config import Config
 from modelwatch.daemon import Daemon
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
-from modelwatch.events import REGISTERED, Event, make_event
+from modelwatch.events import REGISTERED, Event
 from modelwatch.sinks import build_sink
 from modelwatch.sinks.nats import NatsSink, subject_matches
 from modelwatch.sinks.redis import RedisSink
-from modelwatch.testing import sink_config
+from modelwatch.testing import sample_event, sink_config
 from tests.brokers import (
     BrokerServer,
     add_stream,
@@ -75,14 +75,7 @@ def redis_client(redis_server: BrokerServer) -> Iterator[redis.Redis]:
 
 
 def an_event(name: str = "resnet", version: int = 1) -> Event:
-    return make_event(
-        REGISTERED,
-        root="/storage/models",
-        unit_path=f"/storage/models/{name}",
-        name=name,
-        when=1_800_000_000.25,
-        data={"fingerprint": f"sha256:{version:064x}", "version": version, "format": "onnx"},
-    )
+    return sample_event(name, version)
 
 
 def nats_sink(server: BrokerServer | None = None, **options: Any) -> NatsSink:

@@ -21,10 +21,10 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from modelwatch import __version__
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
-from modelwatch.events import REGISTERED, Event, make_event
+from modelwatch.events import REGISTERED, Event
 from modelwatch.sinks import build_sink
 from modelwatch.sinks.webhook import WebhookSink, parse_retry_after
-from modelwatch.testing import sink_config
+from modelwatch.testing import sample_event, sink_config
 from tests.conftest import wait_until
 from tests.receiver import Receiver, Reply
 
@@ -51,14 +51,7 @@ def make_sink(receiver: Receiver) -> Iterator[Callable[..., WebhookSink]]:
 
 
 def an_event(name: str = "resnet") -> Event:
-    return make_event(
-        REGISTERED,
-        root="/storage/models",
-        unit_path=f"/storage/models/{name}",
-        name=name,
-        when=1_800_000_000.25,
-        data={"fingerprint": "sha256:" + "ab" * 32, "version": 1, "format": "onnx"},
-    )
+    return sample_event(name, fingerprint="sha256:" + "ab" * 32)
 
 
 def refused_port() -> int:
