@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import marshal
 import os
+import queue
 import re
 import stat
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 _SEP = b"/"
+_S_ISREG = stat.S_ISREG
+_S_ISDIR = stat.S_ISDIR
+_MEMO = 1 << 16
 
 
 def display(raw: bytes) -> str:
@@ -29,9 +36,8 @@ def display(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One file or symlink of a unit."""
+class Entry(NamedTuple):
+    """One file or symlink of a unit (a tuple: created once per file on every scan)."""
 
     raw: bytes  # relative path, '/'-separated
     size: int
@@ -60,6 +66,10 @@ class Manifest:
     too_many_files: bool = False
     unreadable: tuple[str, ...] = ()
     stat_key: tuple[tuple[bytes, int, int, int], ...] | None = field(default=None, compare=False)
+    # Digest of every entry's (path, inode, size, mtime_ns, ctime_ns, mode), ignored ones and
+    # directories included; None when the walk was incomplete. Equal digests: nothing on disk
+    # changed (any write, rename, chmod or utime moves ctime, which no caller can set).
+    scan_digest: bytes | None = field(default=None, compare=False)
 
     @property
     def empty(self) -> bool:
@@ -106,10 +116,16 @@ class PatternSet:
         self._name = _compile(names)
         self._path = _compile(paths)
         self._dir = _compile(dirs)
+        self._files: dict[str, bool] = {}  # memo: the same names recur in every unit
 
     def matches_file(self, rel: str) -> bool:
-        name = rel.rsplit("/", 1)[-1]
-        return _hit(self._name, name) or _hit(self._path, rel)
+        hit = self._files.get(rel)
+        if hit is None:
+            if len(self._files) >= _MEMO:
+                self._files.clear()
+            name = rel.rsplit("/", 1)[-1]
+            hit = self._files[rel] = _hit(self._name, name) or _hit(self._path, rel)
+        return hit
 
     def matches_dir(self, rel: str) -> bool:
         name = rel.rsplit("/", 1)[-1]
@@ -158,8 +174,9 @@ def scan_unit(
         return Manifest(exists=False)
     walker = _Walker(root, ignore, in_progress, max_files)
     walker.walk()
-    entries = tuple(sorted(walker.entries, key=lambda e: e.raw))
-    key = tuple((e.raw, e.size, e.mtime_ns, e.inode) for e in entries)
+    complete = not walker.too_many and not walker.unreadable
+    entries = tuple(sorted(walker.entries))  # raw paths are unique: tuple order is path order
+    key = tuple(e[:4] for e in entries)
     key += tuple((p.encode("utf-8", "surrogateescape"), 0, 0, 0) for p in walker.in_progress)
     key += tuple((p.encode("utf-8", "surrogateescape"), -1, 0, 0) for p in walker.unreadable)
     return Manifest(
@@ -169,16 +186,49 @@ def scan_unit(
         too_many_files=walker.too_many,
         unreadable=tuple(sorted(walker.unreadable)),
         stat_key=key,
+        scan_digest=walker.digest() if complete else None,
     )
+
+
+def scan_digest(
+    unit_dir: str,
+    *,
+    ignore: PatternSet,
+    in_progress: PatternSet,
+    max_files: int,
+    follow_top: bool = False,
+) -> bytes | None:
+    """`Manifest.scan_digest` of `unit_dir` now, from a walk that builds nothing else.
+
+    None when the unit is gone, unreadable or has more than `max_files` entries: there is no
+    shortcut for it, the caller scans it in full.
+    """
+    root = os.fsencode(unit_dir)
+    try:
+        st = os.stat(root) if follow_top else os.lstat(root)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    walker = _Walker(root, ignore, in_progress, max_files, digest_only=True)
+    walker.walk()
+    return None if walker.unreadable or walker.too_many else walker.digest()
 
 
 class _Walker:
     """Iterative directory walk with an explicit stack (deep trees cannot overflow it)."""
 
     def __init__(
-        self, root: bytes, ignore: PatternSet, in_progress: PatternSet, max_files: int
+        self,
+        root: bytes,
+        ignore: PatternSet,
+        in_progress: PatternSet,
+        max_files: int,
+        digest_only: bool = False,
     ) -> None:
         self.root = root
+        self.digest_only = digest_only
+        self.raw: list[tuple[bytes, int, int, int, int, int]] = []
         self.ignore = ignore
         self.in_progress_patterns = in_progress
         self.max_files = max_files
@@ -211,8 +261,13 @@ class _Walker:
             self.unreadable.append(f"{display(rel_dir) or '.'} ({exc.strerror})")
         return subdirs
 
+    def digest(self) -> bytes:
+        """Digest of every entry seen. marshal version 2: no back-references, so equal lists
+        always give equal bytes (version 3+ output depends on reference counts)."""
+        self.raw.sort()
+        return hashlib.blake2b(marshal.dumps(self.raw, 2), digest_size=16).digest()
+
     def _visit(self, dirent: os.DirEntry[bytes], rel: bytes) -> bytes | None:
-        text = rel.decode("utf-8", "surrogateescape")
         try:
             st = dirent.stat(follow_symlinks=False)
         except FileNotFoundError:
@@ -221,16 +276,31 @@ class _Walker:
             self.unreadable.append(f"{display(rel)} ({exc.strerror})")
             return None
         mode = st.st_mode
-        if stat.S_ISDIR(mode):
+        self.raw.append((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode))
+        text = rel.decode("utf-8", "surrogateescape")
+        if _S_ISDIR(mode):
             return None if self.ignore.matches_dir(text) else rel
-        if self.ignore.matches_file(text):
+        if self.digest_only:
+            self.too_many = len(self.raw) > 2 * self.max_files  # a memory bound only
+            return None
+        ignored = self.ignore.matches_file(text)
+        if _S_ISREG(mode) and not ignored and not self.in_progress_patterns.matches_file(text):
+            self._add_file(rel, st)  # the common case, first
+            return None
+        if ignored:
             return None
         if self.in_progress_patterns.matches_file(text):
             self.in_progress.append(display(rel))
             return None
-        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
-            self._add(rel, st, stat.S_ISLNK(mode))
+        if stat.S_ISLNK(mode):
+            self._add(rel, st, True)
         return None  # FIFOs, sockets, devices: skipped, never opened
+
+    def _add_file(self, rel: bytes, st: os.stat_result) -> None:
+        if len(self.entries) >= self.max_files:
+            self.too_many = True
+        else:
+            self.entries.append(Entry(rel, st.st_size, st.st_mtime_ns, st.st_ino))
 
     def _add(self, rel: bytes, st: os.stat_result, is_link: bool) -> None:
         if len(self.entries) >= self.max_files:
@@ -253,14 +323,15 @@ def fingerprint(entries: Sequence[Entry], digests: dict[bytes, str] | None = Non
     With `digests` (content_digest = "sha256") the content digest replaces mtime_ns, so the
     fingerprint survives copies that do not preserve modification times.
     """
-    h = hashlib.sha256()
+    lines = []
     for e in sorted(entries, key=lambda e: e.raw):
-        second = digests.get(e.raw, "") if digests is not None else str(e.mtime_ns)
-        h.update(e.raw + b"\0" + str(e.size).encode() + b"\0" + second.encode())
+        second = digests.get(e.raw, "").encode() if digests is not None else b"%d" % e.mtime_ns
+        line = b"%s\0%d\0%s" % (e.raw, e.size, second)
         if e.symlink_target is not None:
-            h.update(b"\0->" + e.symlink_target.encode("utf-8", "surrogateescape"))
-        h.update(b"\n")
-    return "sha256:" + h.hexdigest()
+            line += b"\0->" + e.symlink_target.encode("utf-8", "surrogateescape")
+        lines.append(line)
+    lines.append(b"")
+    return "sha256:" + hashlib.sha256(b"\n".join(lines)).hexdigest()
 
 
 def pending_fingerprint(manifest: Manifest) -> str:
@@ -272,7 +343,9 @@ def pending_fingerprint(manifest: Manifest) -> str:
 def sha256_file(unit_dir: str, entry: Entry, chunk: int = 4 << 20) -> str | None:
     """Content digest of one regular file, opened without following symlinks.
 
-    Reads into one reused buffer (no per-chunk allocation), so hashing runs at hashlib's speed.
+    Reads into one reused buffer (no per-chunk allocation). Large files are read ahead on a
+    second thread into reused 1 MiB buffers: the copy out of the page cache (about a sixth of
+    the hashing time) then overlaps the hashing instead of adding to it.
     """
     path = os.fsencode(unit_dir) + _SEP + entry.raw
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -281,9 +354,13 @@ def sha256_file(unit_dir: str, entry: Entry, chunk: int = 4 << 20) -> str | None
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return None
         h = hashlib.sha256()
+        if st.st_size >= _READ_AHEAD_FROM:
+            _hash_read_ahead(fd, h, 1 << 20)
+            return h.hexdigest()
         buffer = bytearray(chunk)
         view = memoryview(buffer)
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
@@ -294,3 +371,46 @@ def sha256_file(unit_dir: str, entry: Entry, chunk: int = 4 << 20) -> str | None
         return None
     finally:
         os.close(fd)
+
+
+_READ_AHEAD_FROM = 8 << 20
+
+
+def _hash_read_ahead(fd: int, h: Any, chunk: int, depth: int = 3) -> None:
+    """Hash `fd` to its end while a reader thread fills the next buffers.
+
+    The reader stops at end of file, on a read error (raised here) or when it takes the
+    `None` this side puts back on any exit, so it never outlives the call (the fd is closed
+    right after).
+    """
+    free: queue.Queue[bytearray | None] = queue.Queue()
+    full: queue.Queue[tuple[bytearray, int] | OSError] = queue.Queue()
+    for _ in range(depth):
+        free.put(bytearray(chunk))
+
+    def read() -> None:
+        while (buf := free.get()) is not None:
+            try:
+                n = os.readv(fd, [buf])
+            except OSError as exc:
+                full.put(exc)
+                return
+            full.put((buf, n))
+            if n == 0:
+                return
+
+    reader = threading.Thread(target=read, name="sha256-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = full.get()
+            if isinstance(item, OSError):
+                raise item
+            buf, n = item
+            if n == 0:
+                return
+            h.update(memoryview(buf)[:n])
+            free.put(buf)
+    finally:
+        free.put(None)
+        reader.join()

@@ -27,11 +27,13 @@ from modelwatch.manifest import (
     PatternSet,
     fingerprint,
     pending_fingerprint,
+    scan_digest,
     scan_unit,
 )
 from modelwatch.metadata import SchemaValidator
 from modelwatch.registry import Registry, Route
 from modelwatch.settle import Settler, Timing, Verdict
+from modelwatch.state import UnitRecord
 from modelwatch.units import Unit, describe, list_units, locate
 from modelwatch.watch import Change, Rescan
 
@@ -66,6 +68,16 @@ class RootRules:
         self.in_progress = PatternSet(root.policy.in_progress)
         self.timing = Timing(root.policy.settle_seconds, root.policy.max_wait_seconds)
 
+    def digest(self, unit: Unit) -> bytes | None:
+        """The unit's scan digest now (None: no shortcut, scan it)."""
+        return scan_digest(
+            unit.path,
+            follow_top=unit.name == ".",
+            ignore=self.ignore,
+            in_progress=self.in_progress,
+            max_files=self.config.policy.max_files_per_unit,
+        )
+
     def scan(self, unit: Unit) -> Manifest:
         return scan_unit(
             unit.path,
@@ -99,7 +111,9 @@ class Units:
         }
         return [path for path in old if path not in self.rules]
 
-    def candidates(self, root: str, below: str = "") -> list[Unit]:
+    def candidates(
+        self, root: str, below: str = "", records: list[UnitRecord] | None = None
+    ) -> list[Unit]:
         """Units on disk under `root` plus units the store believes are present there.
 
         The store keys units by their display path; a record that matches a unit found on
@@ -109,7 +123,9 @@ class Units:
         found = set(list_units(root, rules.config.unit_depth, below))
         on_disk = {unit.display for unit in found}
         prefix = describe(os.path.join(root, below)) if below else describe(root)
-        for record in self.registry.store.units(describe(root)):
+        if records is None:
+            records = self.registry.store.units(describe(root))
+        for record in records:
             inside = record.path == prefix or record.path.startswith(prefix + "/")
             if record.present and inside and record.path not in on_disk:
                 gone = os.path.relpath(record.path, describe(root))
@@ -129,7 +145,12 @@ class Units:
             unit.path, manifest, rules.config.policy, self.config.metadata, self.schema
         )
         return self.registry.settled(
-            unit, depth, found, when=self.clock.time(), settled_after=settled_after
+            unit,
+            depth,
+            found,
+            when=self.clock.time(),
+            settled_after=settled_after,
+            scan_digest=manifest.scan_digest,
         )
 
 
@@ -219,15 +240,27 @@ class Pipeline(threading.Thread):
             log.debug("path_above_unit_depth", path=describe(path))
 
     def reconcile(self, root: str, below: str = "") -> None:
-        """Make every unit that may have changed pending; unchanged units cost one scan."""
+        """Make every unit that may have changed pending.
+
+        A unit whose files still have the scan digest stored when its fingerprint was last
+        recorded or found known costs one stat walk; otherwise it is scanned, and an unchanged
+        one (stat fingerprint known) gets its digest stored for the next pass.
+        """
         if root not in self.units.rules:
             return
         rules = self.units.rules[root]
         now = self.clock.monotonic()
-        for unit in self.units.candidates(root, below):
+        store = self.units.registry.store
+        records = store.units(describe(root))
+        known = {r.path: r.scan_digest for r in records if r.present}
+        healed: list[tuple[str, bytes | None]] = []
+        for unit in self.units.candidates(root, below, records):
             if unit in self.settler:
                 continue
             try:
+                stored = known.get(unit.display)
+                if stored is not None and rules.digest(unit) == stored:
+                    continue  # nothing on disk changed since its fingerprint was known
                 manifest = rules.scan(unit)
                 unchanged = manifest.exists and not self._maybe_changed(unit, manifest)
             except Exception:  # the unit is settled the slow way rather than skipped
@@ -235,6 +268,12 @@ class Pipeline(threading.Thread):
                 unchanged = False
             if not unchanged:
                 self.settler.observe(unit, now)
+            elif manifest.scan_digest is not None:
+                healed.append((unit.display, manifest.scan_digest))
+        try:
+            store.set_scan_digests(healed)
+        except StateError as exc:  # only a shortcut is lost: the next pass scans again
+            log.warning("state_write_failed", error=str(exc))
 
     def _maybe_changed(self, unit: Unit, manifest: Manifest) -> bool:
         policy = self.units.rules[unit.root].config.policy

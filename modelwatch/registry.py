@@ -44,12 +44,23 @@ class Registry:
         }
 
     def settled(
-        self, unit: Unit, depth: int, found: Inspection, *, when: float, settled_after: float
+        self,
+        unit: Unit,
+        depth: int,
+        found: Inspection,
+        *,
+        when: float,
+        settled_after: float,
+        scan_digest: bytes | None = None,
     ) -> Event | None:
-        """The event for a settled unit, committed; None when its fingerprint is known."""
+        """The event for a settled unit, committed; None when its fingerprint is known.
+
+        `scan_digest` (of the scan `found` came from) is stored with the outcome: a reconcile
+        that finds the same digest on disk knows the unit is unchanged without scanning it.
+        """
         path = unit.display
         if self.store.knows(path, found.fingerprint):
-            self.store.set_present(path, True)
+            self.store.set_present(path, True, scan_digest)
             return None
         record = self.store.unit(path)
         data = {**self._base(unit, depth), **found.event_data()}
@@ -67,6 +78,7 @@ class Registry:
             event=event,
             outcome=outcome,
             sinks=self._sinks_for(event_type),
+            scan_digest=scan_digest,
         )
         return event
 

@@ -23,7 +23,7 @@ from typing import Any
 from modelwatch.errors import StateError
 from modelwatch.events import Event
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE units (
@@ -65,7 +65,9 @@ CREATE TABLE outbox (
 );
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1}
+# 2: the scan digest of a unit's files when its fingerprint was last found known (reconcile
+# skips a unit whose files still have that digest).
+_MIGRATIONS = {1: _SCHEMA_V1, 2: "ALTER TABLE units ADD COLUMN scan_digest BLOB"}
 
 
 class StateDir:
@@ -115,6 +117,7 @@ class UnitRecord:
     registered_format: str | None
     registered_model_type: str | None
     present: bool
+    scan_digest: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,15 +235,20 @@ class Store:
         event: Event,
         outcome: str,
         sinks: Sequence[str],
+        scan_digest: bytes | None = None,
     ) -> None:
-        """Record a settled fingerprint (registered or rejected) with its event, atomically."""
+        """Record a settled fingerprint (registered or rejected) with its event, atomically.
+
+        `scan_digest`: that of the scan the fingerprint came from (None: no shortcut).
+        """
         data = event.data
         unit, fp, version = event.unit_path, str(data["fingerprint"]), data.get("version")
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO units(path, root, updated) VALUES(?, ?, ?)"
-                " ON CONFLICT(path) DO UPDATE SET present = 1, updated = excluded.updated",
-                (unit, root, time.time()),
+                "INSERT INTO units(path, root, updated, scan_digest) VALUES(?, ?, ?, ?)"
+                " ON CONFLICT(path) DO UPDATE SET present = 1, updated = excluded.updated,"
+                " scan_digest = excluded.scan_digest",
+                (unit, root, time.time(), scan_digest),
             )
             if outcome == "registered":
                 db.execute(
@@ -259,17 +267,27 @@ class Store:
         with self._transaction() as db:
             if removed:
                 db.execute(
-                    "UPDATE units SET present = 0, updated = ? WHERE path = ?",
+                    "UPDATE units SET present = 0, scan_digest = NULL, updated = ? WHERE path = ?",
                     (time.time(), event.unit_path),
                 )
             self._enqueue(db, event, sinks)
 
-    def set_present(self, unit_path: str, present: bool) -> None:
+    def set_present(self, unit_path: str, present: bool, scan_digest: bytes | None = None) -> None:
+        """Mark a unit present or not; `scan_digest` replaces the stored one (None clears)."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE units SET present = ?, updated = ? WHERE path = ?",
-                (int(present), time.time(), unit_path),
+                "UPDATE units SET present = ?, scan_digest = ?, updated = ? WHERE path = ?",
+                (int(present), scan_digest, time.time(), unit_path),
             )
+
+    def set_scan_digests(self, digests: Sequence[tuple[str, bytes | None]]) -> None:
+        """Store (unit path, scan digest) pairs of units found unchanged, in one transaction."""
+        if digests:
+            with self._transaction() as db:
+                db.executemany(
+                    "UPDATE units SET scan_digest = ? WHERE path = ?",
+                    [(digest, path) for path, digest in digests],
+                )
 
     @staticmethod
     def _enqueue(db: sqlite3.Connection, event: Event, sinks: Sequence[str]) -> None:
@@ -363,5 +381,5 @@ class Store:
 
 
 def _unit_record(row: Sequence[Any]) -> UnitRecord:
-    path, root, last, fp, version, fmt, model_type, present, _updated = row
-    return UnitRecord(path, root, last, fp, version, fmt, model_type, bool(present))
+    path, root, last, fp, version, fmt, model_type, present, _updated, digest = row
+    return UnitRecord(path, root, last, fp, version, fmt, model_type, bool(present), digest)

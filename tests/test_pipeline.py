@@ -439,3 +439,102 @@ def test_content_digest_ignores_touches(harness: Callable[..., Harness]) -> None
     os.utime(model, ns=(1, 1))
     h.touch(model)
     assert h.advance(3) == []
+
+
+class ScanSpy:
+    """Counts full manifest scans (the work the reconcile shortcut avoids)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import modelwatch.pipeline
+
+        self.units: list[str] = []
+        real = modelwatch.pipeline.scan_unit
+
+        def counting(unit_dir: str, **kwargs: Any) -> Any:
+            self.units.append(unit_dir)
+            return real(unit_dir, **kwargs)
+
+        monkeypatch.setattr(modelwatch.pipeline, "scan_unit", counting)
+
+
+@pytest.mark.parametrize("digest", ["none", "sha256"])
+def test_reconcile_skips_units_whose_files_did_not_change(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch, digest: str
+) -> None:
+    """A periodic reconcile of registered, untouched units scans none of them in full and
+    re-hashes nothing; a changed unit next to them is still found."""
+    h = harness(depth=1, extra=f'content_digest = "{digest}"')
+    for name in ("a", "b", "c"):
+        write(Path(h.root) / name / "model.onnx", name)
+    h.rescan()
+    assert types(h.advance(3)) == ["registered"] * 3
+    spy = ScanSpy(monkeypatch)
+    h.rescan()
+    assert spy.units == [] and h.pipeline.settler.pending() == []
+    write(Path(h.root) / "b" / "model.onnx", "b2")
+    h.rescan()
+    assert spy.units == [os.path.join(h.root, "b")]
+    events = h.advance(3)
+    assert [(e.subject, e.data["version"]) for e in events] == [("b", 2)]
+
+
+def test_reconcile_sees_a_rewrite_that_restored_size_and_mtime(
+    harness: Callable[..., Harness],
+) -> None:
+    """content_digest = sha256 exists for copies whose mtimes lie: a same-size rewrite with
+    the old mtime put back is still a new version at the next reconcile (the inode change
+    time, which no writer can set, differs)."""
+    h = harness(extra='content_digest = "sha256"')
+    model = write(Path(h.root) / "model.onnx", b"weights-1")
+    h.rescan()
+    assert types(h.advance(3)) == ["registered"]
+    before = model.stat()
+    model.write_bytes(b"weights-2")
+    os.utime(model, ns=(before.st_atime_ns, before.st_mtime_ns))
+    h.rescan()
+    (event,) = h.advance(3)
+    assert (event.short_type, event.data["version"]) == ("registered", 2)
+    assert event.data["files"][0]["sha256"] == hashlib.sha256(b"weights-2").hexdigest()
+
+
+def test_store_written_before_scan_digests_learns_them_on_first_reconcile(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state store of schema 1 is migrated: its units are scanned once, found unchanged
+    (no event), and skipped from the next reconcile on."""
+    import sqlite3
+
+    h = harness(depth=1)
+    for name in ("a", "b"):
+        write(Path(h.root) / name / "model.onnx", name)
+    h.rescan()
+    assert types(h.advance(3)) == ["registered"] * 2
+    h.close()
+    db = sqlite3.connect(StateDir(h.config.daemon.state_dir).db_path)
+    db.execute("ALTER TABLE units DROP COLUMN scan_digest")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    again = Harness(h.config)
+    try:
+        assert [r.scan_digest for r in again.store.units()] == [None, None]
+        spy = ScanSpy(monkeypatch)
+        again.rescan()
+        assert len(spy.units) == 2 and again.advance(3) == []
+        assert all(r.scan_digest for r in again.store.units())
+        again.rescan()
+        assert len(spy.units) == 2 and again.pipeline.settler.pending() == []
+    finally:
+        again.close()
+
+
+def test_removed_unit_forgets_its_scan_digest(harness: Callable[..., Harness]) -> None:
+    h = harness(depth=1)
+    model = write(Path(h.root) / "exp" / "model.onnx")
+    h.rescan()
+    assert types(h.advance(3)) == ["registered"]
+    assert h.store.units()[0].scan_digest
+    model.unlink()
+    h.touch(model)
+    assert types(h.advance(3)) == ["removed"]
+    assert h.store.units()[0].scan_digest is None

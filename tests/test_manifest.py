@@ -1,0 +1,134 @@
+"""Manifests, fingerprints, scan digests and content digests on real files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from modelwatch.manifest import (
+    Entry,
+    PatternSet,
+    _hash_read_ahead,
+    fingerprint,
+    scan_digest,
+    scan_unit,
+    sha256_file,
+)
+
+IGNORE = PatternSet(["*.log", "__pycache__/"])
+IN_PROGRESS = PatternSet(["*.tmp"])
+
+
+def _scan(unit: Path, max_files: int = 1000) -> tuple[bytes | None, bytes | None]:
+    """(digest of a full scan, digest of a digest-only walk) of `unit`."""
+    full = scan_unit(str(unit), ignore=IGNORE, in_progress=IN_PROGRESS, max_files=max_files)
+    quick = scan_digest(str(unit), ignore=IGNORE, in_progress=IN_PROGRESS, max_files=max_files)
+    return full.scan_digest, quick
+
+
+@pytest.fixture
+def unit(tmp_path: Path) -> Path:
+    unit = tmp_path / "unit"
+    (unit / "shards").mkdir(parents=True)
+    (unit / "model.bin").write_bytes(b"m" * 100)
+    (unit / "shards" / "0.bin").write_bytes(b"s" * 10)
+    (unit / "train.log").write_text("epoch 1\n")
+    os.symlink("model.bin", unit / "latest")
+    return unit
+
+
+def test_scan_digest_is_the_same_from_both_walks_and_stable(unit: Path) -> None:
+    full, quick = _scan(unit)
+    assert full is not None and full == quick
+    assert _scan(unit) == (full, quick)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda u: (u / "train.log").write_text("epoch 2\n"), id="ignored-file"),
+        pytest.param(lambda u: (u / "shards" / "1.bin").write_bytes(b""), id="new-empty-file"),
+        pytest.param(lambda u: (u / "empty").mkdir(), id="new-directory"),
+        pytest.param(lambda u: os.chmod(u / "model.bin", 0o600), id="chmod"),
+        pytest.param(lambda u: (u / "x.tmp").write_bytes(b"x"), id="in-progress-file"),
+        pytest.param(
+            lambda u: (os.unlink(u / "latest"), os.symlink("shards/0.bin", u / "latest")),
+            id="symlink-retargeted",
+        ),
+    ],
+)
+def test_scan_digest_moves_with_any_change(unit: Path, change: object) -> None:
+    before, _ = _scan(unit)
+    change(unit)  # type: ignore[operator]
+    after, quick = _scan(unit)
+    assert after == quick and after != before
+
+
+def test_scan_digest_is_absent_when_the_walk_is_incomplete(unit: Path) -> None:
+    assert _scan(unit, max_files=1) == (None, None)  # too many files for the full scan
+    assert (
+        scan_digest(str(unit / "missing"), ignore=IGNORE, in_progress=IN_PROGRESS, max_files=10)
+        is None
+    )
+
+
+def test_fingerprint_keeps_its_documented_form(unit: Path) -> None:
+    """Stored fingerprints stay valid across versions: the form is the documented one."""
+    manifest = scan_unit(str(unit), ignore=IGNORE, in_progress=IN_PROGRESS, max_files=100)
+    st = {name: os.lstat(unit / name) for name in ("latest", "model.bin", "shards/0.bin")}
+    expected = hashlib.sha256(
+        b"latest\x000\x00%d\x00->model.bin\n" % st["latest"].st_mtime_ns
+        + b"model.bin\x00100\x00%d\n" % st["model.bin"].st_mtime_ns
+        + b"shards/0.bin\x0010\x00%d\n" % st["shards/0.bin"].st_mtime_ns
+    ).hexdigest()
+    assert [e.path for e in manifest.entries] == ["latest", "model.bin", "shards/0.bin"]
+    assert fingerprint(manifest.entries) == "sha256:" + expected
+    digests = {b"model.bin": "aa", b"shards/0.bin": "bb", b"latest": ""}
+    assert (
+        fingerprint(manifest.entries, digests)
+        == "sha256:"
+        + hashlib.sha256(
+            b"latest\x000\x00\x00->model.bin\nmodel.bin\x00100\x00aa\nshards/0.bin\x0010\x00bb\n"
+        ).hexdigest()
+    )
+
+
+@pytest.mark.parametrize("size", [0, 1, (4 << 20) + 3, (20 << 20) + 12345])
+def test_sha256_file_matches_hashlib(tmp_path: Path, size: int) -> None:
+    """Small files, and large ones hashed while a second thread reads ahead."""
+    data = os.urandom(size)
+    (tmp_path / "w.bin").write_bytes(data)
+    got = sha256_file(str(tmp_path), Entry(b"w.bin", size, 0, 0))
+    assert got == hashlib.sha256(data).hexdigest()
+
+
+def test_sha256_file_never_opens_a_fifo_or_follows_a_link(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink("/etc/passwd", tmp_path / "link")
+    assert sha256_file(str(tmp_path), Entry(b"fifo", 0, 0, 0)) is None
+    assert sha256_file(str(tmp_path), Entry(b"link", 0, 0, 0)) is None
+
+
+def test_read_ahead_reader_stops_when_hashing_fails(tmp_path: Path) -> None:
+    """The reader thread never outlives the call, even when the hashing side gives up."""
+    (tmp_path / "w.bin").write_bytes(b"w" * (16 << 20))
+
+    class Failing:
+        calls = 0
+
+        def update(self, _data: object) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise MemoryError("hashing failed")
+
+    fd = os.open(tmp_path / "w.bin", os.O_RDONLY)
+    try:
+        with pytest.raises(MemoryError):
+            _hash_read_ahead(fd, Failing(), 1 << 20)
+    finally:
+        os.close(fd)
+    assert not [t for t in threading.enumerate() if t.name == "sha256-read-ahead"]
