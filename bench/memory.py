@@ -1,8 +1,8 @@
 """5. Memory of a `modelwatch run` subprocess (VmRSS, VmHWM from /proc/<pid>/status).
 
 - watching the big tree (store knows every unit), inotify and polling: steady RSS after a
-  canary unit went through the whole pipeline (for polling: at least one full snapshot+diff
-  pass after the first snapshot), and peak RSS (VmHWM) since the start;
+  canary unit went through the whole pipeline (for polling: at least one full pass of the
+  poller after its first record), and peak RSS (VmHWM) since the start;
 - after `memory_events` inotify events: `hot_units` units of the same root are rewritten in
   place (each rewrite is exactly IN_MODIFY + IN_CLOSE_WRITE), one unit per round of 1,000
   events, so units keep settling and registering new versions while the flood goes on.
@@ -70,7 +70,7 @@ def _empty_root(plan: Plan, work: str) -> Memory:
 def _round_trip(daemon: DaemonProcess, unit_dir: str, settings: Settings) -> None:
     """Write (or rewrite) a unit until its next event arrives.
 
-    A polling daemon may include the first write in its first snapshot and never report it;
+    A polling daemon may include the first write in its first record and never report it;
     a later rewrite is always reported, so the nudges repeat until an event comes.
     """
     name = os.path.basename(unit_dir)

@@ -1,10 +1,10 @@
 """4. CPU of one pass over the unchanged big tree, against a bare `os.scandir` + `lstat` walk.
 
-- polling pass: what watchdog's `PollingObserverVFS(os.lstat, os.scandir)` does every
-  `poll_interval_seconds`: a new `DirectorySnapshot` plus its `DirectorySnapshotDiff` against
-  the previous one;
-- reconcile pass: the daemon's own `Pipeline.reconcile(root)` (list units, scan each, look
-  its fingerprint up in the state store), as the periodic reconcile runs it.
+- polling pass: what the daemon's polling observer (`modelwatch.poller.RecordPoller`) does
+  every `poll_interval_seconds`: `take` (walk, one marshalled record per directory) and
+  `changes` against the previous pass;
+- reconcile pass: the daemon's own `Pipeline.reconcile(root)` (list units, check each one's
+  scan digest against the state store), as the periodic reconcile runs it.
 
 CPU seconds of this thread (`time.thread_time`: user + system), best of `plan.repeats`, taken
 alternately with the bare walk.
@@ -12,13 +12,10 @@ alternately with the bare walk.
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 from collections.abc import Callable
 from typing import Any
-
-from watchdog.utils.dirsnapshot import DirectorySnapshot, DirectorySnapshotDiff
 
 from bench.baselines import bare_walk
 from bench.bigtree import BigTree
@@ -27,6 +24,7 @@ from bench.report import Result
 from modelwatch.clock import SystemClock
 from modelwatch.daemon import routes_for
 from modelwatch.pipeline import Pipeline, Units
+from modelwatch.poller import changes, take
 from modelwatch.registry import Registry
 from modelwatch.state import StateDir, Store
 
@@ -39,28 +37,23 @@ def cpu_seconds(work: Callable[[], object]) -> float:
     return time.thread_time() - started
 
 
-def snapshot(root: str) -> DirectorySnapshot:
-    """A snapshot taken exactly as the polling observer takes it."""
-    return DirectorySnapshot(root, recursive=True, stat=os.lstat, listdir=os.scandir)
-
-
 class PollingPass:
-    """One observer pass: a new snapshot, diffed against the previous one."""
+    """One poller pass: a new record of the tree, compared with the previous one."""
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self.previous = snapshot(root)
-        self.snapshot_cpu = 0.0
-        self.diff_cpu = 0.0
+        self.previous = take(root)
+        self.take_cpu = 0.0
+        self.compare_cpu = 0.0
 
     def __call__(self) -> None:
         started = time.thread_time()
-        current = snapshot(self.root)
+        current = take(self.root)
         taken = time.thread_time()
-        diff = DirectorySnapshotDiff(self.previous, current)
-        self.snapshot_cpu, self.diff_cpu = taken - started, time.thread_time() - taken
+        found = changes(self.previous, current)
+        self.take_cpu, self.compare_cpu = taken - started, time.thread_time() - taken
         self.previous = current
-        if diff.files_modified or diff.files_created or diff.files_deleted:
+        if found:
             raise RuntimeError("the big tree changed during the polling benchmark")
 
 
@@ -87,18 +80,18 @@ def run(plan: Plan, tree: BigTree) -> list[Result]:
     for _ in range(plan.repeats):
         walks.append(cpu_seconds(lambda: bare_walk(tree.root)))
         polls.append(cpu_seconds(poll))
-        parts.append((poll.snapshot_cpu, poll.diff_cpu))
+        parts.append((poll.take_cpu, poll.compare_cpu))
         reconciles.append(cpu_seconds(reconcile))
     base = min(walks)
-    snap, diff = min(parts)
+    walk, compare = min(parts)
     per_file = 1e6 / tree.files
     common = f"{tree.files} files; best of {plan.repeats}"
     return [
         _row(
-            "4. polling pass CPU (watchdog snapshot+diff)",
+            "4. polling pass CPU (daemon poller)",
             min(polls),
             base,
-            f"{common}; snapshot {snap:.3f} s + diff {diff:.3f} s; "
+            f"{common}; walk {walk:.3f} s + compare {compare:.3f} s; "
             f"{min(polls) * per_file:.1f} us/file vs bare {base * per_file:.1f} us/file",
         ),
         _row("4. reconcile pass CPU (daemon scan)", min(reconciles), base, common),

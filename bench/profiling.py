@@ -1,9 +1,9 @@
 """Profiles behind the misses in bench/README.md, reproducible:
 
     python -m bench.profiling reconcile   # Pipeline.reconcile of the unchanged big tree
-    python -m bench.profiling polling     # one watchdog polling pass (snapshot + diff)
+    python -m bench.profiling polling     # one pass of the daemon's poller (take + changes)
     python -m bench.profiling digest      # sha256_file of a 256 MB file from page cache
-    python -m bench.profiling snapshot-memory   # tracemalloc: what a polling snapshot holds
+    python -m bench.profiling poller-memory     # tracemalloc: what the poller's record holds
 
 Run from the repository root. CPU profiles use pyinstrument (`pip install pyinstrument`); the
 big tree is the full run's (100,000 files), built in a scratch directory and removed after.
@@ -22,9 +22,10 @@ from collections.abc import Callable
 from bench.__main__ import scratch
 from bench.bigtree import BigTree, build
 from bench.plan import FULL
-from bench.polling import PollingPass, reconcile_pass, snapshot
+from bench.polling import PollingPass, reconcile_pass
 from modelwatch import log
 from modelwatch.manifest import Entry, sha256_file
+from modelwatch.poller import take
 
 
 def _profile(work: Callable[[], object]) -> None:
@@ -78,14 +79,13 @@ def digest(base: str) -> None:
     print(f"hashlib.sha256 of the bytes in memory: {alone * 1000:.0f} ms")
 
 
-def snapshot_memory(base: str) -> None:
+def poller_memory(base: str) -> None:
     root = _tree(base).root
     tracemalloc.start()
-    held = snapshot(root)
+    held = take(root)
     current, _ = tracemalloc.get_traced_memory()
     top = tracemalloc.take_snapshot().statistics("lineno")[:6]
-    entries = len(held.paths)
-    print(f"one snapshot: {current / 2**20:.1f} MB, {current / entries:.0f} B per entry")
+    print(f"one record: {current / 2**20:.1f} MB for {len(held)} directories")
     for stat in top:
         frame = stat.traceback[0]
         line = linecache.getline(frame.filename, frame.lineno).strip()
@@ -97,7 +97,7 @@ PROFILES = {
     "reconcile": reconcile,
     "polling": polling,
     "digest": digest,
-    "snapshot-memory": snapshot_memory,
+    "poller-memory": poller_memory,
 }
 
 

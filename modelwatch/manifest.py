@@ -194,25 +194,57 @@ def scan_digest(
     unit_dir: str,
     *,
     ignore: PatternSet,
-    in_progress: PatternSet,
     max_files: int,
     follow_top: bool = False,
 ) -> bytes | None:
     """`Manifest.scan_digest` of `unit_dir` now, from a walk that builds nothing else.
 
-    None when the unit is gone, unreadable or has more than `max_files` entries: there is no
-    shortcut for it, the caller scans it in full.
+    None when the unit is gone or unreadable, or has more than twice `max_files` entries (a
+    memory bound): there is no shortcut for it, the caller scans it in full. This is the
+    periodic reconcile's inner loop, kept as tight as the bare walk it is measured against.
     """
     root = os.fsencode(unit_dir)
     try:
         st = os.stat(root) if follow_top else os.lstat(root)
     except OSError:
         return None
-    if not stat.S_ISDIR(st.st_mode):
+    if not _S_ISDIR(st.st_mode):
         return None
-    walker = _Walker(root, ignore, in_progress, max_files, digest_only=True)
-    walker.walk()
-    return None if walker.unreadable or walker.too_many else walker.digest()
+    limit = 2 * max_files
+    raw: list[tuple[bytes, int, int, int, int, int]] = []
+    append = raw.append
+    stack = [b""]
+    while stack:
+        rel_dir = stack.pop()
+        prefix = rel_dir + _SEP if rel_dir else b""
+        try:
+            with os.scandir(root + _SEP + rel_dir if rel_dir else root) as it:
+                for dirent in it:
+                    try:
+                        st = dirent.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    rel = prefix + dirent.name
+                    mode = st.st_mode
+                    append((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode))
+                    if _S_ISDIR(mode) and not ignore.matches_dir(
+                        rel.decode("utf-8", "surrogateescape")
+                    ):
+                        stack.append(rel)
+        except FileNotFoundError:
+            continue  # as in a full scan: removed while we looked
+        except OSError:
+            return None
+        if len(raw) > limit:
+            return None
+    return _digest(raw)
+
+
+def _digest(raw: list[tuple[bytes, int, int, int, int, int]]) -> bytes:
+    """marshal version 2: no back-references, so equal lists always give equal bytes (from
+    version 3 on, the output depends on reference counts)."""
+    raw.sort()
+    return hashlib.blake2b(marshal.dumps(raw, 2), digest_size=16).digest()
 
 
 class _Walker:
@@ -224,10 +256,8 @@ class _Walker:
         ignore: PatternSet,
         in_progress: PatternSet,
         max_files: int,
-        digest_only: bool = False,
     ) -> None:
         self.root = root
-        self.digest_only = digest_only
         self.raw: list[tuple[bytes, int, int, int, int, int]] = []
         self.ignore = ignore
         self.in_progress_patterns = in_progress
@@ -262,10 +292,8 @@ class _Walker:
         return subdirs
 
     def digest(self) -> bytes:
-        """Digest of every entry seen. marshal version 2: no back-references, so equal lists
-        always give equal bytes (version 3+ output depends on reference counts)."""
-        self.raw.sort()
-        return hashlib.blake2b(marshal.dumps(self.raw, 2), digest_size=16).digest()
+        """The scan digest of every entry seen (see `scan_digest`)."""
+        return _digest(self.raw)
 
     def _visit(self, dirent: os.DirEntry[bytes], rel: bytes) -> bytes | None:
         try:
@@ -280,9 +308,6 @@ class _Walker:
         text = rel.decode("utf-8", "surrogateescape")
         if _S_ISDIR(mode):
             return None if self.ignore.matches_dir(text) else rel
-        if self.digest_only:
-            self.too_many = len(self.raw) > 2 * self.max_files  # a memory bound only
-            return None
         ignored = self.ignore.matches_file(text)
         if _S_ISREG(mode) and not ignored and not self.in_progress_patterns.matches_file(text):
             self._add_file(rel, st)  # the common case, first

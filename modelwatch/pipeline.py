@@ -74,7 +74,6 @@ class RootRules:
             unit.path,
             follow_top=unit.name == ".",
             ignore=self.ignore,
-            in_progress=self.in_progress,
             max_files=self.config.policy.max_files_per_unit,
         )
 
