@@ -21,7 +21,7 @@ from modelwatch.clock import Clock
 from modelwatch.config import Config, RootConfig
 from modelwatch.errors import StateError
 from modelwatch.events import Event
-from modelwatch.inspection import inspect_unit, readiness
+from modelwatch.inspection import Inspection, inspect_unit, readiness
 from modelwatch.manifest import (
     Manifest,
     PatternSet,
@@ -40,6 +40,7 @@ from modelwatch.watch import Change, Rescan
 log = structlog.get_logger("modelwatch.pipeline")
 
 _BATCH = 5000
+_COMMIT_BATCH = 256  # units settling at once whose outcomes share one transaction
 
 
 class Ready:
@@ -132,24 +133,38 @@ class Units:
         return sorted(found)
 
     def settle(self, unit: Unit, manifest: Manifest, settled_after: float) -> Event | None:
-        """Register (or reject, or remove) a unit that is stable now.
+        """Register (or reject, or remove) a unit that is stable now."""
+        found = self.inspect(unit, manifest)
+        return self.record(unit, found, settled_after, manifest.scan_digest)
+
+    def inspect(self, unit: Unit, manifest: Manifest) -> Inspection | None:
+        """What a stable unit holds; None when it is gone.
 
         A unit directory with no files left counts as gone: it is not a model.
         """
-        rules = self.rules[unit.root]
-        depth = rules.config.unit_depth
         if not manifest.exists or manifest.empty:
+            return None
+        policy = self.rules[unit.root].config.policy
+        return inspect_unit(unit.path, manifest, policy, self.config.metadata, self.schema)
+
+    def record(
+        self,
+        unit: Unit,
+        found: Inspection | None,
+        settled_after: float,
+        scan_digest: bytes | None,
+    ) -> Event | None:
+        """Commit the outcome of `inspect` (no event when nothing is new)."""
+        depth = self.rules[unit.root].config.unit_depth
+        if found is None:
             return self.registry.removed(unit, depth, when=self.clock.time())
-        found = inspect_unit(
-            unit.path, manifest, rules.config.policy, self.config.metadata, self.schema
-        )
         return self.registry.settled(
             unit,
             depth,
             found,
             when=self.clock.time(),
             settled_after=settled_after,
-            scan_digest=manifest.scan_digest,
+            scan_digest=scan_digest,
         )
 
 
@@ -281,42 +296,82 @@ class Pipeline(threading.Thread):
         return not self.units.registry.store.knows(unit.display, fingerprint(manifest.entries))
 
     def process_due(self, now: float) -> None:
+        """Check every unit due now; the outcomes of those that settled are committed
+        together (one transaction per `_COMMIT_BATCH` units), scans and inspection outside
+        it, so a burst of models costs one fsync instead of one per model."""
+        stable: list[_Stable] = []
         for unit in self.settler.due(now):
-            self._check(unit, now)
+            item = self._check(unit, now)
+            if item is not None:
+                stable.append(item)
+            if len(stable) >= _COMMIT_BATCH:
+                self._commit(stable, now)
+                stable = []
+        self._commit(stable, now)
         for unit in self.settler.overdue(now):
             self._overdue(unit, now)
 
-    def _check(self, unit: Unit, now: float) -> None:
+    def _check(self, unit: Unit, now: float) -> _Stable | None:
         rules = self.units.rules[unit.root]
-        ulog = log.bind(unit=unit.display)
         manifest = rules.scan(unit)
         if self.settler.scanned(unit, manifest.stat_key, now) is Verdict.WAIT:
-            return
+            return None
         reason = readiness(unit.path, manifest, rules.config.policy) if manifest.exists else None
         if reason is not None:
-            ulog.info("unit_not_ready", reason=reason)
+            log.info("unit_not_ready", unit=unit.display, reason=reason)
             self.settler.not_ready(unit, manifest.stat_key, now)
-            return
-        first = self.settler.first_change(unit)
-        after = self.settler.settled(unit, now)
+            return None
+        item = _Stable(unit, self.settler.first_change(unit), self.settler.settled(unit, now))
         try:
-            event = self.units.settle(unit, manifest, after)
-        except Exception as exc:  # state store full, or a bug: the unit is never dropped
-            if isinstance(exc, StateError):
-                ulog.error("state_write_failed", error=str(exc))
-            else:
-                ulog.exception("unit_failed")
-            self.settler.observe(unit, first)  # keep the episode; retry next quiet period
-            self.settler.observe(unit, now)
+            item.found = self.units.inspect(unit, manifest)
+        except Exception:  # a bug: the unit is never dropped
+            log.exception("unit_failed", unit=unit.display)
+            self._retry(item, now)
+            return None
+        item.scan_digest = manifest.scan_digest
+        return item
+
+    def _retry(self, item: _Stable, now: float) -> None:
+        """Make a settled unit pending again: its episode kept, retried next quiet period."""
+        self.settler.observe(item.unit, item.first_change)
+        self.settler.observe(item.unit, now)
+
+    def _commit(self, stable: list[_Stable], now: float) -> None:
+        if not stable:
             return
-        if event is not None:
-            ulog.info(
+        done: list[tuple[Unit, Event]] = []
+        try:
+            with self.units.registry.store.batch():
+                for item in stable:
+                    try:
+                        event = self.units.record(
+                            item.unit, item.found, item.settled_after, item.scan_digest
+                        )
+                    except Exception as exc:  # state store full, or a bug
+                        self._failed(item, exc, now)
+                        continue
+                    if event is not None:
+                        done.append((item.unit, event))
+        except StateError as exc:  # the commit itself failed: none of the batch is stored
+            for item in stable:
+                self._failed(item, exc, now)
+            return
+        for unit, event in done:
+            log.info(
                 "unit_" + event.short_type,
+                unit=unit.display,
                 event_id=event.id,
                 version=event.data.get("version"),
                 fingerprint=event.data["fingerprint"],
             )
             self.on_event(event)
+
+    def _failed(self, item: _Stable, exc: Exception, now: float) -> None:
+        if isinstance(exc, StateError):
+            log.error("state_write_failed", unit=item.unit.display, error=str(exc))
+        else:
+            log.error("unit_failed", unit=item.unit.display, exc_info=exc)
+        self._retry(item, now)
 
     def _overdue(self, unit: Unit, now: float) -> None:
         rules = self.units.rules[unit.root]
@@ -345,3 +400,14 @@ class Pipeline(threading.Thread):
             return
         log.warning("unit_not_settled", unit=unit.display, event_id=event.id, reason=reason)
         self.on_event(event)
+
+
+@dataclasses.dataclass(slots=True)
+class _Stable:
+    """A unit that settled in this pass, on its way to the store."""
+
+    unit: Unit
+    first_change: float
+    settled_after: float
+    found: Inspection | None = None
+    scan_digest: bytes | None = None

@@ -141,6 +141,7 @@ class Store:
     """One connection to the state database (not shared between threads)."""
 
     def __init__(self, db_path: str) -> None:
+        self._in_batch = False
         try:
             # Owned by one thread at a time (it may be created by another before handing over).
             self._db = sqlite3.connect(
@@ -192,7 +193,28 @@ class Store:
                 db.execute(f"PRAGMA user_version = {target}")
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group the writes made inside into one transaction (one fsync for many units).
+
+        Each write inside is a savepoint: a failing one is undone alone and raises as usual;
+        the rest commit together at the end, or (StateError from here) none of them does.
+        """
+        if self._in_batch:
+            yield
+            return
+        with self._transaction():
+            self._in_batch = True
+            try:
+                yield
+            finally:
+                self._in_batch = False
+
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._in_batch:
+            with self._savepoint() as db:
+                yield db
+            return
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -204,6 +226,25 @@ class Store:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
+            raise StateError(f"state store: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _savepoint(self) -> Iterator[sqlite3.Connection]:
+        # SQLite rolls a whole transaction back by itself on some errors (disk full, I/O):
+        # nothing may then be written outside the batch, one statement at a time.
+        if not self._db.in_transaction:
+            raise StateError("state store: the batch transaction was rolled back")
+        try:
+            self._db.execute("SAVEPOINT unit")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK TO unit")
+                    self._db.execute("RELEASE unit")
+                raise
+            self._db.execute("RELEASE unit")
+        except sqlite3.Error as exc:
             raise StateError(f"state store: {exc}") from exc
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:

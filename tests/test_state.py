@@ -367,3 +367,82 @@ def test_retry_delay_is_full_jitter_capped_and_honours_retry_after() -> None:
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.8  # really spread over the range
     assert retry_delay(3, 42.0, rng) == 42.0
+
+
+def _registered(unit: str, version: int = 1) -> Event:
+    from modelwatch.events import REGISTERED, make_event
+
+    return make_event(
+        REGISTERED,
+        root="/r",
+        unit_path=f"/r/{unit}",
+        name=unit,
+        when=0.0,
+        data={"fingerprint": f"sha256:{unit}{version}", "version": version},
+    )
+
+
+def test_a_batch_commits_together_and_a_failing_unit_alone_is_undone(tmp_path: Path) -> None:
+    """Units settling together share one transaction: another connection (a delivery worker)
+    sees none of them before the batch ends, then all but the one whose write failed."""
+    path = StateDir(str(tmp_path)).db_path
+    store, reader = Store(path), Store(path)
+    try:
+        with store.batch():
+            store.record_settled(
+                root="/r", event=_registered("a"), outcome="registered", sinks=["s"]
+            )
+            with pytest.raises(RuntimeError), store._transaction() as db:
+                db.execute("UPDATE units SET last_version = 99")
+                raise RuntimeError("this unit failed half-way")
+            store.record_settled(
+                root="/r", event=_registered("b"), outcome="registered", sinks=["s"]
+            )
+            assert reader.units() == [] and reader.next_pending("s") is None
+        assert [(u.path, u.last_version) for u in reader.units()] == [("/r/a", 1), ("/r/b", 1)]
+        assert [s.pending for s in reader.sink_stats()] == [2]
+    finally:
+        store.close()
+        reader.close()
+
+
+def test_events_are_handed_on_only_once_committed(
+    tmp_path: Path, make_config: Callable[..., Config]
+) -> None:
+    """A burst of units settling at once: each event reaches the daemon's callback (which wakes
+    the delivery workers) only when another connection can already read it."""
+    import queue
+
+    from modelwatch.pipeline import Pipeline, Units
+    from modelwatch.registry import Registry, Route
+    from modelwatch.testing import FakeClock
+    from modelwatch.watch import Rescan
+
+    root = tmp_path / "models"
+    for i in range(40):
+        (root / f"exp-{i:02d}").mkdir(parents=True)
+        (root / f"exp-{i:02d}" / "model.onnx").write_bytes(b"onnx" * (i + 1))
+    config = make_config(
+        f'[defaults]\nsettle_seconds = 2.0\n[[roots]]\npath = "{root}"\nunit_depth = 1\n'
+    )
+    clock = FakeClock()
+    store = Store(StateDir(config.daemon.state_dir).db_path)
+    reader = Store(StateDir(config.daemon.state_dir).db_path)
+    seen: list[tuple[str, int]] = []
+
+    def on_event(event: Event) -> None:
+        seen.append((event.subject, sum(s.pending for s in reader.sink_stats())))
+
+    routes = [Route(s.name, s.event_types) for s in config.sinks]
+    units = Units(config, Registry(store, routes, "host"), clock, None)
+    pipeline = Pipeline(units, queue.Queue(), clock, on_event)
+    try:
+        pipeline.handle(Rescan(str(root)))
+        for _ in range(20):
+            clock.advance(0.25)
+            pipeline.process_due(clock.monotonic())
+        assert sorted(name for name, _ in seen) == [f"exp-{i:02d}" for i in range(40)]
+        assert all(pending >= 40 for _, pending in seen)  # the whole burst, committed once
+    finally:
+        store.close()
+        reader.close()
