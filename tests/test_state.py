@@ -301,25 +301,25 @@ def test_webhook_outage_then_everything_in_order(
     assert len(receiver.requests) >= 3 + 4  # four failures were retried
 
 
+def _registered(unit: str, version: int = 1) -> Event:
+    from modelwatch.events import REGISTERED, make_event
+
+    return make_event(
+        REGISTERED,
+        root="/r",
+        unit_path=f"/r/{unit}",
+        name=unit,
+        when=0.0,
+        data={"fingerprint": f"sha256:{unit}{version}", "version": version},
+    )
+
+
 def test_dead_letter_holds_back_later_versions_of_its_unit(tmp_path: Path) -> None:
     """v1 dead-lettered: v2 of the same unit waits (another unit does not); after redeliver
     they go out in version order."""
-    from modelwatch.events import REGISTERED, make_event
-
     store = Store(StateDir(str(tmp_path)).db_path)
-
-    def event(unit: str, version: int) -> Event:
-        return make_event(
-            REGISTERED,
-            root="/r",
-            unit_path=f"/r/{unit}",
-            name=unit,
-            when=0.0,
-            data={"fingerprint": f"sha256:{unit}{version}", "version": version},
-        )
-
     try:
-        for e in (event("a", 1), event("a", 2), event("b", 1)):
+        for e in (_registered("a", 1), _registered("a", 2), _registered("b", 1)):
             store.record_event(e, ["hook"])
         head = store.next_pending("hook")
         assert head is not None and head.event.data["version"] == 1
@@ -367,19 +367,6 @@ def test_retry_delay_is_full_jitter_capped_and_honours_retry_after() -> None:
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.8  # really spread over the range
     assert retry_delay(3, 42.0, rng) == 42.0
-
-
-def _registered(unit: str, version: int = 1) -> Event:
-    from modelwatch.events import REGISTERED, make_event
-
-    return make_event(
-        REGISTERED,
-        root="/r",
-        unit_path=f"/r/{unit}",
-        name=unit,
-        when=0.0,
-        data={"fingerprint": f"sha256:{unit}{version}", "version": version},
-    )
 
 
 def test_a_batch_commits_together_and_a_failing_unit_alone_is_undone(tmp_path: Path) -> None:
