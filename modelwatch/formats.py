@@ -14,9 +14,10 @@ Contract:
 
 The files are written by untrusted training code, so `check_complete` never raises for what it
 finds on disk. It opens paths one component at a time relative to the unit with O_NOFOLLOW (a
-directory swapped for a symlink cannot lead outside the unit), opens nothing but regular files,
-and treats a file whose size differs from `sizes` as a reason: it changed since the listing,
-and "complete" must describe the listing the caller fingerprints.
+directory swapped for a symlink cannot lead outside the unit; `modelwatch.beneath`), and with
+`follow_top=False` the unit directory itself too, below its parent. It opens nothing but
+regular files, and treats a file whose size differs from `sizes` as a reason: it changed since
+the listing, and "complete" must describe the listing the caller fingerprints.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from modelwatch import beneath
 
 FORMATS: tuple[str, ...] = (
     "saved_model",
@@ -76,8 +79,6 @@ _SUFFIX_FORMATS = (
     *((suffix, "pytorch") for suffix in _TORCH_SUFFIXES),
 )
 _SHARD_SUFFIX = re.compile(r"\.data-(\d{5})-of-(\d{5})")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def detect_format(paths: Collection[str]) -> str:
@@ -99,15 +100,26 @@ def model_type_for(fmt: str) -> str:
     return "ONNX" if fmt == "onnx" else "Custom"
 
 
-def check_complete(unit_dir: str, fmt: str, sizes: Mapping[str, int]) -> str | None:
-    """None when the unit's `fmt` files are completely written, else one reason naming a file."""
+def check_complete(
+    unit_dir: str,
+    fmt: str,
+    sizes: Mapping[str, int],
+    *,
+    follow_top: bool = True,
+    identity: tuple[int, int] | None = None,
+) -> str | None:
+    """None when the unit's `fmt` files are completely written, else one reason naming a file.
+
+    `follow_top` and `identity` say how the unit directory is opened (`beneath.open_unit`):
+    by default `unit_dir` is followed as given.
+    """
     if fmt not in _CHECKS:
         raise ValueError(f"unknown format {fmt!r}")
     checks = _CHECKS[fmt]
     if not checks:
         return None
     try:
-        unit_fd = os.open(unit_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        unit_fd = beneath.open_unit(unit_dir, follow_top=follow_top, identity=identity)
     except OSError as exc:
         return f"unit directory cannot be opened ({exc.strerror})"
     try:
@@ -209,10 +221,11 @@ def _open_failure(path: str, exc: OSError) -> _Incomplete:
         return _Incomplete(f"{_show(path)} missing")
     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
         # O_NOFOLLOW refuses a symlink anywhere on the path; so does a file swapped for a dir.
-        return _Incomplete(f"{_show(path)}: a symlink or non-directory on the path, not followed")
+        return _Incomplete(f"{_show(path)}: {_NOT_FOLLOWED}")
     return _Incomplete(f"{_show(path)}: cannot open ({exc.strerror})")
 
 
+_NOT_FOLLOWED = "a symlink or non-directory on the path, not followed"
 _KINDS = {stat.S_IFLNK: "a symlink, not followed", stat.S_IFDIR: "a directory"}
 _KINDS |= {stat.S_IFIFO: "a FIFO, not opened", stat.S_IFSOCK: "a socket, not opened"}
 _KINDS |= {stat.S_IFCHR: "a device, not opened", stat.S_IFBLK: "a device, not opened"}
@@ -221,23 +234,17 @@ _KINDS |= {stat.S_IFCHR: "a device, not opened", stat.S_IFBLK: "a device, not op
 @contextmanager
 def _open_regular(unit: _Unit, path: str) -> Iterator[tuple[int, int]]:
     """Yield (fd, size) of the listed regular file `path`; every failure is `_Incomplete`."""
-    *parents, name = _components(path)
-    dir_fds: list[int] = []
+    parts = _components(path)
     try:
-        for part in parents:
-            dir_fds.append(os.open(part, _DIR_FLAGS, dir_fd=dir_fds[-1] if dir_fds else unit.fd))
-        parent_fd = dir_fds[-1] if dir_fds else unit.fd
         # lstat first so FIFOs and devices are never opened at all; fstat below catches a swap.
-        before = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        if not stat.S_ISREG(before.st_mode):
-            kind = _KINDS.get(stat.S_IFMT(before.st_mode), "not a regular file")
-            raise _Incomplete(f"{_show(path)}: is {kind}")
-        fd = os.open(name, _FILE_FLAGS, dir_fd=parent_fd)
+        fd, before = beneath.open_regular(unit.fd, "/".join(parts))
+    except beneath.WrongTypeError as exc:
+        if not exc.final:
+            raise _Incomplete(f"{_show(path)}: {_NOT_FOLLOWED}") from None
+        kind = _KINDS.get(stat.S_IFMT(exc.mode), "not a regular file")
+        raise _Incomplete(f"{_show(path)}: is {kind}") from None
     except OSError as exc:
         raise _open_failure(path, exc) from None
-    finally:
-        for dir_fd in dir_fds:
-            os.close(dir_fd)
     try:
         yield fd, _checked_size(unit, path, fd, before)
     except OSError as exc:

@@ -2,10 +2,11 @@
 
 Contract:
 
-* `validate_unit_metadata` reads the metadata file of one unit relative to the unit directory.
-  It never follows a symlink and never opens anything but a regular file (a symlink, FIFO,
-  socket, device or directory is `metadata_not_regular_file`), and reads at most
-  `max_bytes + 1` bytes. An absent file is `present=False` with no problems.
+* `validate_unit_metadata` reads the metadata file of one unit relative to the unit directory
+  (or its open fd). It never follows a symlink below that directory and never opens anything
+  but a regular file (a symlink, FIFO, socket, device or directory is
+  `metadata_not_regular_file`), and reads at most `max_bytes + 1` bytes. An absent file is
+  `present=False` with no problems.
 * `validate_metadata_bytes` is the pure core: for any input bytes it returns a
   `MetadataResult` and never raises. Every problem carries `code`, `message`, `file` and, where
   they apply, a 1-based `line`/`column` (in characters of the decoded text, after a BOM) and an
@@ -25,7 +26,6 @@ metadata_syntax, metadata_duplicate_key, metadata_too_deep, metadata_metrics, me
 from __future__ import annotations
 
 import bisect
-import errno
 import importlib
 import json
 import math
@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from modelwatch import beneath
 from modelwatch.errors import ConfigError, Problem
 
 JsonPath: TypeAlias = tuple[str | int, ...]
@@ -86,16 +87,22 @@ def validate_unit_metadata(
     max_bytes: int,
     max_depth: int,
     schema: SchemaValidator | None = None,
+    dir_fd: int | None = None,
 ) -> MetadataResult:
-    """Read and validate `filename` inside `unit_dir` without following any symlink."""
+    """Read and validate `filename` inside `unit_dir` without following any symlink below it.
+
+    `dir_fd`: the unit directory, already open (see `beneath.open_unit`); `unit_dir` is then
+    not opened. Without it `unit_dir` itself is opened following symlinks.
+    """
     try:
-        data = _read_regular_file(unit_dir, filename, max_bytes + 1)
+        data = _read_regular_file(unit_dir, filename, max_bytes + 1, dir_fd)
     except FileNotFoundError:
         return MetadataResult(present=False, document=None, problems=())
-    except _NotRegularError as exc:
-        message = f"{filename} is a {exc.kind}, not a regular file; it was not read"
+    except beneath.WrongTypeError as exc:
+        kind = _KINDS.get(stat.S_IFMT(exc.mode), "special file")
+        message = f"{filename} is a {kind}, not a regular file; it was not read"
         if exc.name != filename:
-            message = f"{filename} is not a regular file: {exc.name!r} is a {exc.kind}"
+            message = f"{filename} is not a regular file: {exc.name!r} is a {kind}"
         return _failed(Problem("metadata_not_regular_file", message, file=filename))
     except OSError as exc:
         message = f"cannot read {filename}: {exc.strerror or exc}"
@@ -143,49 +150,21 @@ _KINDS = {
 }
 
 
-class _NotRegularError(Exception):
-    def __init__(self, mode: int, name: str) -> None:
-        self.kind = _KINDS.get(stat.S_IFMT(mode), "special file")
-        self.name = name
-        super().__init__(f"{name}: {self.kind}")
+def _read_regular_file(unit_dir: str, filename: str, limit: int, dir_fd: int | None) -> bytes:
+    """At most `limit` bytes of a regular file; symlinks and special files are never opened.
 
-
-def _read_regular_file(unit_dir: str, filename: str, limit: int) -> bytes:
-    """At most `limit` bytes of a regular file; symlinks and special files are never opened."""
-    dir_fd = os.open(unit_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    `sub/name.json` cannot escape via a symlink: every component is opened with O_NOFOLLOW.
+    """
+    top = beneath.open_directory(unit_dir) if dir_fd is None else dir_fd
     try:
-        *parents, name = filename.split("/")
-        for i, part in enumerate(parents):  # `sub/name.json` must not escape via a symlink
-            shown = "/".join(parents[: i + 1])
-            parent_fd, dir_fd = dir_fd, _open_checked(part, dir_fd, stat.S_IFDIR, shown)
-            os.close(parent_fd)
-        fd = _open_checked(name, dir_fd, stat.S_IFREG, filename)
+        fd, _ = beneath.open_regular(top, filename)
     finally:
-        os.close(dir_fd)
+        if top != dir_fd:
+            os.close(top)
     try:
         return _read_at_most(fd, limit)
     finally:
         os.close(fd)
-
-
-def _open_checked(name: str, dir_fd: int, kind: int, shown: str) -> int:
-    """Open `name` only if it is of file type `kind`; never follows a symlink."""
-    # lstat first: merely opening a FIFO or a device can block or have side effects.
-    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-    if stat.S_IFMT(mode) != kind:
-        raise _NotRegularError(mode, shown)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(name, flags | (os.O_DIRECTORY if kind == stat.S_IFDIR else 0), dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # replaced by a symlink since the lstat
-            raise _NotRegularError(stat.S_IFLNK, shown) from None
-        raise
-    mode = os.fstat(fd).st_mode  # or replaced by something else
-    if stat.S_IFMT(mode) != kind:
-        os.close(fd)
-        raise _NotRegularError(mode, shown)
-    return fd
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
