@@ -2,13 +2,21 @@
 
 `readiness` answers "may this stable unit settle?" (SPEC §2 rules 3-5); `inspect_unit` turns a
 settled unit's manifest into the facts an event carries, with problems as data.
+
+Both read the unit directory the manifest was scanned from and nothing else: it is opened as
+`beneath.open_unit` describes (not followed unless it is a depth-0 root, and with the device
+and inode the scan saw), and every file below it one component at a time with O_NOFOLLOW. A
+unit directory swapped since the scan makes the unit not ready, its digests "unreadable" and
+its metadata `metadata_unreadable`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelwatch.beneath import open_unit
 from modelwatch.config import MetadataConfig, UnitPolicy
 from modelwatch.errors import Problem
 from modelwatch.formats import check_complete, detect_format, model_type_for
@@ -27,7 +35,13 @@ def readiness(unit_dir: str, manifest: Manifest, policy: UnitPolicy) -> str | No
     if policy.require_marker and policy.require_marker not in manifest.sizes:
         return f"marker {policy.require_marker} not present"
     sizes = manifest.sizes
-    return check_complete(unit_dir, detect_format(sizes), sizes)
+    return check_complete(
+        unit_dir,
+        detect_format(sizes),
+        sizes,
+        follow_top=manifest.follow_top,
+        identity=manifest.identity,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +78,32 @@ def inspect_unit(
     schema: SchemaValidator | None = None,
 ) -> Inspection:
     """Everything an event says about a settled unit."""
-    digests = _digests(unit_dir, manifest) if policy.content_digest == "sha256" else None
+    try:
+        unit_fd: int | None = open_unit(
+            unit_dir, follow_top=manifest.follow_top, identity=manifest.identity
+        )
+        failure = ""
+    except OSError as exc:
+        unit_fd, failure = None, f"unit directory cannot be opened ({exc.strerror})"
+    try:
+        return _inspect(unit_dir, unit_fd, failure, manifest, policy, meta, schema)
+    finally:
+        if unit_fd is not None:
+            os.close(unit_fd)
+
+
+def _inspect(
+    unit_dir: str,
+    unit_fd: int | None,
+    failure: str,
+    manifest: Manifest,
+    policy: UnitPolicy,
+    meta: MetadataConfig,
+    schema: SchemaValidator | None,
+) -> Inspection:
+    digests = None
+    if policy.content_digest == "sha256":
+        digests = _digests(unit_dir, unit_fd, manifest)
     files = [_file_row(e.path, e.size, e.symlink_target, digests, e.raw) for e in manifest.entries]
     fmt = detect_format(manifest.sizes)
     model_type = policy.model_type if policy.model_type != "auto" else model_type_for(fmt)
@@ -72,13 +111,17 @@ def inspect_unit(
     ignored = model_type == "Tensorflow" and meta.filename in manifest.sizes
     document: Any = None
     metrics: list[dict[str, Any]] = []
-    if model_type != "Tensorflow":
+    if model_type != "Tensorflow" and unit_fd is None:
+        message = f"cannot read {meta.filename}: {failure}"
+        problems.append(Problem("metadata_unreadable", message, file=meta.filename))
+    elif model_type != "Tensorflow":
         result = validate_unit_metadata(
             unit_dir,
             meta.filename,
             max_bytes=meta.max_bytes,
             max_depth=meta.max_depth,
             schema=schema,
+            dir_fd=unit_fd,
         )
         problems.extend(result.problems)
         if result.ok:
@@ -96,10 +139,10 @@ def inspect_unit(
     )
 
 
-def _digests(unit_dir: str, manifest: Manifest) -> dict[bytes, str]:
+def _digests(unit_dir: str, unit_fd: int | None, manifest: Manifest) -> dict[bytes, str]:
     out: dict[bytes, str] = {}
     for e in manifest.files:
-        digest = sha256_file(unit_dir, e)
+        digest = sha256_file(unit_dir, e, dir_fd=unit_fd) if unit_fd is not None else None
         out[e.raw] = digest if digest is not None else "unreadable"
     return out
 

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from modelwatch import beneath
+
 _SEP = b"/"
 _S_ISREG = stat.S_ISREG
 _S_ISDIR = stat.S_ISDIR
@@ -70,6 +72,10 @@ class Manifest:
     # directories included; None when the walk was incomplete. Equal digests: nothing on disk
     # changed (any write, rename, chmod or utime moves ctime, which no caller can set).
     scan_digest: bytes | None = field(default=None, compare=False)
+    # How to open the unit directory again for reading (`beneath.open_unit`): followed only
+    # when it is a depth-0 root, and it must still be the directory scanned (st_dev, st_ino).
+    follow_top: bool = field(default=False, compare=False)
+    identity: tuple[int, int] | None = field(default=None, compare=False)
 
     @property
     def empty(self) -> bool:
@@ -187,6 +193,8 @@ def scan_unit(
         unreadable=tuple(sorted(walker.unreadable)),
         stat_key=key,
         scan_digest=walker.digest() if complete else None,
+        follow_top=follow_top,
+        identity=(st.st_dev, st.st_ino),
     )
 
 
@@ -365,18 +373,27 @@ def pending_fingerprint(manifest: Manifest) -> str:
     return fingerprint([*manifest.entries, *marks])
 
 
-def sha256_file(unit_dir: str, entry: Entry, chunk: int = 4 << 20) -> str | None:
-    """Content digest of one regular file, opened without following symlinks.
+def sha256_file(
+    unit_dir: str, entry: Entry, chunk: int = 4 << 20, *, dir_fd: int | None = None
+) -> str | None:
+    """Content digest of one regular file; None when it cannot be read as one.
+
+    The file is opened below `unit_dir` (or the unit directory open as `dir_fd`, when given)
+    one component at a time, never following a symlink below that directory
+    (`beneath.open_regular`); FIFOs and devices are never opened.
 
     Reads into one reused buffer (no per-chunk allocation). Large files are read ahead on a
     second thread into reused 1 MiB buffers: the copy out of the page cache (about a sixth of
     the hashing time) then overlaps the hashing instead of adding to it.
     """
-    path = os.fsencode(unit_dir) + _SEP + entry.raw
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags)
-    except OSError:
+        top = beneath.open_directory(unit_dir) if dir_fd is None else dir_fd
+        try:
+            fd, _ = beneath.open_regular(top, entry.raw)
+        finally:
+            if top != dir_fd:
+                os.close(top)
+    except (OSError, ValueError):
         return None
     try:
         st = os.fstat(fd)
