@@ -43,7 +43,6 @@ import datetime as dt
 import os
 import posixpath
 import re
-import stat
 import string
 import tempfile
 import urllib.parse
@@ -55,6 +54,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from modelwatch import beneath
 from modelwatch.config import SinkConfig
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import REGISTERED, REJECTED, REMOVED, Event, event_id
@@ -75,8 +75,6 @@ _SECRET_VARIABLES = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 # name in untrusted metadata cannot turn the whole registration into a permanent failure.
 _METRIC_NAME = re.compile(r"[/\w.\- :]{1,250}")
 _METRIC_BATCH = 1000
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class MlflowSink:
@@ -293,22 +291,19 @@ def _open_listed(root: str, parts: list[str]) -> Iterator[int | None]:
     if not parts or any(part in ("", ".", "..") for part in parts):
         yield None
         return
-    fds: list[int] = []
     try:
-        fds.append(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        for part in parts[:-1]:
-            fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
-        # lstat first so that FIFOs and devices are never opened
-        if stat.S_ISREG(os.stat(parts[-1], dir_fd=fds[-1], follow_symlinks=False).st_mode):
-            fds.append(os.open(parts[-1], _FILE_FLAGS, dir_fd=fds[-1]))
+        root_fd = beneath.open_directory(root)
+        try:
+            fd, _ = beneath.open_regular(root_fd, "/".join(parts))
+        finally:
+            os.close(root_fd)
     except (OSError, ValueError):  # gone, swapped for a symlink, or an unencodable name
-        pass
+        yield None
+        return
     try:
-        opened = len(fds) == len(parts) + 1 and stat.S_ISREG(os.fstat(fds[-1]).st_mode)
-        yield fds[-1] if opened else None
+        yield fd
     finally:
-        for fd in fds:
-            os.close(fd)
+        os.close(fd)
 
 
 # --- configuration -----------------------------------------------------------------------
