@@ -34,13 +34,33 @@ _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SEP = b"/"
 
 
+_KINDS = {
+    stat.S_IFREG: "regular file",
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFDIR: "directory",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
 class WrongTypeError(OSError):
-    """`name` (the path up to the offending component) has file type `mode`, but a directory
-    (`final` False: a component on the way) or a regular file (`final` True) was needed."""
+    """`name` (the path up to the offending component) is a `kind` (file type `mode`), but a
+    directory (`final` False: a component on the way) or a regular file (`final` True) was
+    needed. errno is ELOOP for a symlink, else ENOTDIR, EISDIR or EINVAL."""
 
     def __init__(self, mode: int, name: str, final: bool) -> None:
-        super().__init__(f"{name}: not a {'regular file' if final else 'directory'}")
         self.mode, self.name, self.final = mode, name, final
+        self.kind = _KINDS.get(stat.S_IFMT(mode), "special file")
+        if stat.S_ISLNK(mode):
+            code, text = errno.ELOOP, f"is a {self.kind}, not followed"
+        else:
+            code = (
+                (errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL) if final else errno.ENOTDIR
+            )
+            text = f"is a {self.kind}, not a {'regular file' if final else 'directory'}"
+        super().__init__(code, text, name)
 
 
 def open_directory(root: str | bytes, rel: str | bytes = b"") -> int:

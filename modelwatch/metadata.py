@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -99,10 +98,9 @@ def validate_unit_metadata(
     except FileNotFoundError:
         return MetadataResult(present=False, document=None, problems=())
     except beneath.WrongTypeError as exc:
-        kind = _KINDS.get(stat.S_IFMT(exc.mode), "special file")
-        message = f"{filename} is a {kind}, not a regular file; it was not read"
+        message = f"{filename} is a {exc.kind}, not a regular file; it was not read"
         if exc.name != filename:
-            message = f"{filename} is not a regular file: {exc.name!r} is a {kind}"
+            message = f"{filename} is not a regular file: {exc.name!r} is a {exc.kind}"
         return _failed(Problem("metadata_not_regular_file", message, file=filename))
     except OSError as exc:
         message = f"cannot read {filename}: {exc.strerror or exc}"
@@ -138,16 +136,6 @@ def _failed(*problems: Problem) -> MetadataResult:
 
 
 # --- reading ------------------------------------------------------------------------------
-
-_KINDS = {
-    stat.S_IFREG: "regular file",
-    stat.S_IFLNK: "symbolic link",
-    stat.S_IFDIR: "directory",
-    stat.S_IFIFO: "FIFO",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-}
 
 
 def _read_regular_file(unit_dir: str, filename: str, limit: int, dir_fd: int | None) -> bytes:

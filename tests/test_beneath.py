@@ -104,14 +104,14 @@ def test_unit_directory_swapped_after_the_scan_is_not_read(tmp_path: Path, name:
     outside_digests = outside_copy(Path(unit.path), outside / "exp-1")
     swap_for_symlink(root / name.split("/")[0], outside if "/" in name else outside / "exp-1")
 
-    reason = readiness(unit.path, manifest, SHA256)
-    assert reason is not None and reason.startswith("unit directory cannot be opened")
+    why = "replaced since it was scanned" if "/" in name else "is a symbolic link, not followed"
+    assert readiness(unit.path, manifest, SHA256) == f"unit directory cannot be opened ({why})"
     found = inspect_unit(unit.path, manifest, SHA256, MetadataConfig())
     assert_nothing_from_outside(found, outside_digests)
     assert {row["sha256"] for row in found.files} == {"unreadable"}
     (problem,) = found.problems
     assert problem.code == "metadata_unreadable" and problem.file == META
-    assert "unit directory cannot be opened" in problem.message
+    assert problem.message == f"cannot read {META}: unit directory cannot be opened ({why})"
 
 
 @pytest.mark.parametrize("sub", [b"shards", b"sh\xffards"], ids=["utf8", "non-utf8"])
