@@ -81,10 +81,11 @@ def open_unit(
     ESTALE): a directory above the unit (depth 2 and more) or the unit itself swapped since
     the scan can only lead to another directory.
     """
-    if follow_top:
+    parent, name = os.path.split(unit_dir.rstrip(os.sep) or os.sep)
+    # "/" and paths ending in "." or ".." (`modelwatch validate ..`) have no last name to refuse
+    if follow_top or name in ("", os.curdir, os.pardir):
         fd = open_directory(unit_dir)
     else:
-        parent, name = os.path.split(unit_dir.rstrip(os.sep) or os.sep)
         fd = open_directory(parent or os.curdir, name)
     if identity is not None:
         st = os.fstat(fd)
