@@ -5,7 +5,10 @@ and symlink as (relative path, size, mtime_ns, inode), and sorts them by raw pat
 same files give the same manifest on every node. Files matching the `ignore` patterns are left
 out; files matching `in_progress` are kept aside (they mean "still being written"). FIFOs,
 sockets and device files are skipped and never opened. A file that vanishes mid-scan is simply
-not listed: the next scan decides whether the unit is stable.
+not listed: the next scan decides whether the unit is stable. Each directory is listed through
+an fd opened with O_NOFOLLOW and checked to be the directory its parent listed (st_dev,
+st_ino), so a directory swapped for a symlink mid-scan is never listed: nothing outside the
+unit reaches a manifest.
 
 Paths are handled as bytes internally, so names that are not valid UTF-8 never break anything;
 `Entry.path` is a display form (invalid bytes backslash-escaped) used in events and logs.
@@ -13,6 +16,7 @@ Paths are handled as bytes internally, so names that are not valid UTF-8 never b
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import marshal
@@ -179,7 +183,7 @@ def scan_unit(
     if not stat.S_ISDIR(st.st_mode):
         return Manifest(exists=False)
     walker = _Walker(root, ignore, in_progress, max_files)
-    walker.walk()
+    walker.walk((st.st_dev, st.st_ino), follow_top)
     complete = not walker.too_many and not walker.unreadable
     entries = tuple(sorted(walker.entries))  # raw paths are unique: tuple order is path order
     key = tuple(e[:4] for e in entries)
@@ -221,31 +225,62 @@ def scan_digest(
     limit = 2 * max_files
     raw: list[tuple[bytes, int, int, int, int, int]] = []
     append = raw.append
-    stack = [b""]
+    stack = [(b"", (st.st_dev, st.st_ino))]
     while stack:
-        rel_dir = stack.pop()
+        rel_dir, identity = stack.pop()
         prefix = rel_dir + _SEP if rel_dir else b""
         try:
-            with os.scandir(root + _SEP + rel_dir if rel_dir else root) as it:
-                for dirent in it:
-                    try:
-                        st = dirent.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    rel = prefix + dirent.name
-                    mode = st.st_mode
-                    append((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode))
-                    if _S_ISDIR(mode) and not ignore.matches_dir(
-                        rel.decode("utf-8", "surrogateescape")
-                    ):
-                        stack.append(rel)
-        except FileNotFoundError:
-            continue  # as in a full scan: removed while we looked
+            fd = _open_listed(root + _SEP + rel_dir if rel_dir else root, identity, follow_top)
+            if fd is None:
+                continue  # as in a full scan: removed or replaced while we looked
+            try:
+                with os.scandir(fd) as it:
+                    for dirent in it:
+                        try:
+                            st = dirent.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        rel = prefix + dirent.name.encode("utf-8", "surrogateescape")
+                        mode = st.st_mode
+                        append((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode))
+                        if _S_ISDIR(mode) and not ignore.matches_dir(
+                            rel.decode("utf-8", "surrogateescape")
+                        ):
+                            stack.append((rel, (st.st_dev, st.st_ino)))
+            finally:
+                os.close(fd)
         except OSError:
             return None
+        follow_top = False
         if len(raw) > limit:
             return None
     return _digest(raw)
+
+
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _open_listed(path: bytes, identity: tuple[int, int], follow: bool) -> int | None:
+    """An fd of the directory `path` if it is still the one its parent listed (st_dev, st_ino).
+
+    None when it vanished or was replaced since: a symlink swapped in for it is refused
+    (O_NOFOLLOW), one swapped in higher up leads to another directory, so a walk never lists
+    anything outside the unit. Other errors raise OSError. Listing through the fd is also
+    cheaper than by path: each entry is then stat-ed relative to it (fstatat).
+    """
+    try:
+        fd = os.open(path, _LIST_FLAGS if follow else _LIST_FLAGS | os.O_NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != identity:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _digest(raw: list[tuple[bytes, int, int, int, int, int]]) -> bytes:
@@ -274,27 +309,38 @@ class _Walker:
         self.in_progress: list[str] = []
         self.unreadable: list[str] = []
         self.too_many = False
+        self._fd = -1  # the directory being listed
 
-    def walk(self) -> None:
-        stack: list[bytes] = [b""]
+    def walk(self, identity: tuple[int, int], follow_top: bool) -> None:
+        """Walk from the unit directory, `identity` its (st_dev, st_ino) as stat-ed."""
+        stack: list[tuple[bytes, tuple[int, int]]] = [(b"", identity)]
         while stack and not self.too_many:
-            rel_dir = stack.pop()
-            stack.extend(self._scan_dir(rel_dir))
+            rel_dir, identity = stack.pop()
+            stack.extend(self._scan_dir(rel_dir, identity, follow_top))
+            follow_top = False
 
-    def _scan_dir(self, rel_dir: bytes) -> list[bytes]:
+    def _scan_dir(
+        self, rel_dir: bytes, identity: tuple[int, int], follow: bool
+    ) -> list[tuple[bytes, tuple[int, int]]]:
         path = self.root + _SEP + rel_dir if rel_dir else self.root
-        subdirs: list[bytes] = []
+        subdirs: list[tuple[bytes, tuple[int, int]]] = []
         try:
-            with os.scandir(path) as it:
-                for dirent in it:
-                    rel = rel_dir + _SEP + dirent.name if rel_dir else dirent.name
-                    sub = self._visit(dirent, rel)
-                    if sub is not None:
-                        subdirs.append(sub)
-                    if self.too_many:
-                        break
-        except FileNotFoundError:
-            pass  # removed while we looked; the next scan sees the new state
+            fd = _open_listed(path, identity, follow)
+            if fd is None:
+                return subdirs  # removed or replaced while we looked; the next scan sees it
+            self._fd = fd
+            try:
+                with os.scandir(fd) as it:
+                    for dirent in it:
+                        name = dirent.name.encode("utf-8", "surrogateescape")
+                        rel = rel_dir + _SEP + name if rel_dir else name
+                        sub = self._visit(dirent, rel)
+                        if sub is not None:
+                            subdirs.append(sub)
+                        if self.too_many:
+                            break
+            finally:
+                os.close(fd)
         except OSError as exc:
             self.unreadable.append(f"{display(rel_dir) or '.'} ({exc.strerror})")
         return subdirs
@@ -303,7 +349,7 @@ class _Walker:
         """The scan digest of every entry seen (see `scan_digest`)."""
         return _digest(self.raw)
 
-    def _visit(self, dirent: os.DirEntry[bytes], rel: bytes) -> bytes | None:
+    def _visit(self, dirent: os.DirEntry[str], rel: bytes) -> tuple[bytes, tuple[int, int]] | None:
         try:
             st = dirent.stat(follow_symlinks=False)
         except FileNotFoundError:
@@ -315,7 +361,7 @@ class _Walker:
         self.raw.append((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode))
         text = rel.decode("utf-8", "surrogateescape")
         if _S_ISDIR(mode):
-            return None if self.ignore.matches_dir(text) else rel
+            return None if self.ignore.matches_dir(text) else (rel, (st.st_dev, st.st_ino))
         ignored = self.ignore.matches_file(text)
         if _S_ISREG(mode) and not ignored and not self.in_progress_patterns.matches_file(text):
             self._add_file(rel, st)  # the common case, first
@@ -326,7 +372,7 @@ class _Walker:
             self.in_progress.append(display(rel))
             return None
         if stat.S_ISLNK(mode):
-            self._add(rel, st, True)
+            self._add_link(rel, st)
         return None  # FIFOs, sockets, devices: skipped, never opened
 
     def _add_file(self, rel: bytes, st: os.stat_result) -> None:
@@ -335,18 +381,15 @@ class _Walker:
         else:
             self.entries.append(Entry(rel, st.st_size, st.st_mtime_ns, st.st_ino))
 
-    def _add(self, rel: bytes, st: os.stat_result, is_link: bool) -> None:
+    def _add_link(self, rel: bytes, st: os.stat_result) -> None:
         if len(self.entries) >= self.max_files:
             self.too_many = True
             return
-        target = None
-        if is_link:
-            try:
-                target = display(os.readlink(self.root + _SEP + rel))
-            except OSError:
-                target = ""
-        size = 0 if is_link else st.st_size
-        self.entries.append(Entry(rel, size, st.st_mtime_ns, st.st_ino, target))
+        try:  # relative to the directory being listed: its name is the last component
+            target = display(os.readlink(rel.rpartition(_SEP)[2], dir_fd=self._fd))
+        except OSError:
+            target = ""
+        self.entries.append(Entry(rel, 0, st.st_mtime_ns, st.st_ino, target))
 
 
 def fingerprint(entries: Sequence[Entry], digests: dict[bytes, str] | None = None) -> str:

@@ -129,3 +129,71 @@ def test_read_ahead_reader_stops_when_hashing_fails(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert not [t for t in threading.enumerate() if t.name == "sha256-read-ahead"]
+
+
+class SwapWhenVisited(PatternSet):
+    """Ignore patterns that, as the walk reaches directory `name`, swap it for `replacement`
+    (the moment between a directory's lstat and its listing, made deterministic)."""
+
+    def __init__(self, unit: Path, name: str, replacement: Path, as_symlink: bool) -> None:
+        super().__init__(["*.log"])
+        self.unit, self.name = unit, name
+        self.replacement, self.as_symlink = replacement, as_symlink
+
+    def matches_dir(self, rel: str) -> bool:
+        if rel == self.name and not (self.unit / "swapped-out").exists():
+            os.rename(self.unit / self.name, self.unit / "swapped-out")
+            if self.as_symlink:
+                os.symlink(self.replacement, self.unit / self.name)
+            else:
+                os.rename(self.replacement, self.unit / self.name)
+        return super().matches_dir(rel)
+
+
+@pytest.mark.parametrize("as_symlink", [True, False], ids=["symlink", "other-directory"])
+def test_a_directory_swapped_mid_scan_is_never_listed(
+    unit: Path, tmp_path: Path, as_symlink: bool
+) -> None:
+    """Neither walk lists a directory that is not the one its parent listed: the names and
+    sizes of what lies outside the unit never reach a manifest or a digest."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret-name.bin").write_bytes(b"s" * 4321)
+
+    def scan() -> tuple[list[str], bytes | None]:
+        ignore = SwapWhenVisited(unit, "shards", outside, as_symlink)
+        manifest = scan_unit(str(unit), ignore=ignore, in_progress=IN_PROGRESS, max_files=100)
+        return [e.path for e in manifest.entries], manifest.scan_digest
+
+    names, _ = scan()
+    assert not any("secret" in n for n in names)
+    assert "shards/0.bin" not in names  # the swapped-out directory is not there either
+    # the next scan sees the new state: a symlink (listed as an entry, never followed), or
+    # the other directory, now legitimately part of the unit
+    again = scan_unit(str(unit), ignore=IGNORE, in_progress=IN_PROGRESS, max_files=100)
+    if as_symlink:
+        assert not any("secret" in e.path for e in again.entries)
+    else:
+        assert "shards/secret-name.bin" in [e.path for e in again.entries]
+
+
+def test_the_digest_walk_never_lists_a_swapped_directory(
+    unit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelwatch.manifest
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret-name.bin").write_bytes(b"s")
+    hashed: list[bytes] = []
+    real = modelwatch.manifest._digest
+
+    def spy(raw: list[tuple[bytes, int, int, int, int, int]]) -> bytes:
+        hashed.extend(entry[0] for entry in raw)
+        return real(raw)
+
+    monkeypatch.setattr(modelwatch.manifest, "_digest", spy)
+    ignore = SwapWhenVisited(unit, "shards", outside, True)
+    assert scan_digest(str(unit), ignore=ignore, max_files=100) is not None
+    assert b"shards" in hashed and b"model.bin" in hashed
+    assert not [name for name in hashed if name.startswith(b"shards/")]
