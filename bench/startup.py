@@ -10,6 +10,7 @@ bare inotify reader (`inotifywait -r`) needs to establish its watches on the sam
 
 from __future__ import annotations
 
+import logging
 import time
 
 from watchdog.events import FileSystemEventHandler
@@ -45,8 +46,14 @@ def watch_setup_seconds(root: str) -> float:
     started = time.perf_counter()
     observer.start()
     elapsed = time.perf_counter() - started
-    observer.stop()
-    observer.join()
+    # watchdog logs an error when an emitter is stopped before its thread ran; harmless here
+    quiet = logging.getLogger("watchdog.observers.inotify")
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        observer.stop()
+        observer.join()
+    finally:
+        quiet.setLevel(level)
     return elapsed
 
 
