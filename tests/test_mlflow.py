@@ -354,3 +354,27 @@ def test_build_sink_finds_the_mlflow_sink_through_entry_points() -> None:
     with closing(build_sink(config)) as sink:
         assert isinstance(sink, MlflowSink)
         assert f"tracking_uri='{URI}'" in repr(sink)
+
+
+def test_files_whose_names_are_not_utf8_are_uploaded(target: Target, tmp_path: Path) -> None:
+    """Events carry display names (`\\xff` for a byte that is not UTF-8); the sink finds the
+    file behind one, and uploads it under that name, instead of calling the run incomplete."""
+    path = unit(tmp_path / "models")
+    event = event_for(path)
+    with open(os.fsencode(path) + b"/extra-\xff.bin", "wb") as f:
+        f.write(b"x" * 12)
+    files = [*event.data["files"], {"path": "extra-\\xff.bin", "size": 12}]
+    event = make_event(
+        REGISTERED,
+        root=str(path.parent),
+        unit_path=str(path),
+        name=path.name,
+        when=time.time(),
+        data={**event.data, "files": files},
+    )
+    with closing(target.sink()) as sink:
+        sink.send(event)
+    (version,) = target.server.versions(f"{target.prefix}-resnet")
+    run = target.server.client.get_run(version.run_id)
+    assert "extra-\\xff.bin" in target.server.artifacts_of(run.info.run_id)
+    assert "modelwatch.incomplete_artifacts" not in run.data.tags

@@ -25,7 +25,8 @@ acknowledged without contacting the server; leave it out with `event_types`.
 
 Files are opened without following any symlink on the way and uploaded from the open file via
 `/proc/self/fd` (Linux), so a directory swapped for a symlink cannot make the sink read outside
-the unit. A listed file that is gone or has changed size is skipped, as are metrics MLflow
+the unit. A name that is not UTF-8 (shown as `\\xNN` in the event) is uploaded under its shown
+name. A listed file that is gone or has changed size is skipped, as are metrics MLflow
 would refuse; the run is then tagged `modelwatch.incomplete_artifacts` or
 `modelwatch.skipped_metrics` (retrying would not help; a newer version has its own event).
 
@@ -229,7 +230,8 @@ class MlflowSink:
                     continue
                 rel = str(entry["path"])
                 with _open_listed(str(event.data["root"]), [*unit, *rel.split("/")]) as fd:
-                    if fd is None or os.fstat(fd).st_size != entry["size"]:
+                    size = entry["size"]
+                    if fd is None or os.fstat(fd).st_size != size:
                         complete = False
                         continue
                     # the name gives the artifact its file name; the open fd gives the content
@@ -287,23 +289,44 @@ def _metrics(event: Event) -> tuple[list[Metric], list[str]]:
 
 @contextmanager
 def _open_listed(root: str, parts: list[str]) -> Iterator[int | None]:
-    """An fd of the regular file at `parts` below `root`, no symlink followed; None if none."""
+    """An fd of the regular file at `parts` below `root`, no symlink followed; None if none.
+
+    Event paths are display forms: bytes that are not UTF-8 appear as `\\xNN` escapes. A path
+    that does not exist as written is tried once more with those escapes turned back into
+    bytes, so files with such names are found (a literal backslash name is tried first).
+    """
     if not parts or any(part in ("", ".", "..") for part in parts):
         yield None
         return
-    try:
-        root_fd = beneath.open_directory(root)
+    fd = None
+    for top, rel in dict.fromkeys(
+        [(os.fsencode(root), os.fsencode("/".join(parts))), (_undisplay(root), _undisplay(*parts))]
+    ):
         try:
-            fd, _ = beneath.open_regular(root_fd, "/".join(parts))
-        finally:
-            os.close(root_fd)
-    except (OSError, ValueError):  # gone, swapped for a symlink, or an unencodable name
+            root_fd = beneath.open_directory(top)
+            try:
+                fd, _ = beneath.open_regular(root_fd, rel)
+                break
+            finally:
+                os.close(root_fd)
+        except (OSError, ValueError):  # gone, swapped for a symlink, or an unencodable name
+            continue
+    if fd is None:
         yield None
         return
     try:
         yield fd
     finally:
         os.close(fd)
+
+
+_ESCAPED = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def _undisplay(*parts: str) -> bytes:
+    """The raw bytes behind a display path (`modelwatch.manifest.display`), parts joined."""
+    raw = "/".join(parts).encode("utf-8", "surrogateescape")
+    return _ESCAPED.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
 
 
 # --- configuration -----------------------------------------------------------------------
