@@ -165,17 +165,20 @@ def scan_unit(
     in_progress: PatternSet,
     max_files: int,
     follow_top: bool = False,
+    watched_root: str | None = None,
 ) -> Manifest:
     """Scan `unit_dir` (see the module docstring). Never raises for what is on disk.
 
     `follow_top`: the unit directory itself may be a symlink (a depth-0 root given as one);
-    nothing below it is ever followed. Only ENOENT/ENOTDIR mean "gone": any other error (EIO,
-    ESTALE on NFS, EACCES) is reported as unreadable, so a hiccup never looks like a removal.
+    nothing below it is ever followed. `watched_root`: the root `unit_dir` lies more than one
+    level below; the directories between are then found without following symlinks either.
+    Only ENOENT/ENOTDIR mean "gone": any other error (EIO, ESTALE on NFS, EACCES) is reported
+    as unreadable, so a hiccup never looks like a removal.
     """
     root = os.fsencode(unit_dir)
     try:
-        st = os.stat(root) if follow_top else os.lstat(root)
-    except (FileNotFoundError, NotADirectoryError):
+        st = _unit_stat(unit_dir, follow_top, watched_root)
+    except (FileNotFoundError, NotADirectoryError, beneath.WrongTypeError):
         return Manifest(exists=False)
     except OSError as exc:
         reason = f". ({exc.strerror})"
@@ -208,6 +211,7 @@ def scan_digest(
     ignore: PatternSet,
     max_files: int,
     follow_top: bool = False,
+    watched_root: str | None = None,
 ) -> bytes | None:
     """`Manifest.scan_digest` of `unit_dir` now, from a walk that builds nothing else.
 
@@ -217,7 +221,7 @@ def scan_digest(
     """
     root = os.fsencode(unit_dir)
     try:
-        st = os.stat(root) if follow_top else os.lstat(root)
+        st = _unit_stat(unit_dir, follow_top, watched_root)
     except OSError:
         return None
     if not _S_ISDIR(st.st_mode):
@@ -258,6 +262,21 @@ def scan_digest(
 
 
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _unit_stat(unit_dir: str, follow_top: bool, watched_root: str | None) -> os.stat_result:
+    """The unit directory's stat; its (st_dev, st_ino) is what every later open must find.
+
+    Below a `watched_root`, every directory on the way is opened with O_NOFOLLOW (a unit two
+    levels down whose parent was swapped for a symlink is gone, not read elsewhere).
+    """
+    if watched_root is None:
+        return os.stat(unit_dir) if follow_top else os.lstat(unit_dir)
+    fd = beneath.open_directory(watched_root, os.path.relpath(unit_dir, watched_root))
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def _open_listed(path: bytes, identity: tuple[int, int], follow: bool) -> int | None:

@@ -76,6 +76,7 @@ class RootRules:
             follow_top=unit.name == ".",
             ignore=self.ignore,
             max_files=self.config.policy.max_files_per_unit,
+            watched_root=_above(unit),
         )
 
     def scan(self, unit: Unit) -> Manifest:
@@ -85,7 +86,13 @@ class RootRules:
             ignore=self.ignore,
             in_progress=self.in_progress,
             max_files=self.config.policy.max_files_per_unit,
+            watched_root=_above(unit),
         )
+
+
+def _above(unit: Unit) -> str | None:
+    """The root, for a unit more than one level below it (see `scan_unit`)."""
+    return unit.root if os.sep in unit.name else None
 
 
 class Units:

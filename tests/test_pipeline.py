@@ -538,3 +538,22 @@ def test_removed_unit_forgets_its_scan_digest(harness: Callable[..., Harness]) -
     h.touch(model)
     assert types(h.advance(3)) == ["removed"]
     assert h.store.units()[0].scan_digest is None
+
+
+def test_a_parent_swapped_for_a_symlink_hides_the_unit_instead_of_leaking(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """unit_depth = 2: `team/exp` registered, then `team` is swapped for a symlink to a
+    directory elsewhere that holds an `exp` of its own. The unit is gone from where it was
+    watched (removed); nothing from elsewhere is scanned or registered."""
+    h = harness(depth=2)
+    write(Path(h.root) / "team" / "exp" / "model.onnx", "mine")
+    h.rescan()
+    assert types(h.advance(3)) == ["registered"]
+    elsewhere = tmp_path / "elsewhere"
+    write(elsewhere / "exp" / "model.onnx", "someone else's model")
+    os.rename(Path(h.root) / "team", tmp_path / "team-moved")
+    os.symlink(elsewhere, Path(h.root) / "team")
+    h.rescan()
+    events = h.advance(3)
+    assert [(e.subject, e.short_type) for e in events] == [("team/exp", "removed")]
