@@ -24,6 +24,7 @@ from modelwatch.daemon import Daemon
 from modelwatch.events import Event
 from modelwatch.testing import MemorySink
 from tests.conftest import wait_until
+from tests.daemons import daemon_env, daemon_process
 from tests.writers import write_safetensors
 
 OUTSIDE_MARKER = "TOP-OUTSIDE_MARKER-OUTSIDE-THE-UNIT"
@@ -203,18 +204,9 @@ def test_unreadable_files_as_an_unprivileged_user(tmp_path: Path) -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv (util-linux) to drop to an unprivileged user")
     uid, gid = nobody()
+    as_nobody = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
     probe = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={uid}",
-            f"--regid={gid}",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            "import modelwatch",
-        ],
-        capture_output=True,
-        check=False,
+        [*as_nobody, sys.executable, "-c", "import modelwatch"], capture_output=True, check=False
     )
     if probe.returncode != 0:
         pytest.skip(
@@ -238,24 +230,8 @@ def test_unreadable_files_as_an_unprivileged_user(tmp_path: Path) -> None:
         f'[[sinks]]\ntype = "jsonl"\npath = "{out}"\nfsync = false\n'
     )
     config.chmod(0o644)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELWATCH_")}
-    env["HOME"] = str(base)
-    cmd = [
-        "setpriv",
-        f"--reuid={uid}",
-        f"--regid={gid}",
-        "--clear-groups",
-        sys.executable,
-        "-m",
-        "modelwatch",
-        "run",
-        "--config",
-        str(config),
-    ]
     try:
-        with subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-        ) as proc:
+        with daemon_process(config, env=daemon_env(HOME=str(base)), prefix=as_nobody) as proc:
             try:
                 secret = root / "secret-meta"
                 good_model(secret)

@@ -6,22 +6,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
-from typing import IO
 
 import pytest
 
+from tests.daemons import CLI, daemon_env, daemon_process, wait_ready_line
 from tests.writers import write_hf_sharded, write_safetensors
-
-CLI = [sys.executable, "-m", "modelwatch"]
 
 
 def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELWATCH_", "PS_"))}
-    env.update({"MODELWATCH_STATE_DIR": str(tmp_path / "state"), "MODELWATCH_LOG_FORMAT": "json"})
-    env.update(extra)
-    return env
+    defaults = {"MODELWATCH_STATE_DIR": str(tmp_path / "state"), "MODELWATCH_LOG_FORMAT": "json"}
+    return daemon_env(**{**defaults, **extra})
 
 
 def mw(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -35,53 +30,35 @@ def mw(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[st
     )
 
 
-def wait_ready(stderr: IO[str]) -> None:
-    """Read the daemon's log until it reports ready (it reconciled every root)."""
-    for line in stderr:
-        if '"ready"' in line:
-            return
-    raise AssertionError("the daemon exited before it was ready")
-
-
 def test_run_prints_the_event_for_a_model_copied_in(tmp_path: Path) -> None:
     """`modelwatch run ./dir`: a model written into the folder appears on stdout; Ctrl-C exits 0."""
     models = tmp_path / "models"
     models.mkdir()
-    with subprocess.Popen(
-        [*CLI, "run", str(models)],
+    with daemon_process(
+        ["run", str(models)],
+        env=env_for(tmp_path, MODELWATCH_SETTLE_SECONDS="0.5"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(tmp_path, MODELWATCH_SETTLE_SECONDS="0.5"),
     ) as proc:
-        try:
-            assert proc.stderr is not None and proc.stdout is not None
-            wait_ready(proc.stderr)
-            write_hf_sharded(models, shards=2)
-            event = json.loads(proc.stdout.readline())
-            assert event["type"] == "io.modelwatch.model.registered"
-            assert event["data"]["format"] == "huggingface"
-            assert event["data"]["version"] == 1
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=15) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        assert proc.stderr is not None and proc.stdout is not None
+        wait_ready_line(proc.stderr)
+        write_hf_sharded(models, shards=2)
+        event = json.loads(proc.stdout.readline())
+        assert event["type"] == "io.modelwatch.model.registered"
+        assert event["data"]["format"] == "huggingface"
+        assert event["data"]["version"] == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
 
 
 def test_second_daemon_on_the_same_state_refuses(tmp_path: Path) -> None:
     """A second `run` on the same state_dir exits 1 with a clear error instead of corrupting it."""
     (tmp_path / "m").mkdir()
-    with subprocess.Popen(
-        [*CLI, "run", str(tmp_path / "m")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(tmp_path),
+    with daemon_process(
+        ["run", str(tmp_path / "m")], env=env_for(tmp_path), stderr=subprocess.PIPE
     ) as first:
         try:
-            assert first.stderr is not None
-            wait_ready(first.stderr)
+            wait_ready_line(first.stderr)
             second = mw(tmp_path, "run", str(tmp_path / "m"))
             assert second.returncode == 1
             assert "in use by another modelwatch process" in second.stderr

@@ -14,8 +14,6 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -27,20 +25,12 @@ import pytest
 from modelwatch.config import DEFAULT_IGNORE, DEFAULT_IN_PROGRESS
 from modelwatch.manifest import PatternSet, fingerprint, scan_unit
 from tests.conftest import wait_until
+from tests.daemons import daemon_env, daemon_process
 from tests.receiver import Receiver
 from tests.writers import write_safetensors
 
 KILLS = 30
 SEED = int(os.environ.get("MODELWATCH_CRASH_SEED", "20261127"))
-
-
-def start_daemon(config: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "modelwatch", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -116,35 +106,34 @@ def test_sigkill_at_random_moments_loses_and_renumbers_nothing(
         f'[[sinks]]\ntype = "jsonl"\npath = "{out}"\n'
         f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\ntimeout_seconds = 5\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELWATCH_", "PS_"))}
-    env["MODELWATCH_LOG_LEVEL"] = "warning"
+    env = daemon_env(MODELWATCH_LOG_LEVEL="warning")
     writer = Writer(root, random.Random(rng.random()))
     writer.start()
     try:
         for _ in range(KILLS):
-            proc = start_daemon(config, env)
-            time.sleep(rng.uniform(0.1, 1.5))  # the kill moment is the point of the test
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            with daemon_process(config, env=env) as proc:
+                time.sleep(rng.uniform(0.1, 1.5))  # the kill moment is the point of the test
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
     finally:
         writer.stopping.set()
         writer.join()
 
     on_disk = current_fingerprints(root)
-    proc = start_daemon(config, env)
-    try:
-        wait_until(
-            lambda: (
-                (state / "state.db").exists()
-                and set(on_disk.items())
-                <= {(u, fp) for (u, _), fp in registered_in_store(state).items()}
-                and outbox_empty(state)
-            ),
-            timeout=60,
-        )
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+    with daemon_process(config, env=env) as proc:
+        try:
+            wait_until(
+                lambda: (
+                    (state / "state.db").exists()
+                    and set(on_disk.items())
+                    <= {(u, fp) for (u, _), fp in registered_in_store(state).items()}
+                    and outbox_empty(state)
+                ),
+                timeout=60,
+            )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
 
     events = read_jsonl(out)
     posted = [json.loads(r.body) for r in list(receiver.requests)]

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -23,6 +20,7 @@ from modelwatch.daemon import Daemon
 from modelwatch.events import Event
 from modelwatch.testing import MemorySink
 from tests.conftest import wait_until
+from tests.daemons import daemon_env, daemon_process
 from tests.receiver import Receiver, Reply
 from tests.writers import write_safetensors
 
@@ -71,31 +69,21 @@ def test_notify_protocol_across_start_reload_and_stop(tmp_path: Path, abstract: 
     config.write_text(
         f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[[roots]]\npath = "{tmp_path / "models"}"\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELWATCH_")}
-    env.update(NOTIFY_SOCKET=address, WATCHDOG_USEC="2000000")
+    env = daemon_env(NOTIFY_SOCKET=address, WATCHDOG_USEC="2000000")
     try:
-        with subprocess.Popen(
-            [sys.executable, "-m", "modelwatch", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        ) as proc:
-            try:
-                ready = notify.wait_for(lambda m: m.startswith("READY=1"))
-                assert "STATUS=watching 1 roots" in ready
-                notify.wait_for(lambda m: m == "WATCHDOG=1")
-                notify.wait_for(lambda m: m == "WATCHDOG=1")
-                proc.send_signal(signal.SIGHUP)
-                reloading = notify.wait_for(lambda m: m.startswith("RELOADING=1"))
-                usec = int(reloading.split("MONOTONIC_USEC=")[1])
-                assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 30e6
-                notify.wait_for(lambda m: m.startswith("READY=1"))
-                proc.send_signal(signal.SIGTERM)
-                notify.wait_for(lambda m: m == "STOPPING=1")
-                assert proc.wait(timeout=15) == 0
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
+        with daemon_process(config, env=env) as proc:
+            ready = notify.wait_for(lambda m: m.startswith("READY=1"))
+            assert "STATUS=watching 1 roots" in ready
+            notify.wait_for(lambda m: m == "WATCHDOG=1")
+            notify.wait_for(lambda m: m == "WATCHDOG=1")
+            proc.send_signal(signal.SIGHUP)
+            reloading = notify.wait_for(lambda m: m.startswith("RELOADING=1"))
+            usec = int(reloading.split("MONOTONIC_USEC=")[1])
+            assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 30e6
+            notify.wait_for(lambda m: m.startswith("READY=1"))
+            proc.send_signal(signal.SIGTERM)
+            notify.wait_for(lambda m: m == "STOPPING=1")
+            assert proc.wait(timeout=15) == 0
     finally:
         notify.close()
 
@@ -266,11 +254,7 @@ def test_sigterm_with_a_backlog_exits_in_time_and_delivers_after_restart(
         f'[defaults]\nsettle_seconds = 0.2\n[[roots]]\npath = "{root}"\nunit_depth = 1\n'
         f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\ntimeout_seconds = 5\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELWATCH_")}
-    args = [sys.executable, "-m", "modelwatch", "run", "--config", str(config)]
-    with subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    ) as proc:
+    with daemon_process(config) as proc:
         wait_until(lambda: len(receiver.requests) >= 2, timeout=20)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -278,9 +262,7 @@ def test_sigterm_with_a_backlog_exits_in_time_and_delivers_after_restart(
         assert time.monotonic() - started < 2 + 3  # the timeout, plus process exit
     receiver.replies.clear()
     before = len(receiver.requests)
-    with subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    ) as proc:
+    with daemon_process(config) as proc:
         try:
             wait_until(
                 lambda: len({r.headers["webhook-id"] for r in receiver.requests[before:]}) == 3,

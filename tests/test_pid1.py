@@ -6,12 +6,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import wait_until
+from tests.daemons import daemon_process
 from tests.writers import write_safetensors
 
 
@@ -59,37 +59,17 @@ def test_pid1_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
         f'[[sinks]]\ntype = "command"\nargv = ["{hook}"]\n'
         f'[[sinks]]\ntype = "jsonl"\npath = "{tmp_path / "out.jsonl"}"\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELWATCH_")}
-    with subprocess.Popen(
-        [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--kill-child",  # the daemon dies with unshare, even when the test fails
-            "--mount-proc",
-            sys.executable,
-            "-m",
-            "modelwatch",
-            "run",
-            "--config",
-            str(config),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    ) as proc:
-        try:
-            wait_until(lambda: Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text())
-            pid1 = daemon_pid(proc.pid)
-            for i in range(3):
-                (models / f"exp-{i}").mkdir()
-                write_safetensors(models / f"exp-{i}" / "model.safetensors", {"w": 10})
-            out = tmp_path / "out.jsonl"
-            wait_until(lambda: out.exists() and len(out.read_text().splitlines()) == 3, timeout=20)
-            # the orphans exit after 0.2 s; reaped, they vanish (unreaped, they stay zombies)
-            wait_until(lambda: orphans_of(pid1) == [], timeout=5)
-            os.kill(pid1, signal.SIGTERM)
-            assert proc.wait(timeout=20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    # --kill-child: the daemon dies with unshare, even when the test fails
+    unshare = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    with daemon_process(config, prefix=unshare) as proc:
+        wait_until(lambda: Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text())
+        pid1 = daemon_pid(proc.pid)
+        for i in range(3):
+            (models / f"exp-{i}").mkdir()
+            write_safetensors(models / f"exp-{i}" / "model.safetensors", {"w": 10})
+        out = tmp_path / "out.jsonl"
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) == 3, timeout=20)
+        # the orphans exit after 0.2 s; reaped, they vanish (unreaped, they stay zombies)
+        wait_until(lambda: orphans_of(pid1) == [], timeout=5)
+        os.kill(pid1, signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 from modelwatch.sinks import load_factories
+from tests.daemons import daemon_env
 from tests.writers import write_safetensors
 
 PLUGIN = '''
@@ -82,8 +83,7 @@ def test_third_party_sink_is_configured_by_type(tmp_path: Path) -> None:
         event_types = ["removed"]
         """)
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELWATCH_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env = daemon_env(PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, "-m", "modelwatch", "scan", "--config", str(config)],
         capture_output=True,

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from modelwatch.mounts import choose_observer, filesystem_type, parse_mountinfo
 from modelwatch.testing import MemorySink
 from modelwatch.watch import make_observer
 from tests.conftest import wait_until
+from tests.daemons import daemon_env, daemon_process, wait_ready_line
 from tests.writers import write_safetensors
 
 MOUNTINFO = """\
@@ -199,19 +199,9 @@ def test_kernel_queue_overflow_misses_no_unit(tmp_path: Path) -> None:
         f'[[roots]]\npath = "{root}"\nunit_depth = 1\n'
         f'[[sinks]]\ntype = "jsonl"\npath = "{out}"\nfsync = false\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELWATCH_", "PS_"))}
-    env["MODELWATCH_LOG_FORMAT"] = "json"
-    with subprocess.Popen(
-        [sys.executable, "-m", "modelwatch", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    ) as proc:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if '"ready"' in line:
-                break
+    env = daemon_env(MODELWATCH_LOG_FORMAT="json")
+    with daemon_process(config, env=env, stderr=subprocess.PIPE) as proc:
+        wait_ready_line(proc.stderr)
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []))
         reader.start()
