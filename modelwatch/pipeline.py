@@ -307,14 +307,16 @@ class Pipeline(threading.Thread):
         together (one transaction per `_COMMIT_BATCH` units), scans and inspection outside
         it, so a burst of models costs one fsync instead of one per model."""
         stable: list[_Stable] = []
-        for unit in self.settler.due(now):
-            item = self._check(unit, now)
-            if item is not None:
-                stable.append(item)
-            if len(stable) >= _COMMIT_BATCH:
-                self._commit(stable, now)
-                stable = []
-        self._commit(stable, now)
+        try:
+            for unit in self.settler.due(now):
+                item = self._check(unit, now)
+                if item is not None:
+                    stable.append(item)
+                if len(stable) >= _COMMIT_BATCH:
+                    self._commit(stable, now)
+                    stable = []
+        finally:  # a bug in one unit's check must not strand the units already settled
+            self._commit(stable, now)
         for unit in self.settler.overdue(now):
             self._overdue(unit, now)
 

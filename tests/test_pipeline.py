@@ -557,3 +557,32 @@ def test_a_parent_swapped_for_a_symlink_hides_the_unit_instead_of_leaking(
     h.rescan()
     events = h.advance(3)
     assert [(e.subject, e.short_type) for e in events] == [("team/exp", "removed")]
+
+
+def test_a_bug_in_one_units_check_strands_no_other_unit(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Units settle together and commit together; if checking one of them raises (a bug),
+    the ones already settled in that pass are still committed, and the failed one is tried
+    again."""
+    import modelwatch.pipeline
+
+    h = harness(depth=1)
+    for name in ("a", "b", "c"):
+        write(Path(h.root) / name / "model.onnx", name)
+    h.rescan()
+    real = modelwatch.pipeline.readiness
+    calls: list[str] = []
+
+    def flaky(unit_dir: str, *args: Any) -> str | None:
+        calls.append(unit_dir)
+        if len(calls) == 2:
+            raise RuntimeError("a bug")
+        return real(unit_dir, *args)
+
+    monkeypatch.setattr(modelwatch.pipeline, "readiness", flaky)
+    with pytest.raises(RuntimeError):
+        h.advance(3)
+    assert len(h.events) == 1  # the unit checked before the bug is committed and sent
+    h.advance(5)
+    assert sorted(e.subject for e in h.events) == ["a", "b", "c"]
