@@ -1,9 +1,9 @@
 """Polling a tree cheaply: per directory, one compact bytes record of its entries.
 
-Each pass walks the tree with os.scandir and
-lstat (DirEntry.stat) and, per directory, builds the sorted list of
-(name, inode, size, mtime_ns, mode) of its entries (size and mtime 0 for subdirectories: their
-own record covers their contents), marshalled to bytes. An unchanged directory costs one bytes
+Each pass walks the tree with os.scandir and lstat (DirEntry.stat, relative to each
+directory's fd) and, per directory, builds the sorted list of (name, inode, size, mtime_ns,
+mode) of its entries (size and mtime 0 for subdirectories: their own record covers their
+contents), marshalled to bytes. An unchanged directory costs one bytes
 comparison; a changed one is unmarshalled and diffed entry by entry, so the handler gets the
 same per-path events as from watchdog's polling emitter (created, deleted, modified).
 """
@@ -28,15 +28,28 @@ _S_ISDIR = stat.S_ISDIR
 Record = dict[str, bytes]
 
 
+_LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
 def take(root: str) -> Record:
-    """directory path -> marshalled sorted entries, for every directory under `root`."""
+    """directory path -> marshalled sorted entries, for every directory under `root`.
+
+    Each directory is listed through an fd (the root followed if it is a symlink, nothing
+    below it): entries are then stat-ed relative to it (fstatat), cheaper than by full path.
+    """
     records: Record = {}
     stack = [root]
+    flags = _LIST
     while stack:
         path = stack.pop()
         items = []
         try:
-            with os.scandir(path) as entries:
+            fd = os.open(path, flags)
+        except OSError:
+            continue
+        flags = _LIST | os.O_NOFOLLOW
+        try:
+            with os.scandir(fd) as entries:
                 for entry in entries:
                     try:
                         st = entry.stat(follow_symlinks=False)
@@ -45,11 +58,13 @@ def take(root: str) -> Record:
                     mode = st.st_mode
                     if _S_ISDIR(mode):
                         items.append((entry.name, st.st_ino, 0, 0, mode))
-                        stack.append(entry.path)
+                        stack.append(os.path.join(path, entry.name))
                     else:
                         items.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns, mode))
         except OSError:
             continue
+        finally:
+            os.close(fd)
         items.sort()
         records[path] = marshal.dumps(items, 2)  # version 2: no back-references, canonical
     return records
