@@ -3,13 +3,14 @@ always killed and reaped, and waiting for the daemon's "ready" log line."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 CLI = [sys.executable, "-m", "modelwatch"]
 
@@ -61,3 +62,11 @@ def wait_ready_line(stream: IO[str] | None) -> None:
         if '"ready"' in line:
             return
     raise AssertionError("the daemon exited before it was ready")
+
+
+def jsonl_records(path: Path) -> list[dict[str, Any]]:
+    """The events a `jsonl` sink has written to `path` so far, complete lines only: a line the
+    daemon is still writing (a large event spans pages) is read on the next call."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line]

@@ -24,7 +24,7 @@ from modelwatch.daemon import Daemon
 from modelwatch.events import Event
 from modelwatch.testing import MemorySink
 from tests.conftest import wait_until
-from tests.daemons import daemon_env, daemon_process
+from tests.daemons import daemon_env, daemon_process, jsonl_records
 from tests.writers import write_safetensors
 
 OUTSIDE_MARKER = "TOP-OUTSIDE_MARKER-OUTSIDE-THE-UNIT"
@@ -243,8 +243,7 @@ def test_unreadable_files_as_an_unprivileged_user(tmp_path: Path) -> None:
                 (locked / "private").chmod(0o000)
 
                 def events() -> dict[str, dict[str, object]]:
-                    lines = out.read_text().splitlines() if out.exists() else []
-                    return {json.loads(x)["subject"]: json.loads(x) for x in lines}
+                    return {e["subject"]: e for e in jsonl_records(out)}
 
                 wait_until(lambda: {"secret-meta", "locked-dir"} <= set(events()), timeout=30)
                 got = events()

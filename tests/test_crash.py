@@ -18,25 +18,18 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from modelwatch.config import DEFAULT_IGNORE, DEFAULT_IN_PROGRESS
 from modelwatch.manifest import PatternSet, fingerprint, scan_unit
 from tests.conftest import wait_until
-from tests.daemons import daemon_env, daemon_process
+from tests.daemons import daemon_env, daemon_process, jsonl_records
 from tests.receiver import Receiver
 from tests.writers import write_safetensors
 
 KILLS = 30
 SEED = int(os.environ.get("MODELWATCH_CRASH_SEED", "20261127"))
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def registered_in_store(state: Path) -> dict[tuple[str, int], str]:
@@ -135,7 +128,7 @@ def test_sigkill_at_random_moments_loses_and_renumbers_nothing(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
 
-    events = read_jsonl(out)
+    events = jsonl_records(out)
     posted = [json.loads(r.body) for r in list(receiver.requests)]
     assert {e["id"] for e in posted} == {e["id"] for e in events}, "both sinks got everything"
     store = registered_in_store(state)

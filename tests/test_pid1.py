@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
-from tests.daemons import daemon_process
+from tests.daemons import daemon_process, jsonl_records
 from tests.writers import write_safetensors
 
 
@@ -68,7 +68,7 @@ def test_pid1_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
             (models / f"exp-{i}").mkdir()
             write_safetensors(models / f"exp-{i}" / "model.safetensors", {"w": 10})
         out = tmp_path / "out.jsonl"
-        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) == 3, timeout=20)
+        wait_until(lambda: len(jsonl_records(out)) == 3, timeout=20)
         # the orphans exit after 0.2 s; reaped, they vanish (unreaped, they stay zombies)
         wait_until(lambda: orphans_of(pid1) == [], timeout=5)
         os.kill(pid1, signal.SIGTERM)

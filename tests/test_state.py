@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from modelwatch.events import Event
 from modelwatch.sinks import build_sink
 from modelwatch.state import SCHEMA_VERSION, StateDir, Store
 from modelwatch.testing import MemorySink
-from tests.conftest import wait_until
+from tests.conftest import fill_disk, wait_until
 from tests.receiver import Receiver, Reply
 from tests.writers import write_safetensors
 
@@ -210,37 +208,6 @@ def test_stop_leaves_undelivered_events_for_the_next_start(
     assert event.subject == "a"
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs for the state dir, so the disk can really fill up."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Fill the filesystem holding `directory` completely; returns the filler file."""
-    filler = directory / f"filler-{uuid.uuid4().hex}"
-    with filler.open("wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
-
-
 def test_full_disk_loses_nothing(
     harness: Callable[..., Harness], tmp_path: Path, small_disk: Path
 ) -> None:
@@ -249,7 +216,7 @@ def test_full_disk_loses_nothing(
     sink = MemorySink()
     with structlog.testing.capture_logs() as logs:
         h.start(sink)
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
         names = [f"exp-{i:02d}" for i in range(30)]
         for name in names:
             model(tmp_path / "models", name)

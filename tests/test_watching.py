@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -25,7 +24,7 @@ from modelwatch.mounts import choose_observer, filesystem_type, parse_mountinfo
 from modelwatch.testing import MemorySink
 from modelwatch.watch import make_observer
 from tests.conftest import wait_until
-from tests.daemons import daemon_env, daemon_process, wait_ready_line
+from tests.daemons import daemon_env, daemon_process, jsonl_records, wait_ready_line
 from tests.writers import write_safetensors
 
 MOUNTINFO = """\
@@ -218,8 +217,7 @@ def test_kernel_queue_overflow_misses_no_unit(tmp_path: Path) -> None:
             os.kill(proc.pid, signal.SIGCONT)
 
         def delivered() -> Counter[str]:
-            text = out.read_text() if out.exists() else ""
-            return Counter(json.loads(x)["subject"] for x in text.splitlines())
+            return Counter(e["subject"] for e in jsonl_records(out))
 
         try:
             wait_until(lambda: len(delivered()) == units, timeout=90)
