@@ -83,17 +83,16 @@ def _scan_pass(units: Units) -> list[Event]:
     if first:
         time.sleep(wait)
     events: list[Event] = []
-    with units.registry.store.batch():  # one transaction: one fsync for the whole pass
-        for unit, before in first.items():
-            rules = units.rules[unit.root]
-            after = rules.scan(unit)
-            reason = "changed during the scan" if after.stat_key != before.stat_key else None
-            if reason is None and after.exists:
-                reason = readiness(unit.path, after, rules.config.policy)
-            if reason is not None:
-                log.info("unit_skipped", unit=unit.display, reason=reason)
-                continue
-            event = units.settle(unit, after, wait)
-            if event is not None:
-                events.append(event)
+    for unit, before in first.items():
+        rules = units.rules[unit.root]
+        after = rules.scan(unit)
+        reason = "changed during the scan" if after.stat_key != before.stat_key else None
+        if reason is None and after.exists:
+            reason = readiness(unit.path, after, rules.config.policy)
+        if reason is not None:
+            log.info("unit_skipped", unit=unit.display, reason=reason)
+            continue
+        event = units.settle(unit, after, wait)
+        if event is not None:
+            events.append(event)
     return events
