@@ -283,7 +283,8 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
 
 
 def _open_existing_store(config: Config) -> Store:
-    return Store(StateDir(config.daemon.state_dir).db_path)
+    # no migration: a daemon of the previous version may be running on this store
+    return Store(StateDir(config.daemon.state_dir).db_path, migrate=False)
 
 
 def _age(created: float | None, now: float) -> float | None:

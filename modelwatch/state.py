@@ -140,8 +140,15 @@ class SinkStats:
 class Store:
     """One connection to the state database (not shared between threads)."""
 
-    def __init__(self, db_path: str) -> None:
+    def __init__(self, db_path: str, *, migrate: bool = True) -> None:
+        """Open (and create) the store; `migrate=False` leaves an older schema as it is.
+
+        Only the process holding the state directory's lock may migrate: a read-only command
+        (`status`, `redeliver`) run next to a daemon of the previous version must not change
+        the tables under it.
+        """
         self._in_batch = False
+        self._version = 0
         try:
             # Owned by one thread at a time (it may be created by another before handing over).
             self._db = sqlite3.connect(
@@ -152,7 +159,7 @@ class Store:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._migrate()
+            self._migrate(migrate)
         except (sqlite3.Error, StateError) as exc:
             self._db.close()
             if isinstance(exc, StateError):
@@ -171,7 +178,8 @@ class Store:
                     source.backup(store._db)
                 finally:
                     source.close()
-            except sqlite3.Error as exc:
+                store._migrate(True)  # the copy has the file's schema, maybe an older one
+            except (sqlite3.Error, StateError) as exc:
                 store.close()
                 raise StateError(f"{db_path}: {exc}") from exc
         return store
@@ -179,18 +187,22 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def _migrate(self) -> None:
+    def _migrate(self, migrate: bool) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StateError(
                 f"state schema {version} is newer than this modelwatch ({SCHEMA_VERSION})"
             )
+        if version and not migrate:
+            self._version = version
+            return
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self._transaction() as db:
                 for statement in _MIGRATIONS[target].split(";"):
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {target}")
+        self._version = SCHEMA_VERSION
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -256,14 +268,22 @@ class Store:
     # -- units and fingerprints ------------------------------------------------------------
 
     def unit(self, path: str) -> UnitRecord | None:
-        rows = self._query("SELECT * FROM units WHERE path = ?", (path,))
-        return _unit_record(rows[0]) if rows else None
+        rows = self._units("WHERE path = ?", (path,))
+        return rows[0] if rows else None
 
     def units(self, root: str | None = None) -> list[UnitRecord]:
         if root is None:
-            return [_unit_record(r) for r in self._query("SELECT * FROM units ORDER BY path")]
-        rows = self._query("SELECT * FROM units WHERE root = ? ORDER BY path", (root,))
-        return [_unit_record(r) for r in rows]
+            return self._units()
+        return self._units("WHERE root = ?", (root,))
+
+    def _units(self, where: str = "", args: Sequence[Any] = ()) -> list[UnitRecord]:
+        digest = "scan_digest" if self._version >= 2 else "NULL"  # a schema 1 store, unmigrated
+        columns = (
+            "path, root, last_version, registered_fp, registered_version, registered_format,"
+            f" registered_model_type, present, {digest}"
+        )
+        sql = f"SELECT {columns} FROM units {where} ORDER BY path"  # noqa: S608 (constants; values bound)
+        return [_unit_record(row) for row in self._query(sql, args)]
 
     def knows(self, unit_path: str, fp: str) -> bool:
         sql = "SELECT 1 FROM fingerprints WHERE unit = ? AND fingerprint = ?"
@@ -422,5 +442,5 @@ class Store:
 
 
 def _unit_record(row: Sequence[Any]) -> UnitRecord:
-    path, root, last, fp, version, fmt, model_type, present, _updated, digest = row
+    path, root, last, fp, version, fmt, model_type, present, digest = row
     return UnitRecord(path, root, last, fp, version, fmt, model_type, bool(present), digest)

@@ -223,3 +223,43 @@ def test_validate_never_opens_a_fifo(tmp_path: Path) -> None:
     result = mw(tmp_path, "validate", str(fifo))
     assert result.returncode == 1
     assert "metadata_not_regular_file" in result.stdout
+
+
+def test_an_older_store_is_read_by_status_and_dry_run_and_migrated_only_by_scan(
+    tmp_path: Path,
+) -> None:
+    """After an upgrade, on a store of schema 1 (the previous version's daemon may still run on
+    it): `status` and `scan --dry-run` work and leave it as it is; a real `scan`, which takes
+    the state lock, migrates it."""
+    import sqlite3
+
+    models = tmp_path / "models"
+    write_hf_sharded(models / "exp-1", shards=1)
+    settle = {"MODELWATCH_SETTLE_SECONDS": "0.2"}
+    assert mw(tmp_path, "scan", f"{models}:1", **settle).returncode == 0
+    db_path = tmp_path / "state" / "state.db"
+
+    def schema() -> int:
+        db = sqlite3.connect(db_path)
+        try:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            db.close()
+
+    db = sqlite3.connect(db_path)
+    db.execute("ALTER TABLE units DROP COLUMN scan_digest")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    status = mw(tmp_path, "status", "--format", "json")
+    assert status.returncode == 0, status.stderr
+    assert [u["version"] for u in json.loads(status.stdout)["units"]] == [1]
+    write_hf_sharded(models / "exp-1", shards=2)
+    dry = mw(tmp_path, "scan", "--dry-run", f"{models}:1", **settle)
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["data"]["version"] == 2
+    assert schema() == 1
+    real = mw(tmp_path, "scan", f"{models}:1", **settle)
+    assert real.returncode == 0, real.stderr
+    assert json.loads(real.stdout)["data"]["version"] == 2
+    assert schema() == 2
