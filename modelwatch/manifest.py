@@ -76,6 +76,8 @@ class Manifest:
     # directories included; None when the walk was incomplete. Equal digests: nothing on disk
     # changed (any write, rename, chmod or utime moves ctime, which no caller can set).
     scan_digest: bytes | None = field(default=None, compare=False)
+    # The newest ctime (ns) of the unit directory and every entry, for `scan_digest`'s users.
+    newest_change_ns: int = field(default=0, compare=False)
     # How to open the unit directory again for reading (`beneath.open_unit`): followed only
     # when it is a depth-0 root, and it must still be the directory scanned (st_dev, st_ino).
     follow_top: bool = field(default=False, compare=False)
@@ -200,6 +202,7 @@ def scan_unit(
         unreadable=tuple(sorted(walker.unreadable)),
         stat_key=key,
         scan_digest=walker.digest() if complete else None,
+        newest_change_ns=max([st.st_ctime_ns, *(r[4] for r in walker.raw)]),
         follow_top=follow_top,
         identity=(st.st_dev, st.st_ino),
     )

@@ -9,6 +9,7 @@ again one quiet period later; the loop itself never dies of a unit.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import queue
 import threading
@@ -41,6 +42,16 @@ log = structlog.get_logger("modelwatch.pipeline")
 
 _BATCH = 5000
 _COMMIT_BATCH = 256  # units settling at once whose outcomes share one transaction
+_COMMIT_AFTER = 1.0  # seconds: a batch is committed once its first unit waited this long
+
+# With content_digest = "sha256", a scan digest is remembered only for files unchanged this
+# long: writes through a shared mapping to a page that is already dirty move no timestamp until
+# it is written back (the kernel's default dirty expiry is 30 s), and only hashing sees them.
+# (Without content digests, fingerprints are made of the same timestamps: nothing to guard.)
+DIGEST_MIN_AGE = 60.0
+# Part of every stored digest: a new way to fingerprint or inspect units changes it, and with
+# it every stored digest, so units are looked at again.
+_DIGEST_FORMAT = 1
 
 
 class Ready:
@@ -68,16 +79,43 @@ class RootRules:
         self.ignore = PatternSet(root.policy.ignore)
         self.in_progress = PatternSet(root.policy.in_progress)
         self.timing = Timing(root.policy.settle_seconds, root.policy.max_wait_seconds)
+        # What a unit's fingerprint depends on besides its files: a digest stored under other
+        # rules (a reload or restart changed them) never matches, so the unit is scanned again.
+        policy = root.policy
+        rules = (
+            _DIGEST_FORMAT,
+            policy.ignore,
+            policy.in_progress,
+            policy.content_digest,
+            policy.max_files_per_unit,
+        )
+        self._key = hashlib.blake2b(repr(rules).encode(), digest_size=32).digest()
+
+    def _keyed(self, digest: bytes | None) -> bytes | None:
+        if digest is None:
+            return None
+        return hashlib.blake2b(digest, key=self._key, digest_size=16).digest()
 
     def digest(self, unit: Unit) -> bytes | None:
-        """The unit's scan digest now (None: no shortcut, scan it)."""
-        return scan_digest(
-            unit.path,
-            follow_top=unit.name == ".",
-            ignore=self.ignore,
-            max_files=self.config.policy.max_files_per_unit,
-            watched_root=_above(unit),
+        """The unit's scan digest now, as stored (None: no shortcut, scan it)."""
+        return self._keyed(
+            scan_digest(
+                unit.path,
+                follow_top=unit.name == ".",
+                ignore=self.ignore,
+                max_files=self.config.policy.max_files_per_unit,
+                watched_root=_above(unit),
+            )
         )
+
+    def to_store(self, manifest: Manifest, now: float) -> bytes | None:
+        """The digest to remember with the fingerprint of `manifest` (scanned just before
+        `now`, wall clock); with content digests, None while a file changed less than
+        `DIGEST_MIN_AGE` ago."""
+        young = manifest.newest_change_ns > (now - DIGEST_MIN_AGE) * 1e9
+        if young and self.config.policy.content_digest != "none":
+            return None
+        return self._keyed(manifest.scan_digest)
 
     def scan(self, unit: Unit) -> Manifest:
         return scan_unit(
@@ -142,7 +180,8 @@ class Units:
     def settle(self, unit: Unit, manifest: Manifest, settled_after: float) -> Event | None:
         """Register (or reject, or remove) a unit that is stable now."""
         found = self.inspect(unit, manifest)
-        return self.record(unit, found, settled_after, manifest.scan_digest)
+        digest = self.rules[unit.root].to_store(manifest, self.clock.time())
+        return self.record(unit, found, settled_after, digest)
 
     def inspect(self, unit: Unit, manifest: Manifest) -> Inspection | None:
         """What a stable unit holds; None when it is gone.
@@ -289,8 +328,8 @@ class Pipeline(threading.Thread):
                 unchanged = False
             if not unchanged:
                 self.settler.observe(unit, now)
-            elif manifest.scan_digest is not None:
-                healed.append((unit.display, manifest.scan_digest))
+            elif (digest := rules.to_store(manifest, self.clock.time())) is not None:
+                healed.append((unit.display, digest))
         try:
             store.set_scan_digests(healed)
         except StateError as exc:  # only a shortcut is lost: the next pass scans again
@@ -337,7 +376,7 @@ class Pipeline(threading.Thread):
             log.exception("unit_failed", unit=unit.display)
             self._retry(item, now)
             return None
-        item.scan_digest = manifest.scan_digest
+        item.scan_digest = rules.to_store(manifest, self.clock.time())
         return item
 
     def _retry(self, item: _Stable, now: float) -> None:
