@@ -88,7 +88,11 @@ def open_unit(
     else:
         fd = open_directory(parent or os.curdir, name)
     if identity is not None:
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
         if (st.st_dev, st.st_ino) != identity:
             os.close(fd)
             raise OSError(errno.ESTALE, "replaced since it was scanned", unit_dir)
@@ -132,7 +136,11 @@ def open_regular(dir_fd: int, rel: str | bytes) -> tuple[int, os.stat_result]:
     finally:
         if parent_fd != dir_fd:
             os.close(parent_fd)
-    mode = os.fstat(fd).st_mode  # or replaced by something else
+    try:
+        mode = os.fstat(fd).st_mode  # or replaced by something else
+    except OSError:
+        os.close(fd)
+        raise
     if not stat.S_ISREG(mode):
         os.close(fd)
         raise WrongTypeError(mode, shown, final=True)

@@ -298,7 +298,11 @@ def _open_listed(path: bytes, identity: tuple[int, int], follow: bool) -> int | 
         if exc.errno == errno.ELOOP:
             return None
         raise
-    st = os.fstat(fd)
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
     if (st.st_dev, st.st_ino) != identity:
         os.close(fd)
         return None
@@ -441,7 +445,9 @@ def pending_fingerprint(manifest: Manifest) -> str:
 def sha256_file(
     unit_dir: str, entry: Entry, chunk: int = 4 << 20, *, dir_fd: int | None = None
 ) -> str | None:
-    """Content digest of one regular file; None when it cannot be read as one.
+    """Content digest of the `entry.size` bytes the manifest lists of one regular file (a file
+    that grew since the scan is not read without bound: the next scan sees its new size);
+    None when it cannot be read as one.
 
     The file is opened below `unit_dir` (or the unit directory open as `dir_fd`, when given)
     one component at a time, never following a symlink below that directory
@@ -466,13 +472,15 @@ def sha256_file(
             return None
         h = hashlib.sha256()
         if st.st_size >= _READ_AHEAD_FROM:
-            _hash_read_ahead(fd, h, 1 << 20)
+            _hash_read_ahead(fd, h, 1 << 20, entry.size)
             return h.hexdigest()
         buffer = bytearray(chunk)
         view = memoryview(buffer)
+        left = entry.size
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
-            while n := f.readinto(buffer):
+            while left > 0 and (n := f.readinto(view[: min(chunk, left)])):
                 h.update(view[:n])
+                left -= n
         return h.hexdigest()
     except OSError:
         return None
@@ -483,23 +491,27 @@ def sha256_file(
 _READ_AHEAD_FROM = 8 << 20
 
 
-def _hash_read_ahead(fd: int, h: Any, chunk: int, depth: int = 3) -> None:
-    """Hash `fd` to its end while a reader thread fills the next buffers.
+def _hash_read_ahead(fd: int, h: Any, chunk: int, limit: int, depth: int = 3) -> None:
+    """Hash the first `limit` bytes of `fd` while a reader thread fills the next buffers.
 
     The reader stops at end of file, on a read error (raised here) or when it takes the
     `None` this side puts back on any exit, so it never outlives the call (the fd is closed
     right after).
     """
     free: queue.Queue[bytearray | None] = queue.Queue()
-    full: queue.Queue[tuple[bytearray, int] | OSError] = queue.Queue()
+    full: queue.Queue[tuple[bytearray, int] | BaseException] = queue.Queue()
     for _ in range(depth):
         free.put(bytearray(chunk))
 
+    left = limit
+
     def read() -> None:
+        nonlocal left
         while (buf := free.get()) is not None:
             try:
-                n = os.readv(fd, [buf])
-            except OSError as exc:
+                n = os.readv(fd, [memoryview(buf)[: min(chunk, left)]]) if left > 0 else 0
+                left -= n
+            except BaseException as exc:  # forwarded: the hashing side must not wait forever
                 full.put(exc)
                 return
             full.put((buf, n))
@@ -511,7 +523,7 @@ def _hash_read_ahead(fd: int, h: Any, chunk: int, depth: int = 3) -> None:
     try:
         while True:
             item = full.get()
-            if isinstance(item, OSError):
+            if isinstance(item, BaseException):
                 raise item
             buf, n = item
             if n == 0:

@@ -103,6 +103,15 @@ def test_sha256_file_matches_hashlib(tmp_path: Path, size: int) -> None:
     assert got == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.parametrize("listed", [100, 12 << 20])
+def test_sha256_file_hashes_only_the_bytes_the_manifest_listed(tmp_path: Path, listed: int) -> None:
+    """A file still growing after the scan is hashed up to its listed size, not to its end."""
+    data = os.urandom(listed + (1 << 20))
+    (tmp_path / "w.bin").write_bytes(data)
+    got = sha256_file(str(tmp_path), Entry(b"w.bin", listed, 0, 0))
+    assert got == hashlib.sha256(data[:listed]).hexdigest()
+
+
 def test_sha256_file_never_opens_a_fifo_or_follows_a_link(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     os.symlink("/etc/passwd", tmp_path / "link")
@@ -125,7 +134,7 @@ def test_read_ahead_reader_stops_when_hashing_fails(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "w.bin", os.O_RDONLY)
     try:
         with pytest.raises(MemoryError):
-            _hash_read_ahead(fd, Failing(), 1 << 20)
+            _hash_read_ahead(fd, Failing(), 1 << 20, 16 << 20)
     finally:
         os.close(fd)
     assert not [t for t in threading.enumerate() if t.name == "sha256-read-ahead"]
