@@ -30,6 +30,12 @@ class StateError(ModelwatchError):
     """The state store cannot be opened or written."""
 
 
+class UnitUnavailable(ModelwatchError):
+    """A stable unit's directory could not be opened again to inspect it (gone, swapped for a
+    symlink since its scan, or a transient error such as ESTALE): it is tried again later,
+    never registered or rejected from what could not be read."""
+
+
 class SinkError(ModelwatchError):
     """A delivery attempt failed and may be retried.
 

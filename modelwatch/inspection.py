@@ -6,8 +6,9 @@ settled unit's manifest into the facts an event carries, with problems as data.
 Both read the unit directory the manifest was scanned from and nothing else: it is opened as
 `beneath.open_unit` describes (not followed unless it is a depth-0 root, and with the device
 and inode the scan saw), and every file below it one component at a time with O_NOFOLLOW. A
-unit directory swapped since the scan makes the unit not ready, its digests "unreadable" and
-its metadata `metadata_unreadable`.
+unit directory that cannot be opened again (swapped since the scan, gone, ESTALE) makes the
+unit not ready, and `inspect_unit` raise `UnitUnavailable`: it is looked at again later,
+nothing is recorded from what could not be read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from modelwatch.beneath import open_unit
 from modelwatch.config import MetadataConfig, UnitPolicy
-from modelwatch.errors import Problem
+from modelwatch.errors import Problem, UnitUnavailable
 from modelwatch.formats import check_complete, detect_format, model_type_for
 from modelwatch.manifest import Manifest, fingerprint, sha256_file
 from modelwatch.metadata import SchemaValidator, validate_unit_metadata
@@ -77,25 +78,20 @@ def inspect_unit(
     meta: MetadataConfig,
     schema: SchemaValidator | None = None,
 ) -> Inspection:
-    """Everything an event says about a settled unit."""
+    """Everything an event says about a settled unit (UnitUnavailable: try again later)."""
     try:
-        unit_fd: int | None = open_unit(
-            unit_dir, follow_top=manifest.follow_top, identity=manifest.identity
-        )
-        failure = ""
+        unit_fd = open_unit(unit_dir, follow_top=manifest.follow_top, identity=manifest.identity)
     except OSError as exc:
-        unit_fd, failure = None, f"unit directory cannot be opened ({exc.strerror})"
+        raise UnitUnavailable(f"unit directory cannot be opened ({exc.strerror})") from exc
     try:
-        return _inspect(unit_dir, unit_fd, failure, manifest, policy, meta, schema)
+        return _inspect(unit_dir, unit_fd, manifest, policy, meta, schema)
     finally:
-        if unit_fd is not None:
-            os.close(unit_fd)
+        os.close(unit_fd)
 
 
 def _inspect(
     unit_dir: str,
-    unit_fd: int | None,
-    failure: str,
+    unit_fd: int,
     manifest: Manifest,
     policy: UnitPolicy,
     meta: MetadataConfig,
@@ -111,10 +107,7 @@ def _inspect(
     ignored = model_type == "Tensorflow" and meta.filename in manifest.sizes
     document: Any = None
     metrics: list[dict[str, Any]] = []
-    if model_type != "Tensorflow" and unit_fd is None:
-        message = f"cannot read {meta.filename}: {failure}"
-        problems.append(Problem("metadata_unreadable", message, file=meta.filename))
-    elif model_type != "Tensorflow":
+    if model_type != "Tensorflow":
         result = validate_unit_metadata(
             unit_dir,
             meta.filename,
@@ -139,10 +132,10 @@ def _inspect(
     )
 
 
-def _digests(unit_dir: str, unit_fd: int | None, manifest: Manifest) -> dict[bytes, str]:
+def _digests(unit_dir: str, unit_fd: int, manifest: Manifest) -> dict[bytes, str]:
     out: dict[bytes, str] = {}
     for e in manifest.files:
-        digest = sha256_file(unit_dir, e, dir_fd=unit_fd) if unit_fd is not None else None
+        digest = sha256_file(unit_dir, e, dir_fd=unit_fd)
         out[e.raw] = digest if digest is not None else "unreadable"
     return out
 

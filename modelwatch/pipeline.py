@@ -20,7 +20,7 @@ import structlog
 
 from modelwatch.clock import Clock
 from modelwatch.config import Config, RootConfig
-from modelwatch.errors import StateError
+from modelwatch.errors import StateError, UnitUnavailable
 from modelwatch.events import Event
 from modelwatch.inspection import Inspection, inspect_unit, readiness
 from modelwatch.manifest import (
@@ -372,6 +372,10 @@ class Pipeline(threading.Thread):
         item = _Stable(unit, self.settler.first_change(unit), self.settler.settled(unit, now))
         try:
             item.found = self.units.inspect(unit, manifest)
+        except UnitUnavailable as exc:  # gone or swapped since the scan, or ESTALE: later
+            log.info("unit_not_ready", unit=unit.display, reason=str(exc))
+            self._retry(item, now)
+            return None
         except Exception:  # a bug: the unit is never dropped
             log.exception("unit_failed", unit=unit.display)
             self._retry(item, now)
@@ -428,9 +432,13 @@ class Pipeline(threading.Thread):
             return
         policy = rules.config.policy
         reason = readiness(unit.path, manifest, policy) or "files still changing"
-        found = inspect_unit(
-            unit.path, manifest, policy, self.units.config.metadata, self.units.schema
-        )
+        try:
+            found = inspect_unit(
+                unit.path, manifest, policy, self.units.config.metadata, self.units.schema
+            )
+        except UnitUnavailable as exc:  # reported at its next overdue check
+            log.info("unit_not_ready", unit=unit.display, reason=str(exc))
+            return
         # In-progress names count here, so a later rejection of the same files gets its own id.
         found = dataclasses.replace(found, fingerprint=pending_fingerprint(manifest))
         waited = now - self.settler.first_change(unit)

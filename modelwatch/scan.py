@@ -18,6 +18,7 @@ from modelwatch.clock import Clock, SystemClock
 from modelwatch.config import Config
 from modelwatch.daemon import build_sinks, routes_for, schema_for
 from modelwatch.delivery import drain
+from modelwatch.errors import UnitUnavailable
 from modelwatch.events import Event
 from modelwatch.inspection import readiness
 from modelwatch.manifest import Manifest
@@ -92,7 +93,11 @@ def _scan_pass(units: Units) -> list[Event]:
         if reason is not None:
             log.info("unit_skipped", unit=unit.display, reason=reason)
             continue
-        event = units.settle(unit, after, wait)
+        try:
+            event = units.settle(unit, after, wait)
+        except UnitUnavailable as exc:
+            log.info("unit_skipped", unit=unit.display, reason=str(exc))
+            continue
         if event is not None:
             events.append(event)
     return events

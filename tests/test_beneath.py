@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import threading
@@ -18,8 +19,9 @@ import pytest
 
 from modelwatch import beneath
 from modelwatch.config import Config, MetadataConfig, UnitPolicy
+from modelwatch.errors import UnitUnavailable
 from modelwatch.formats import check_complete
-from modelwatch.inspection import Inspection, inspect_unit, readiness
+from modelwatch.inspection import inspect_unit, readiness
 from modelwatch.manifest import Entry, Manifest, PatternSet, scan_unit, sha256_file
 from modelwatch.metadata import validate_unit_metadata
 from modelwatch.pipeline import Units
@@ -81,37 +83,25 @@ def swap_for_symlink(directory: Path | bytes, target: Path) -> None:
     os.symlink(target, directory)
 
 
-def assert_nothing_from_outside(found: Inspection, outside_digests: set[str]) -> None:
-    digests = {row.get("sha256") for row in found.files}
-    assert not digests & outside_digests
-    text = json.dumps(found.event_data()) + repr(found.problems)
-    assert MARKER not in text
-    assert found.metadata is None and found.metrics == []
-
-
 @pytest.mark.parametrize("name", ["exp-1", "team/exp-1"], ids=["depth-1", "depth-2"])
 def test_unit_directory_swapped_after_the_scan_is_not_read(tmp_path: Path, name: str) -> None:
     """The unit directory (depth 1), or the directory above it (depth 2), is swapped for a
     symlink to a directory outside holding the same names after the scan: no digest, no
-    metadata, no completeness verdict comes from outside; the unit is unreadable and not
-    ready, as when its directory vanishes."""
+    metadata, no completeness verdict comes from outside; the unit is not ready, and
+    inspecting it raises UnitUnavailable (it is looked at again later), as when it vanishes."""
     root = tmp_path / "root"
     unit = Unit(str(root), name)
     fill(Path(unit.path), "inside")
     manifest = scan(unit)
     assert readiness(unit.path, manifest, SHA256) is None  # complete before the swap
     outside = tmp_path / "outside"
-    outside_digests = outside_copy(Path(unit.path), outside / "exp-1")
+    outside_copy(Path(unit.path), outside / "exp-1")
     swap_for_symlink(root / name.split("/")[0], outside if "/" in name else outside / "exp-1")
 
     why = "replaced since it was scanned" if "/" in name else "is a symbolic link, not followed"
     assert readiness(unit.path, manifest, SHA256) == f"unit directory cannot be opened ({why})"
-    found = inspect_unit(unit.path, manifest, SHA256, MetadataConfig())
-    assert_nothing_from_outside(found, outside_digests)
-    assert {row["sha256"] for row in found.files} == {"unreadable"}
-    (problem,) = found.problems
-    assert problem.code == "metadata_unreadable" and problem.file == META
-    assert problem.message == f"cannot read {META}: unit directory cannot be opened ({why})"
+    with pytest.raises(UnitUnavailable, match=re.escape(f"cannot be opened ({why})")):
+        inspect_unit(unit.path, manifest, SHA256, MetadataConfig())
 
 
 @pytest.mark.parametrize("sub", [b"shards", b"sh\xffards"], ids=["utf8", "non-utf8"])
@@ -154,11 +144,12 @@ def test_subdirectory_swapped_after_the_scan_is_not_read(tmp_path: Path, sub: by
     assert MARKER not in json.dumps(found.event_data())
 
 
-def test_the_pipeline_rejects_a_unit_swapped_after_its_scan(
+def test_the_pipeline_records_nothing_for_a_unit_swapped_after_its_scan(
     tmp_path: Path, make_config: Callable[..., Config]
 ) -> None:
     """The daemon's own path (`Units.settle` with the manifest of the scan that settled the
-    unit, its directory swapped since): a rejection that carries nothing from outside."""
+    unit, its directory swapped since): nothing is registered or rejected from what could
+    not be read (the pipeline retries the unit; its next scan finds it gone)."""
     root = tmp_path / "models"
     config = make_config(
         '[defaults]\ncontent_digest = "sha256"\n'
@@ -175,12 +166,12 @@ def test_the_pipeline_rejects_a_unit_swapped_after_its_scan(
         outside_copy(Path(unit.path), tmp_path / "outside")
         swap_for_symlink(Path(unit.path), tmp_path / "outside")
         assert readiness(unit.path, manifest, rules.config.policy) is not None
-        event = units.settle(unit, manifest, 0.0)
+        with pytest.raises(UnitUnavailable):
+            units.settle(unit, manifest, 0.0)
+        assert store.units() == []
+        assert rules.scan(unit).exists is False  # the next scan: a symlink is no unit
     finally:
         store.close()
-    assert event is not None and event.short_type == "rejected"
-    assert MARKER not in event.to_json()
-    assert [e["code"] for e in event.data["errors"]] == ["metadata_unreadable"]
 
 
 def test_depth_zero_root_given_as_a_symlink_is_read(tmp_path: Path) -> None:
