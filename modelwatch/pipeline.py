@@ -343,16 +343,21 @@ class Pipeline(threading.Thread):
 
     def process_due(self, now: float) -> None:
         """Check every unit due now; the outcomes of those that settled are committed
-        together (one transaction per `_COMMIT_BATCH` units), scans and inspection outside
-        it, so a burst of models costs one fsync instead of one per model."""
+        together (one transaction per `_COMMIT_BATCH` units, or per `_COMMIT_AFTER` seconds
+        of checking), scans and inspection outside it, so a burst of models costs one fsync
+        instead of one per model."""
         stable: list[_Stable] = []
+        first = 0.0  # when the batch's first unit was ready to commit
         try:
             for unit in self.settler.due(now):
                 item = self._check(unit, now)
                 if item is not None:
                     stable.append(item)
-                if len(stable) >= _COMMIT_BATCH:
-                    self._commit(stable, now)
+                    if len(stable) == 1:
+                        first = self.clock.monotonic()
+                full = len(stable) >= _COMMIT_BATCH
+                if stable and (full or self.clock.monotonic() - first >= _COMMIT_AFTER):
+                    self._commit(stable, now)  # slow inspections (hashing) hold no event back
                     stable = []
         finally:  # a bug in one unit's check must not strand the units already settled
             self._commit(stable, now)

@@ -639,3 +639,31 @@ def test_writes_through_a_mapping_are_seen_by_content_digests(
         h.rescan()
         (event,) = h.advance(3)
     assert (event.short_type, event.data["version"]) == ("registered", 2)
+
+
+def test_slow_inspections_in_a_burst_hold_no_event_back(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Units settling together are committed together, but not for longer than a second:
+    when each inspection takes 0.6 s (hashing large models), the first events are handed on
+    before the last unit is inspected."""
+    h = harness(depth=1)
+    for name in ("a", "b", "c", "d"):
+        write(Path(h.root) / name / "model.onnx", name)
+    h.rescan()
+    real = h.pipeline.units.inspect
+    inspected: list[str] = []
+
+    def slow(unit: Any, manifest: Any) -> Any:
+        h.clock.advance(0.6)
+        inspected.append(unit.name)
+        return real(unit, manifest)
+
+    monkeypatch.setattr(h.pipeline.units, "inspect", slow)
+    handed: list[int] = []
+    forward = h.pipeline.on_event
+    h.pipeline.on_event = lambda event: (handed.append(len(inspected)), forward(event))[1]
+    h.advance(3)
+    assert sorted(inspected) == ["a", "b", "c", "d"]
+    # a, b, c were ready 0.6 s apart: committed once the batch was 1.2 s old, before d
+    assert handed == [3, 3, 3, 4]
