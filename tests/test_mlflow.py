@@ -378,3 +378,19 @@ def test_files_whose_names_are_not_utf8_are_uploaded(target: Target, tmp_path: P
     run = target.server.client.get_run(version.run_id)
     assert "extra-\\xff.bin" in target.server.artifacts_of(run.info.run_id)
     assert "modelwatch.incomplete_artifacts" not in run.data.tags
+
+
+def test_two_files_behind_one_shown_name_are_neither_uploaded(tmp_path: Path) -> None:
+    """A file literally named `x\\xff` and one whose name has the byte 0xff both show as
+    `x\\xff`: which one the event listed is unknown, so neither is opened for upload."""
+    from modelwatch.sinks.mlflow import _open_listed
+
+    unit_dir = tmp_path / "models" / "exp"
+    unit_dir.mkdir(parents=True)
+    (unit_dir / "x\\xff").write_bytes(b"literal")
+    with _open_listed(str(tmp_path / "models"), ["exp", "x\\xff"]) as fd:
+        assert fd is not None and os.read(fd, 100) == b"literal"
+    with open(os.fsencode(unit_dir) + b"/x\xff", "wb") as f:
+        f.write(b"raw-bytes")
+    with _open_listed(str(tmp_path / "models"), ["exp", "x\\xff"]) as fd:
+        assert fd is None

@@ -26,9 +26,10 @@ acknowledged without contacting the server; leave it out with `event_types`.
 Files are opened without following any symlink on the way and uploaded from the open file via
 `/proc/self/fd` (Linux), so a directory swapped for a symlink cannot make the sink read outside
 the unit. A name that is not UTF-8 (shown as `\\xNN` in the event) is uploaded under its shown
-name. A listed file that is gone or has changed size is skipped, as are metrics MLflow
-would refuse; the run is then tagged `modelwatch.incomplete_artifacts` or
-`modelwatch.skipped_metrics` (retrying would not help; a newer version has its own event).
+name, unless two files show as that name (which one is listed is then unknown). A listed file
+that is gone, ambiguous or has changed size is skipped, as are metrics MLflow would refuse;
+the run is then tagged `modelwatch.incomplete_artifacts` or `modelwatch.skipped_metrics`
+(retrying would not help; a newer version has its own event).
 
 Errors: 5xx, 408, 409, 429 and connection failures are `SinkError` (retried); other 4xx
 (authentication, permission, invalid name, not an MLflow API) and a model name MLflow refuses
@@ -291,33 +292,42 @@ def _metrics(event: Event) -> tuple[list[Metric], list[str]]:
 def _open_listed(root: str, parts: list[str]) -> Iterator[int | None]:
     """An fd of the regular file at `parts` below `root`, no symlink followed; None if none.
 
-    Event paths are display forms: bytes that are not UTF-8 appear as `\\xNN` escapes. A path
-    that does not exist as written is tried once more with those escapes turned back into
-    bytes, so files with such names are found (a literal backslash name is tried first).
+    Event paths are display forms: bytes that are not UTF-8 appear as `\\xNN` escapes. The
+    path is tried as written and with those escapes turned back into bytes; when both exist
+    and are different files, the shown name is ambiguous and None is returned.
     """
     if not parts or any(part in ("", ".", "..") for part in parts):
         yield None
         return
-    fd = None
+    found: list[int] = []
     for top, rel in dict.fromkeys(
         [(os.fsencode(root), os.fsencode("/".join(parts))), (_undisplay(root), _undisplay(*parts))]
     ):
         try:
             root_fd = beneath.open_directory(top)
             try:
-                fd, _ = beneath.open_regular(root_fd, rel)
-                break
+                found.append(beneath.open_regular(root_fd, rel)[0])
             finally:
                 os.close(root_fd)
         except (OSError, ValueError):  # gone, swapped for a symlink, or an unencodable name
             continue
-    if fd is None:
+    if len(found) == 2 and _same_file(*found):
+        os.close(found.pop())
+    if len(found) != 1:  # none, or two files behind one shown name: which is listed is unknown
+        for fd in found:
+            os.close(fd)
         yield None
         return
+    fd = found[0]
     try:
         yield fd
     finally:
         os.close(fd)
+
+
+def _same_file(a: int, b: int) -> bool:
+    first, second = os.fstat(a), os.fstat(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 _ESCAPED = re.compile(rb"\\x([0-9a-f]{2})")
