@@ -397,6 +397,7 @@ class Pipeline(threading.Thread):
         if not stable:
             return
         done: list[tuple[Unit, Event]] = []
+        failed: list[_Stable] = []
         try:
             with self.units.registry.store.batch():
                 for item in stable:
@@ -406,12 +407,14 @@ class Pipeline(threading.Thread):
                         )
                     except Exception as exc:  # state store full, or a bug
                         self._failed(item, exc, now)
+                        failed.append(item)
                         continue
                     if event is not None:
                         done.append((item.unit, event))
         except StateError as exc:  # the commit itself failed: none of the batch is stored
             for item in stable:
-                self._failed(item, exc, now)
+                if item not in failed:
+                    self._failed(item, exc, now)
             return
         for unit, event in done:
             log.info(
