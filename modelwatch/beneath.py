@@ -87,16 +87,23 @@ def open_unit(
         fd = open_directory(unit_dir)
     else:
         fd = open_directory(parent or os.curdir, name)
-    if identity is not None:
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            os.close(fd)
-            raise
-        if (st.st_dev, st.st_ino) != identity:
-            os.close(fd)
-            raise OSError(errno.ESTALE, "replaced since it was scanned", unit_dir)
+    if identity is not None and not is_identity(fd, identity):
+        raise OSError(errno.ESTALE, "replaced since it was scanned", unit_dir)
     return fd
+
+
+def is_identity(fd: int, identity: tuple[int, int]) -> bool:
+    """True when `fd` is the file (st_dev, st_ino) `identity`; otherwise the fd is closed (also
+    when fstat fails, which raises)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if (st.st_dev, st.st_ino) != identity:
+        os.close(fd)
+        return False
+    return True
 
 
 @contextmanager

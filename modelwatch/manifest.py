@@ -298,15 +298,7 @@ def _open_listed(path: bytes, identity: tuple[int, int], follow: bool) -> int | 
         if exc.errno == errno.ELOOP:
             return None
         raise
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        os.close(fd)
-        raise
-    if (st.st_dev, st.st_ino) != identity:
-        os.close(fd)
-        return None
-    return fd
+    return fd if beneath.is_identity(fd, identity) else None
 
 
 def _digest(raw: list[tuple[bytes, int, int, int, int, int]]) -> bytes:
