@@ -29,6 +29,26 @@ T = TypeVar("T")
 START_SECONDS = 10.0
 
 
+def wait_started(
+    process: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    log_path: Path,
+    name: str,
+    stop: Callable[[], None],
+    timeout: float = START_SECONDS,
+    step: float = 0.02,
+) -> None:
+    """Return once `ready()`; if the process exits or `timeout` passes first, `stop()` it and
+    fail with the tail of its log."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop()
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{name} did not start:\n{tail}")
+        time.sleep(step)
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the kernel's pick, released at once)."""
     with socket.socket() as probe:
@@ -52,13 +72,7 @@ class BrokerServer:
         """Start the process and return once it accepts connections."""
         self._log = self._log_path.open("ab")
         self._process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_SECONDS
-        while not self._accepts():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                log = self._log_path.read_text(errors="replace")[-2000:]
-                raise AssertionError(f"{self.argv[0]} did not start:\n{log}")
-            time.sleep(0.02)
+        wait_started(self._process, self._accepts, self._log_path, self.argv[0], self.stop)
 
     def stop(self) -> None:
         """Terminate the process and wait for it; the port is free afterwards."""

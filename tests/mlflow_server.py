@@ -13,14 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from tests.brokers import free_port
+from tests.brokers import free_port, wait_started
 
 START_SECONDS = 60.0
 
@@ -53,13 +52,15 @@ class MlflowServer:
             self._process = subprocess.Popen(
                 self._argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        deadline = time.monotonic() + START_SECONDS
-        while not self._healthy():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = self._log_path.read_text(errors="replace")[-3000:]
-                raise AssertionError(f"mlflow server did not start:\n{tail}")
-            time.sleep(0.1)
+        wait_started(
+            self._process,
+            self._healthy,
+            self._log_path,
+            "mlflow server",
+            self.stop,
+            timeout=START_SECONDS,
+            step=0.1,  # each check is an HTTP request
+        )
 
     def stop(self) -> None:
         """Terminate the whole process group and wait for the server."""

@@ -169,18 +169,24 @@ def test_nats_subject_without_a_stream_is_retried(nats_server: BrokerServer) -> 
     assert stream_messages(nats_server.url, "LATE") == 1
 
 
+def send_across_a_restart(sink: Any, server: BrokerServer) -> None:
+    """Send, stop the server (the next send fails with a retryable SinkError naming it), start
+    it again, send that event again."""
+    sink.send(an_event("before"))
+    server.stop()
+    with pytest.raises(SinkError, match=r"127\.0\.0\.1") as failure:
+        sink.send(an_event("during"))
+    assert not isinstance(failure.value, PermanentSinkError)
+    server.start()
+    sink.send(an_event("during"))
+
+
 def test_nats_server_down_is_retried_and_a_restart_delivers(
     nats_server: BrokerServer, stream: str
 ) -> None:
     """While the server is down sends fail with SinkError; after it is back they deliver."""
     with closing(nats_sink(nats_server, stream=stream, timeout_seconds=2)) as sink:
-        sink.send(an_event("before"))
-        nats_server.stop()
-        with pytest.raises(SinkError, match=r"127\.0\.0\.1") as failure:
-            sink.send(an_event("during"))
-        assert not isinstance(failure.value, PermanentSinkError)
-        nats_server.start()
-        sink.send(an_event("during"))
+        send_across_a_restart(sink, nats_server)
     assert stream_messages(nats_server.url, stream) == 2
 
 
@@ -406,13 +412,7 @@ def test_redis_server_stopped_is_retried_and_a_restart_delivers(
 ) -> None:
     """While the server is down sends fail with SinkError; once it is back they deliver."""
     with closing(redis_sink(redis_server, timeout_seconds=2)) as sink:
-        sink.send(an_event("before"))
-        redis_server.stop()
-        with pytest.raises(SinkError, match=r"127\.0\.0\.1") as failure:
-            sink.send(an_event("during"))
-        assert not isinstance(failure.value, PermanentSinkError)
-        redis_server.start()
-        sink.send(an_event("during"))
+        send_across_a_restart(sink, redis_server)
     with closing(redis.Redis.from_url(redis_server.url)) as client:
         assert client.xlen("modelwatch:events") == 1  # the restart lost the unsaved entry
 
