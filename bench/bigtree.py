@@ -16,7 +16,7 @@ from bench.daemons import Settings, in_process
 from bench.plan import Plan
 from bench.trees import write_tree
 from modelwatch.config import Config
-from modelwatch.scan import scan_once
+from modelwatch.scan_command import scan_once
 
 
 @dataclass(frozen=True, slots=True)

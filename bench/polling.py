@@ -3,8 +3,9 @@
 - polling pass: what the daemon's polling observer (`modelwatch.poller.RecordPoller`) does
   every `poll_interval_seconds`: `take` (walk, one marshalled record per directory) and
   `changes` against the previous pass;
-- reconcile pass: the daemon's own `Pipeline.reconcile(root)` (list units, check each one's
-  scan digest against the state store), as the periodic reconcile runs it.
+- reconcile pass: the daemon's own reconcile job (`checks.reconcile`: list units, check each
+  one's scan digest against the state store), as the periodic reconcile runs it, here run
+  inline on this thread by the settle loop.
 
 CPU seconds of this thread (`time.thread_time`: user + system), best of `plan.repeats`, taken
 alternately with the bare walk.
@@ -12,21 +13,18 @@ alternately with the bare walk.
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Callable
-from typing import Any
 
 from bench.baselines import bare_walk
 from bench.bigtree import BigTree
 from bench.plan import Plan
 from bench.report import Result
 from modelwatch.clock import SystemClock
-from modelwatch.daemon import routes_for
-from modelwatch.pipeline import Pipeline, Units
 from modelwatch.poller import changes, take
-from modelwatch.registry import Registry
+from modelwatch.stages import build_stages
 from modelwatch.state import StateDir, Store
+from modelwatch.watch import Rescan
 
 TARGET_RATIO = 1.5
 
@@ -61,13 +59,13 @@ def reconcile_pass(tree: BigTree) -> Callable[[], None]:
     """The daemon's reconcile of the tree's root, with a store that knows every unit."""
     config = tree.config("reconcile")
     store = Store(StateDir(config.daemon.state_dir).db_path)
-    clock = SystemClock()
-    units = Units(config, Registry(store, routes_for(config), "bench"), clock, None)
-    pipeline = Pipeline(units, queue.Queue[Any](), clock, lambda event: None)
+    stages = build_stages(config, store, clock=SystemClock(), host="bench", on_event=print)
+    loop = stages.loop
 
     def one_pass() -> None:
-        pipeline.reconcile(tree.root)
-        if len(pipeline.settler):
+        loop.handle(Rescan(tree.root))  # the inline pool runs the reconcile job right here
+        loop.step()
+        if len(loop.settler):
             raise RuntimeError("reconcile found changed units in the unchanged tree")
 
     return one_pass

@@ -1,6 +1,6 @@
 """Profiles behind the misses in bench/README.md, reproducible:
 
-    python -m bench.profiling reconcile   # Pipeline.reconcile of the unchanged big tree
+    python -m bench.profiling reconcile   # the reconcile job over the unchanged big tree
     python -m bench.profiling polling     # one pass of the daemon's poller (take + changes)
     python -m bench.profiling digest      # sha256_file of a 256 MB file from page cache
     python -m bench.profiling poller-memory     # tracemalloc: what the poller's record holds

@@ -33,7 +33,7 @@ def start_to_ready(tree: BigTree, run: int) -> tuple[float, int]:
     started = time.perf_counter()
     daemon.start()
     elapsed = time.perf_counter() - started
-    pending = len(daemon.pipeline.settler) if daemon.pipeline else -1
+    pending = len(daemon.loop.settler) if daemon.loop else -1
     daemon.stop()
     return elapsed, pending
 

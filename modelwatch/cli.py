@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+import structlog
+
 from modelwatch import __version__, log
 from modelwatch.config import (
     Config,
@@ -21,7 +23,7 @@ from modelwatch.config import (
     render_toml,
     with_cli_roots,
 )
-from modelwatch.daemon import Daemon, build_sinks
+from modelwatch.daemon import Daemon
 from modelwatch.errors import ConfigError, ModelwatchError, Problem
 from modelwatch.inspection import readiness
 from modelwatch.manifest import PatternSet, scan_unit
@@ -30,8 +32,12 @@ from modelwatch.metadata import (
     SchemaValidator,
     validate_unit_metadata,
 )
-from modelwatch.scan import scan_once
+from modelwatch.scan_command import scan_once
+from modelwatch.stages import build_sinks
 from modelwatch.state import StateDir, Store
+from modelwatch.status import render as render_status
+from modelwatch.status import status_report
+from modelwatch.units import describe
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -66,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     redeliver = command("redeliver", "put dead-lettered events back in the delivery queue")
     redeliver.add_argument("--sink", metavar="NAME")
     redeliver.add_argument("--event", metavar="ID")
+    discard = command("discard", "give up on dead-lettered or failing events for good")
+    discard.add_argument("--sink", metavar="NAME", required=True)
+    which = discard.add_mutually_exclusive_group(required=True)
+    which.add_argument("--event", metavar="ID", help="that event")
+    which.add_argument("--unit", metavar="PATH", help="the unit's dead or failing events")
     return parser
 
 
@@ -87,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": cmd_check_config,
         "status": cmd_status,
         "redeliver": cmd_redeliver,
+        "discard": cmd_discard,
     }
     try:
         return handlers[args.command](args)
@@ -170,8 +182,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _problem_line(path: str, p: Problem) -> str:
     where = os.path.join(path, p.file) if p.file and os.path.isdir(path) else path
-    if p.line is not None:
-        where += f":{p.line}:{p.column or 1}"
+    # FILE:LINE:COLUMN always, 1:1 for a problem of the whole file (its size, encoding)
+    where += f":{p.line or 1}:{p.column or 1}"
     suffix = f" (at {p.pointer})" if p.pointer else ""
     return f"{where}: {p.code}: {p.message}{suffix}".replace("\n", "\\n")
 
@@ -217,57 +229,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _open_existing_store(config)
     try:
-        units, sinks = store.units(), store.sink_stats()
+        report = status_report(config, store, time.time())
     finally:
         store.close()
-    now = time.time()
     if args.format == "json":
-        print(
-            json.dumps(
-                {
-                    "units": [
-                        {
-                            "path": u.path,
-                            "root": u.root,
-                            "version": u.registered_version,
-                            "fingerprint": u.registered_fp,
-                            "state": "present" if u.present else "removed",
-                        }
-                        for u in units
-                    ],
-                    "sinks": [
-                        {
-                            "sink": s.sink,
-                            "pending": s.pending,
-                            "dead": s.dead,
-                            "oldest_pending_seconds": _age(s.oldest_pending, now),
-                        }
-                        for s in sinks
-                    ],
-                },
-                indent=2,
-            )
-        )
-        return EXIT_OK
-    print(
-        _table(
-            ["UNIT", "VERSION", "STATE"],
-            [
-                [u.path, str(u.registered_version or "-"), "present" if u.present else "removed"]
-                for u in units
-            ],
-        )
-    )
-    print()
-    print(
-        _table(
-            ["SINK", "PENDING", "DEAD", "OLDEST PENDING"],
-            [
-                [s.sink, str(s.pending), str(s.dead), _fmt_age(_age(s.oldest_pending, now))]
-                for s in sinks
-            ],
-        )
-    )
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_status(report))
     return EXIT_OK
 
 
@@ -275,30 +243,51 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _open_existing_store(config)
     try:
-        count = store.redeliver(args.sink, args.event)
+        _check_sink(config, store, args.sink)
+        if args.event is not None and not any(
+            d.event_id == args.event for d in store.outbox.dead_letters(args.sink)
+        ):
+            where = f" for sink {args.sink!r}" if args.sink else ""
+            raise ModelwatchError(f"no dead letter with event id {args.event!r}{where}")
+        count = store.outbox.redeliver(args.sink, args.event)
     finally:
         store.close()
     print(f"{count} event(s) queued for redelivery")
     return EXIT_OK
 
 
+def cmd_discard(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _configure_logging(config)
+    unit = describe(os.path.abspath(args.unit)) if args.unit is not None else None
+    store = _open_existing_store(config)
+    try:
+        _check_sink(config, store, args.sink)
+        discarded = store.outbox.discard(args.sink, event_id=args.event, unit=unit)
+    finally:
+        store.close()
+    if not discarded:
+        what = f"event id {args.event!r}" if args.event else f"unit {unit!r}"
+        raise ModelwatchError(
+            f"nothing to discard for {what} on sink {args.sink!r} "
+            "(only dead-lettered or failing events are discarded)"
+        )
+    logger = structlog.get_logger("modelwatch.cli")
+    for d in discarded:
+        logger.warning("event_discarded", sink=d.sink, event_id=d.event_id, unit=d.unit)
+        print(f"discarded {d.event_id} ({d.type.rsplit('.', 1)[-1]} of {d.unit}) on {d.sink}")
+    return EXIT_OK
+
+
+def _check_sink(config: Config, store: Store, sink: str | None) -> None:
+    """An unknown sink name is an error (a typo must not look like "nothing to do")."""
+    if sink is None:
+        return
+    known = sorted({s.name for s in config.sinks} | set(store.outbox.sinks()))
+    if sink not in known:
+        raise ModelwatchError(f"unknown sink {sink!r} (known: {', '.join(known) or 'none'})")
+
+
 def _open_existing_store(config: Config) -> Store:
     # no migration: a daemon of the previous version may be running on this store
     return Store(StateDir(config.daemon.state_dir).db_path, migrate=False)
-
-
-def _age(created: float | None, now: float) -> float | None:
-    return None if created is None else round(max(0.0, now - created), 1)
-
-
-def _fmt_age(age: float | None) -> str:
-    return "-" if age is None else f"{age:.0f}s"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    return "\n".join(lines)

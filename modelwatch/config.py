@@ -112,15 +112,28 @@ class UnitPolicy:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     in_progress: tuple[str, ...] = DEFAULT_IN_PROGRESS
     max_files_per_unit: int = 1_000_000
+    inspect_timeout_seconds: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
 class RootConfig:
-    """A watched directory: absolute, normalised, not resolved through symlinks."""
+    """A watched directory: absolute, normalised, not resolved through symlinks.
+
+    `name`: `data.name` of a depth-0 root's unit ("" = the root's base name). `root_marker`:
+    a file that must exist in the root for it to count as available ("" = none), so an empty
+    mount point is never taken for "every model removed".
+    """
 
     path: str
     unit_depth: int
     policy: UnitPolicy
+    name: str = ""
+    root_marker: str = ""
+
+    @property
+    def unit_name(self) -> str:
+        """`data.name` of the unit of a depth-0 root (SPEC §2 "Name")."""
+        return self.name or os.path.basename(self.path) or self.path
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +146,8 @@ class DaemonConfig:
     health_listen: str = ""
     shutdown_timeout_seconds: float = 10.0
     reconcile_interval_seconds: float = 3600.0
+    stop_settle_seconds: float = 1.0
+    inspect_workers: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +431,14 @@ def _file_name(key: str, value: Any) -> str:
     return text
 
 
+def _unit_name(key: str, value: Any) -> str:
+    """ "" (the directory's base name) or a printable name that is not only spaces."""
+    text = _string(key, value)
+    if text and (not text.strip() or any(not char.isprintable() for char in text)):
+        raise ConfigError(f"{key}: must be a printable name, got {_show(text)}")
+    return text
+
+
 _HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})")
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 
@@ -465,10 +488,13 @@ _POLICY_CHECKS: dict[str, Check] = {
     "ignore": _patterns,
     "in_progress": _patterns,
     "max_files_per_unit": _integer(1),
+    "inspect_timeout_seconds": _seconds(0, inclusive=False),
 }
 _ROOT_CHECKS: dict[str, Check] = {
     "path": _absolute_path,
     "unit_depth": _integer(0, MAX_UNIT_DEPTH),
+    "name": _unit_name,
+    "root_marker": lambda key, value: value if value == "" else _file_name(key, value),
     **_POLICY_CHECKS,
 }
 _LOG_LEVEL = _choice("debug", "info", "warning", "error")
@@ -482,6 +508,7 @@ _BELONGS_IN: dict[str, str] = {
     **dict.fromkeys(_POLICY_CHECKS, "[defaults] or a [[roots]] entry"),
     "path": "a [[roots]] entry",
     "unit_depth": "a [[roots]] entry",
+    "root_marker": "a [[roots]] entry",
     **dict.fromkeys(_DAEMON_KEYS, "[daemon]"),
     **dict.fromkeys(_METADATA_KEYS, "[metadata]"),
     "event_types": "a [[sinks]] entry",
@@ -619,6 +646,8 @@ def _parse_daemon(
         "health_listen": _health_listen,
         "shutdown_timeout_seconds": _seconds(0, inclusive=True),
         "reconcile_interval_seconds": _seconds(0, inclusive=False),
+        "stop_settle_seconds": _seconds(0, inclusive=True),
+        "inspect_workers": _integer(1, 64),
     }
     values = _read_table("daemon", raw, checks)
     for name in ("state_dir", "log_level", "log_format"):
@@ -678,11 +707,17 @@ def _parse_root(
     if "path" not in values:
         raise ConfigError(f"{key}.path: required")
     path, depth = values.pop("path"), values.pop("unit_depth", 0)
+    name, marker = values.pop("name", ""), values.pop("root_marker", "")
+    if name and depth != 0:  # "" is the default, allowed anywhere
+        raise ConfigError(
+            f"{key}.name: only a root with unit_depth = 0 can be named "
+            f"(units below a root are named by their path), got unit_depth = {depth}"
+        )
     policy = UnitPolicy(**{**inherited, **values})
     if "settle_seconds" in values:
         settle_origin = f"{key}.settle_seconds"
     _check_wait(policy, key, values, settle_origin)
-    return RootConfig(path, depth, policy)
+    return RootConfig(path, depth, policy, name, marker)
 
 
 def _parse_metadata(raw: Any, base_dir: str | None) -> MetadataConfig:
@@ -855,8 +890,11 @@ def render_toml(config: Config) -> str:
     lines += _section("[defaults]", _fields(config.defaults))
     lines += _section("[metadata]", _fields(config.metadata))
     for root in config.roots:
-        items = {"path": root.path, "unit_depth": root.unit_depth, **_fields(root.policy)}
-        lines += _section("[[roots]]", items)
+        items: dict[str, Any] = {"path": root.path, "unit_depth": root.unit_depth}
+        if root.name:
+            items["name"] = root.name
+        items["root_marker"] = root.root_marker
+        lines += _section("[[roots]]", {**items, **_fields(root.policy)})
     for sink in config.sinks:
         lines += _section("[[sinks]]", _sink_items(sink))
     return "\n".join(lines)

@@ -1,20 +1,19 @@
 """Wiring the stages into a running daemon.
 
-Threads: one observer per root (enqueue only), the settle loop (`Pipeline`), one delivery
-worker per sink, an optional health server, and the caller's thread running the lifecycle
-loop (`Daemon.serve`): it (re)starts watchers as roots come and go, schedules the periodic
-reconcile, pings the systemd watchdog while every part is healthy, applies reloads, and stops
-everything on request. Signal handlers (in `cli`) only set the flags this loop reads.
+Threads: one observer per root (enqueue only), the settle loop, the inspection pool, one
+delivery worker per sink, an optional health server, and the caller's thread running the
+lifecycle loop (`Daemon.serve`): it (re)starts watchers as roots come and go, schedules the
+periodic reconcile, pings the systemd watchdog while every part makes progress, applies
+reloads, and stops everything on request. Signal handlers (in `cli`) only set the flags this
+loop reads. Every "when" here is read from the injected clock.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import random
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,41 +27,34 @@ from modelwatch.delivery import DeliveryWorker
 from modelwatch.errors import ModelwatchError
 from modelwatch.events import Event
 from modelwatch.health import HealthServer
-from modelwatch.metadata import SchemaValidator
 from modelwatch.metrics import Metrics
-from modelwatch.notify import Notifier, pipeline_healthy
-from modelwatch.pipeline import Pipeline, Ready, Reconfigure, Units
-from modelwatch.registry import Registry, Route
+from modelwatch.notify import Notifier
+from modelwatch.pool import InspectionPool
+from modelwatch.progress import Heartbeat, wedged
+from modelwatch.settle_loop import Flush, Inbox, Reconfigure, SettleLoop, Stop
 from modelwatch.sinks import Sink, build_sink
+from modelwatch.stages import Stages, build_stages, routes_for, schema_for
 from modelwatch.state import StateDir, Store
+from modelwatch.units import describe
 from modelwatch.watch import ObserverFactory, OverflowAlarm, Rescan, RootWatcher, make_observer
 
 log = structlog.get_logger("modelwatch.daemon")
 
 ROOT_CHECK_SECONDS = 1.0
-# A thread whose heartbeat is older than this is wedged: the systemd watchdog is not pinged
-# and /healthz fails. Longer than any sink timeout or single unit scan should take.
+# A part without progress for this long is wedged: the systemd watchdog is not pinged and
+# /healthz fails. Long work (hashing, uploading) reports progress, so this only has to be
+# longer than any single step of work that reports none (one system call, one small read).
 MAX_BEAT_AGE = 180.0  # default of Daemon.max_beat_age
+# While the initial reconcile runs, systemd is asked for this much more start time at a time.
+EXTEND_START_SECONDS = 30.0
+RELOAD_WAIT_SECONDS = 30.0
+
+SinkFactory = Callable[[SinkConfig], Sink]
 
 
 def jittered(interval: float, rng: random.Random) -> float:
     """`interval` +-25%, so a fleet of nodes does not rescan shared storage in lockstep."""
     return interval * rng.uniform(0.75, 1.25)
-
-
-def routes_for(config: Config) -> list[Route]:
-    return [Route(s.name, s.event_types) for s in config.sinks]
-
-
-def schema_for(config: Config) -> SchemaValidator | None:
-    return SchemaValidator.from_file(config.metadata.schema) if config.metadata.schema else None
-
-
-def build_sinks(config: Config) -> list[Sink]:
-    return [build_sink(s) for s in config.sinks]
-
-
-SinkFactory = Callable[[SinkConfig], Sink]
 
 
 class Daemon:
@@ -84,13 +76,13 @@ class Daemon:
         self.host = host or socket.gethostname()
         self.sink_factory = sink_factory
         self.sinks = list(sinks) if sinks is not None else [sink_factory(s) for s in config.sinks]
-        self.changes: queue.Queue[Any] = queue.Queue()
+        self.inbox: Inbox = Inbox()
         self.state = StateDir(config.daemon.state_dir)
         self.ready = threading.Event()
         self.observer_factory = observer_factory
         self.watchers = [self._watcher(r) for r in config.roots]
         self.workers: list[DeliveryWorker] = []
-        self.pipeline: Pipeline | None = None
+        self.stages: Stages | None = None
         self.notifier = Notifier.from_environ(environ if environ is not None else os.environ)
         self.metrics = Metrics(sinks=[s.name for s in self.sinks], outbox=self._outbox_stats)
         self.health: HealthServer | None = None
@@ -101,15 +93,18 @@ class Daemon:
                 ready=self.ready,
                 metrics=self.metrics,
             )
-        self._store: Store | None = None
         self._metrics_store: Store | None = None
         self._alarm = OverflowAlarm(self._on_overflow)
         self._rng = random.Random()
-        self._last_ping = 0.0
+        self._last_ping: float | None = None
         self.max_beat_age = MAX_BEAT_AGE
 
+    @property
+    def loop(self) -> SettleLoop | None:
+        return self.stages.loop if self.stages is not None else None
+
     def _watcher(self, root: RootConfig) -> RootWatcher:
-        return RootWatcher(root, self.changes, self.clock, self.observer_factory)
+        return RootWatcher(root, self.inbox, self.clock, self.observer_factory)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -117,30 +112,46 @@ class Daemon:
         """Lock the state, start every thread, reconcile every root, then report ready."""
         schema = schema_for(self.config)
         self.state.lock()
-        self._store = Store(self.state.db_path)
-        self._store.retry_now()
+        store = Store(self.state.db_path)
+        store.outbox.retry_now()
         self._metrics_store = Store(self.state.db_path)
         if self.health is not None:
             self.health.start()  # /readyz answers 503 during the initial reconcile
-        registry = Registry(self._store, routes_for(self.config), self.host)
-        units = Units(self.config, registry, self.clock, schema)
-        self.pipeline = Pipeline(units, self.changes, self.clock, self._on_event)
+        self.stages = build_stages(
+            self.config,
+            store,
+            clock=self.clock,
+            host=self.host,
+            on_event=self._on_event,
+            schema=schema,
+            workers=self.config.daemon.inspect_workers,
+            inbox=self.inbox,
+        )
+        if isinstance(self.stages.pool, InspectionPool):
+            self.stages.pool.start()
         for sink in self.sinks:
             self._start_worker(sink)
         self._alarm.install()
         for watcher in self.watchers:
             watcher.ensure()  # queues the initial Rescan of each existing root
-            if not watcher.watching:  # a missing root: its units may have been removed
-                self.changes.put(Rescan(watcher.root.path, reason="startup"))
+            if not watcher.watching:  # a missing root: it is reported unavailable
+                self.inbox.put(Rescan(watcher.root.path, reason="startup"))
             self.metrics.reconcile("startup")
-        marker = Ready()
-        self.changes.put(marker)
-        self.pipeline.start()
+        initial = Flush()
+        self.inbox.put(initial)
+        self.stages.loop.start()
         if wait_ready:
-            marker.done.wait()
+            self._wait_initial_reconcile(initial)
             self.ready.set()
             log.info("ready", roots=len(self.watchers), sinks=[s.name for s in self.sinks])
             self.notifier.ready(self._status())
+
+    def _wait_initial_reconcile(self, initial: Flush) -> None:
+        """Wait for the initial reconcile, asking systemd for more start time meanwhile (a
+        root of a million files on NFS takes minutes, longer than a start timeout)."""
+        while not initial.done.wait(EXTEND_START_SECONDS / 3):
+            self.notifier.extend_timeout(EXTEND_START_SECONDS)
+            self.notifier.status("reconciling roots with the state store")
 
     def _start_worker(self, sink: Sink) -> None:
         attempts = {s.name: s.max_attempts for s in self.config.sinks}
@@ -157,7 +168,15 @@ class Daemon:
     def _status(self) -> str:
         kinds = Counter(w.kind for w in self.watchers)
         roots = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "no roots"
-        return f"watching {len(self.watchers)} roots ({roots}), {len(self.workers)} sinks"
+        down = [root for root, status in self._root_states().items() if not status.available]
+        unavailable = f", {len(down)} unavailable" if down else ""
+        return (
+            f"watching {len(self.watchers)} roots ({roots}{unavailable}), {len(self.workers)} sinks"
+        )
+
+    def _root_states(self) -> dict[str, Any]:
+        loop = self.loop
+        return dict(loop.roots) if loop is not None else {}
 
     # -- what the threads report ---------------------------------------------------------------
 
@@ -175,30 +194,39 @@ class Daemon:
         log.warning("inotify_overflow", action="rescanning inotify roots")
         for watcher in self.watchers:
             if watcher.kind == "inotify":
-                self.changes.put(Rescan(watcher.root.path, reason="overflow"))
+                self.inbox.put(Rescan(watcher.root.path, reason="overflow"))
                 self.metrics.reconcile("overflow")
 
     def _outbox_stats(self) -> list[tuple[str, int, int]]:
         if self._metrics_store is None:
             return []
-        return [(s.sink, s.pending, s.dead) for s in self._metrics_store.sink_stats()]
+        return [(s.sink, s.pending, s.dead) for s in self._metrics_store.outbox.sink_stats()]
 
     def stale_parts(self) -> list[str]:
-        """Names of dead or wedged parts; empty when the whole pipeline is healthy."""
-        threads: list[Any] = [self.pipeline, *self.workers] if self.pipeline else []
+        """Names of dead or wedged parts; empty when the whole pipeline is healthy.
+
+        A part is wedged when it made no progress for `max_beat_age` seconds. A sink may
+        declare sends that legitimately take long without reporting progress
+        (`max_send_seconds`); a send is wedged only past that.
+        """
+        if self.stages is None:
+            return []
+        loop, pool = self.stages.loop, self.stages.pool
+        threads: list[threading.Thread] = [loop, *self.workers]
         dead = [t.name for t in threads if not t.is_alive()]
-        dead += [f"watch {w.root.path}" for w in self.watchers if not w.alive()]
+        if isinstance(pool, InspectionPool):
+            dead += pool.alive()
+        dead += [f"watch {describe(w.root.path)}" for w in self.watchers if not w.alive()]
         now = self.clock.monotonic()
-        beats = {t.name: t.last_beat for t in threads if t not in self.workers}
-        stale = pipeline_healthy(beats, now, self.max_beat_age)
+        beats: list[Heartbeat] = [loop.heartbeat]
+        if isinstance(pool, InspectionPool):
+            beats += pool.heartbeats
+        stale = wedged(beats, now, self.max_beat_age)
         for worker in self.workers:
-            # A sink may declare sends that legitimately take long (multi-GB uploads).
-            allowed = max(self.max_beat_age, getattr(worker.sink, "max_send_seconds", 0.0))
-            since = worker.sending_since
-            beat_age = now - worker.last_beat
-            if (since is not None and now - since > allowed) or (
-                since is None and beat_age > self.max_beat_age
-            ):
+            allowed = self.max_beat_age
+            if worker.sending_since is not None:
+                allowed = max(allowed, getattr(worker.sink, "max_send_seconds", 0.0))
+            if worker.heartbeat.age(now) > allowed:
                 stale.append(worker.name)
         return dead + stale
 
@@ -214,7 +242,7 @@ class Daemon:
 
         When `reload_requested` is set, `reload()` is called for the new config (None: keep).
         """
-        next_reconcile = time.monotonic() + self._reconcile_interval()
+        next_reconcile = self.clock.monotonic() + self._reconcile_interval()
         while not stop.wait(ROOT_CHECK_SECONDS):
             if reload_requested is not None and reload_requested.is_set():
                 reload_requested.clear()
@@ -223,20 +251,32 @@ class Daemon:
                 reaper.reap_orphans()
             for watcher in self.watchers:
                 watcher.ensure()
-            self.metrics.roots(Counter(w.kind for w in self.watchers))
-            if time.monotonic() >= next_reconcile:
+            self._report_roots()
+            if self.clock.monotonic() >= next_reconcile:
                 for watcher in self.watchers:
-                    self.changes.put(Rescan(watcher.root.path, reason="periodic"))
+                    self.inbox.put(Rescan(watcher.root.path, reason="periodic"))
                     self.metrics.reconcile("periodic")
-                next_reconcile = time.monotonic() + self._reconcile_interval()
+                next_reconcile = self.clock.monotonic() + self._reconcile_interval()
             self._ping_watchdog()
+
+    def _report_roots(self) -> None:
+        self.metrics.roots(Counter(w.kind for w in self.watchers))
+        states = self._root_states()
+        self.metrics.root_availability(
+            {
+                describe(w.root.path): states[w.root.path].available
+                for w in self.watchers
+                if w.root.path in states
+            }
+        )
 
     def _reconcile_interval(self) -> float:
         return jittered(self.config.daemon.reconcile_interval_seconds, self._rng)
 
     def _ping_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
-        if interval is None or time.monotonic() - self._last_ping < interval:
+        now = self.clock.monotonic()
+        if interval is None or (self._last_ping is not None and now - self._last_ping < interval):
             return
         stale = self.stale_parts()
         if stale:
@@ -244,7 +284,7 @@ class Daemon:
             self.notifier.status("unhealthy: " + ", ".join(stale))
             return
         self.notifier.watchdog()
-        self._last_ping = time.monotonic()
+        self._last_ping = now
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -272,10 +312,12 @@ class Daemon:
         old_sinks = {s.name: s for s in self.config.sinks}
         changed = [s for s in new.sinks if old_sinks.get(s.name) != s]
         fresh = {s.name: self.sink_factory(s) for s in changed}  # may raise: nothing applied yet
-        if self.pipeline is not None:
+        if self.stages is not None:
             step = Reconfigure(new, routes_for(new), schema)
-            self.changes.put(step)
-            step.done.wait()
+            self.inbox.put(step)
+            # The loop does no slow work, so this is quick; never wait unboundedly anyway.
+            if not step.done.wait(RELOAD_WAIT_SECONDS):
+                log.warning("reload_slow", note="the settle loop applies the new config later")
         self._swap_workers(new, fresh)
         self._swap_watchers(new)
         self.config = new
@@ -308,20 +350,21 @@ class Daemon:
     # -- stop ------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop intake, let in-flight deliveries finish within the shutdown timeout."""
+        """Stop intake, give pending units their last chance, deliver, within the shutdown
+        timeout (SPEC §11)."""
         self.notifier.stopping()
         self._alarm.remove()
         for watcher in self.watchers:
             watcher.stop()
-        if self.pipeline is not None:
-            self.pipeline.stop()
-            self.pipeline.join(timeout=5)
-        deadline = time.monotonic() + self.config.daemon.shutdown_timeout_seconds
+        deadline = self.clock.monotonic() + self.config.daemon.shutdown_timeout_seconds
+        if self.stages is not None:
+            self._last_chance(self.stages, deadline)
         for worker in self.workers:
-            worker.stop()
+            worker.finish(deadline)
         for worker in self.workers:
-            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+            worker.join(timeout=self._left(deadline))
             if worker.is_alive():
+                worker.stop()
                 log.warning(
                     "delivery_abandoned",
                     sink=worker.sink.name,
@@ -329,8 +372,22 @@ class Daemon:
                 )
         if self.health is not None:
             self.health.stop()
-        for store in (self._store, self._metrics_store):
-            if store is not None:
-                store.close()
+        if self.stages is not None:
+            self.stages.store.close()
+        if self._metrics_store is not None:
+            self._metrics_store.close()
         self.state.unlock()
         log.info("stopped")
+
+    def _last_chance(self, stages: Stages, deadline: float) -> None:
+        loop = stages.loop
+        if loop.is_alive():
+            stop = Stop(deadline)
+            self.inbox.put(stop)
+            stop.done.wait(self._left(deadline) + 1.0)
+            loop.join(timeout=1.0)
+        if isinstance(stages.pool, InspectionPool):
+            stages.pool.stop(timeout=1.0)
+
+    def _left(self, deadline: float) -> float:
+        return max(0.0, deadline - self.clock.monotonic())

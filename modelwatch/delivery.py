@@ -1,9 +1,13 @@
 """Delivering the outbox: one worker thread per sink, retries with backoff (SPEC §8).
 
-A worker reads its sink's outbox strictly in commit order (so per unit, events go out in
-version order), sends the oldest undelivered event, and records the outcome. Retry timing is
-the pure function `retry_delay`; permanent errors and `max_attempts` move an event to the dead
-letters, which `modelwatch redeliver` puts back.
+A worker sends its sink's oldest due event whose unit has no earlier undelivered event on
+that sink (so per unit, events go out in version order, and a unit whose event keeps failing
+holds back only itself), and records the outcome. Retry timing is the pure function
+`retry_delay`. An event goes to the dead letters when the sink says the failure is permanent
+(`PermanentSinkError`), after `max_attempts`, or, for a failure the sink did not classify as
+a transport error (`SinkError`) - a bug, a deterministic local error - after at most
+`UNCLASSIFIED_ATTEMPTS`; `modelwatch redeliver` puts dead letters back, `modelwatch discard`
+gives up on them for good.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import structlog
 
 from modelwatch.clock import Clock
 from modelwatch.errors import PermanentSinkError, SinkError, StateError
+from modelwatch.progress import Heartbeat
 from modelwatch.sinks import Sink
 from modelwatch.state import OutboxRow, Store
 
@@ -26,6 +31,7 @@ log = structlog.get_logger("modelwatch.delivery")
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
 RETRY_AFTER_CAP = 3600.0
+UNCLASSIFIED_ATTEMPTS = 10
 
 
 def retry_delay(
@@ -66,17 +72,25 @@ def attempt(
         return Outcome(False, dead=True, error=str(exc) or type(exc).__name__)
     except Exception as exc:
         attempts = row.attempts + 1
-        retry_after = exc.retry_after if isinstance(exc, SinkError) else None
+        transport = isinstance(exc, SinkError)
         error = str(exc) or type(exc).__name__
-        if max_attempts and attempts >= max_attempts:
+        if not transport:
+            error = f"{type(exc).__name__}: {error}"
+            limit = min(max_attempts or UNCLASSIFIED_ATTEMPTS, UNCLASSIFIED_ATTEMPTS)
+        else:
+            limit = max_attempts
+        if limit and attempts >= limit:
             return Outcome(False, dead=True, error=f"{error} (after {attempts} attempts)")
-        delay = retry_delay(attempts, retry_after, rng)
+        retry_after = exc.retry_after if isinstance(exc, SinkError) else None
+        # Strictly later than now: a one-shot drain must not pick the same event again.
+        delay = max(retry_delay(attempts, retry_after, rng), 0.001)
         return Outcome(False, next_attempt=now + delay, error=error)
     return Outcome(True)
 
 
 class DeliveryWorker(threading.Thread):
-    """Delivers one sink's outbox until stopped."""
+    """Delivers one sink's outbox until stopped; `finish(deadline)` delivers what is due
+    first (a stop delivers the last events within `shutdown_timeout_seconds`)."""
 
     def __init__(
         self,
@@ -95,8 +109,9 @@ class DeliveryWorker(threading.Thread):
         self.on_outcome = on_outcome
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.last_beat = clock.monotonic()
+        self.heartbeat = Heartbeat(self.name, clock)
         self.sending_since: float | None = None  # set while a send is in progress
+        self._finish_by: float | None = None  # monotonic deadline of a finishing stop
         self._rng = random.Random()
         self._log = log.bind(sink=sink.name)
 
@@ -104,30 +119,41 @@ class DeliveryWorker(threading.Thread):
         self.stopping.set()
         self.wake.set()
 
+    def finish(self, deadline: float) -> None:
+        """Deliver every event due now (nothing waiting for a retry), then stop; give up at
+        `deadline` (monotonic)."""
+        self._finish_by = deadline
+        self.wake.set()
+
     def run(self) -> None:
         store = Store(self.db_path)
         try:
-            while not self.stopping.is_set():
-                self.last_beat = self.clock.monotonic()
-                self.wake.clear()
-                # at most a second between heartbeats, even while idle or backing off
-                self.wake.wait(min(self._step(store), 1.0))
+            with self.heartbeat.attached():
+                while not self.stopping.is_set():
+                    self.heartbeat.beat()
+                    self.wake.clear()
+                    pause = self._step(store)
+                    if self._finish_by is not None and (
+                        pause > 0 or self.clock.monotonic() >= self._finish_by
+                    ):
+                        return
+                    # at most a second between heartbeats, even while idle or backing off
+                    self.wake.wait(min(pause, 1.0))
         finally:
             store.close()
             self.sink.close()
 
     def _step(self, store: Store) -> float:
-        """Deliver what is due; return how long to sleep."""
+        """Deliver the next due event; return how long to sleep (0: look again at once)."""
+        now = self.clock.time()
         try:
-            row = store.next_pending(self.sink.name)
+            row = store.outbox.next_due(self.sink.name, now)
+            if row is None:
+                wakeup = store.outbox.next_wakeup(self.sink.name)
+                return 30.0 if wakeup is None else max(0.001, wakeup - now)
         except StateError as exc:
             self._log.error("outbox_read_failed", error=str(exc))
             return 5.0
-        if row is None:
-            return 30.0
-        now = self.clock.time()
-        if row.next_attempt > now:
-            return row.next_attempt - now
         self.sending_since = self.clock.monotonic()
         try:
             outcome = attempt(
@@ -154,10 +180,10 @@ def record(store: Store, row: OutboxRow, outcome: Outcome, logger: Any) -> None:
     ev = logger.bind(event_id=row.event.id, unit=row.event.unit_path, type=row.event.short_type)
     attempts = row.attempts + 1
     if outcome.delivered:
-        store.mark_delivered(row.sink, row.seq)
+        store.outbox.mark_delivered(row.sink, row.seq)
         ev.info("delivered", attempts=attempts)
         return
-    store.mark_failed(
+    store.outbox.mark_failed(
         row.sink,
         row.seq,
         attempts=attempts,
@@ -170,20 +196,17 @@ def record(store: Store, row: OutboxRow, outcome: Outcome, logger: Any) -> None:
 
 
 def drain(sink: Sink, store: Store, *, max_attempts: int, clock: Clock) -> bool:
-    """Deliver every due event of one sink once, in order (for `modelwatch scan`).
+    """Try every due event of one sink once, per unit in order (for `modelwatch scan`).
 
-    Stops at the first failure, leaving it and later events in the outbox. True only when
-    every event was delivered (nothing failed, nothing went to the dead letters).
+    A failed event stays in the outbox and holds back the later events of its unit; other
+    units go on. True only when every event was delivered (nothing failed, nothing went to
+    the dead letters).
     """
     rng = random.Random()
     ok = True
-    while (row := store.next_pending(sink.name)) is not None:
-        now = clock.time()
+    now = clock.time()
+    while (row := store.outbox.next_due(sink.name, now)) is not None:
         outcome = attempt(sink, row, now=now, max_attempts=max_attempts, rng=rng)
         record(store, row, outcome, log.bind(sink=sink.name))
-        if outcome.delivered:
-            continue
-        if not outcome.dead:
-            return False
-        ok = False
+        ok = ok and outcome.delivered
     return ok

@@ -2,7 +2,11 @@
 
 The event id is deterministic: the sha256 hex digest of
 `"<type>\\n<absolute unit path>\\n<fingerprint>"`, so every node that sees the same model
-version produces the same id and any consumer can deduplicate.
+version produces the same id and any consumer can deduplicate. Where one fingerprint can mean
+two events (SPEC §2, §11), `"\\n<n>"` is appended when the unit had n > 0 `removed` events
+before this one (a restore, a second removal), and a `rejected` event appends
+`"\\n<its distinct error codes, sorted, comma-joined>"` (a `not_settled` and a later
+rejection of the same files differ).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +24,22 @@ REMOVED = "io.modelwatch.model.removed"
 EVENT_TYPES = (REGISTERED, REJECTED, REMOVED)
 
 
-def event_id(event_type: str, unit_path: str, fingerprint: str) -> str:
-    return hashlib.sha256(f"{event_type}\n{unit_path}\n{fingerprint}".encode()).hexdigest()
+def event_id(
+    event_type: str,
+    unit_path: str,
+    fingerprint: str,
+    *,
+    removals: int = 0,
+    codes: Collection[str] = (),
+) -> str:
+    """The deterministic id of an event (see the module docstring); `codes` only count for
+    `rejected` events."""
+    text = f"{event_type}\n{unit_path}\n{fingerprint}"
+    if removals > 0:
+        text += f"\n{removals}"
+    if event_type == REJECTED:
+        text += "\n" + ",".join(sorted(set(codes)))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def rfc3339(timestamp: float) -> str:
@@ -98,6 +116,7 @@ DATA_FIELDS = (
     "metadata",
     "metadata_ignored",
     "metrics",
+    "restored",
     "host",
     "settled_after_seconds",
     "errors",
@@ -105,16 +124,32 @@ DATA_FIELDS = (
 
 
 def make_event(
-    event_type: str, *, root: str, unit_path: str, name: str, when: float, data: Mapping[str, Any]
+    event_type: str,
+    *,
+    root: str,
+    unit_path: str,
+    name: str,
+    when: float,
+    data: Mapping[str, Any],
+    subject: str | None = None,
+    removals: int = 0,
 ) -> Event:
-    """Build an event; `data` must carry `fingerprint`."""
+    """Build an event; `data` must carry `fingerprint` (and `errors` when `rejected`).
+
+    `name` is `data.name` (SPEC §2 "Name"); `subject` the unit's path relative to the root
+    ("." for a depth-0 root; default: `name`); `removals` the unit's `removed` events before
+    this one.
+    """
     fields = {"path": unit_path, "root": root, "name": name, **data}
     body = {key: fields[key] for key in DATA_FIELDS if key in fields}
+    codes = [str(e["code"]) for e in body.get("errors") or ()]
     return Event(
-        id=event_id(event_type, unit_path, str(body["fingerprint"])),
+        id=event_id(
+            event_type, unit_path, str(body["fingerprint"]), removals=removals, codes=codes
+        ),
         type=event_type,
         source="modelwatch:" + root,
-        subject=name,
+        subject=name if subject is None else subject,
         time=rfc3339(when),
         data=body,
     )

@@ -23,6 +23,7 @@ from modelwatch.errors import Problem, UnitUnavailable
 from modelwatch.formats import check_complete, detect_format, model_type_for
 from modelwatch.manifest import Manifest, fingerprint, sha256_file
 from modelwatch.metadata import SchemaValidator, validate_unit_metadata
+from modelwatch.progress import progress
 
 
 def readiness(unit_dir: str, manifest: Manifest, policy: UnitPolicy) -> str | None:
@@ -117,8 +118,9 @@ def _inspect(
             dir_fd=unit_fd,
         )
         problems.extend(result.problems)
-        if result.ok:
-            document, metrics = result.document, result.metrics
+        # A parseable document travels with its rejection (whoever debugs a schema error
+        # wants to see it); only a valid one supplies metrics.
+        document, metrics = result.document, result.metrics
     return Inspection(
         fingerprint=fingerprint(manifest.entries, digests),
         format=fmt,
@@ -135,6 +137,7 @@ def _inspect(
 def _digests(unit_dir: str, unit_fd: int, manifest: Manifest) -> dict[bytes, str]:
     out: dict[bytes, str] = {}
     for e in manifest.files:
+        progress()
         digest = sha256_file(unit_dir, e, dir_fd=unit_fd)
         out[e.raw] = digest if digest is not None else "unreadable"
     return out
@@ -158,3 +161,18 @@ def _manifest_problems(manifest: Manifest) -> list[Problem]:
             Problem("too_many_files", f"more than {len(manifest.entries)} files in the unit")
         )
     return problems
+
+
+def unfinished(manifest: Manifest, policy: UnitPolicy, problem: Problem) -> Inspection:
+    """What a unit whose inspection could not finish is rejected with: its files and their
+    stat fingerprint (no content digests, no metadata), and `problem`."""
+    fmt = detect_format(manifest.sizes)
+    model_type = policy.model_type if policy.model_type != "auto" else model_type_for(fmt)
+    return Inspection(
+        fingerprint=fingerprint(manifest.entries),
+        format=fmt,
+        model_type=model_type,
+        files=[_file_row(e.path, e.size, e.symlink_target, None, e.raw) for e in manifest.entries],
+        total_bytes=manifest.total_bytes,
+        problems=(problem,),
+    )

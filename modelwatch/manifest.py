@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from modelwatch import beneath
+from modelwatch.progress import progress
 
 _SEP = b"/"
 _S_ISREG = stat.S_ISREG
@@ -235,6 +236,7 @@ def scan_digest(
     stack = [(b"", (st.st_dev, st.st_ino))]
     while stack:
         rel_dir, identity = stack.pop()
+        progress()
         prefix = rel_dir + _SEP if rel_dir else b""
         try:
             fd = _open_listed(root + _SEP + rel_dir if rel_dir else root, identity, follow_top)
@@ -342,6 +344,7 @@ class _Walker:
     ) -> list[tuple[bytes, tuple[int, int]]]:
         path = self.root + _SEP + rel_dir if rel_dir else self.root
         subdirs: list[tuple[bytes, tuple[int, int]]] = []
+        progress()  # a walk of a million directories is long work, and bounded by a budget
         try:
             fd = _open_listed(path, identity, follow)
             if fd is None:
@@ -473,6 +476,7 @@ def sha256_file(
             while left > 0 and (n := f.readinto(view[: min(chunk, left)])):
                 h.update(view[:n])
                 left -= n
+                progress()
         return h.hexdigest()
     except OSError:
         return None
@@ -522,6 +526,7 @@ def _hash_read_ahead(fd: int, h: Any, chunk: int, limit: int, depth: int = 3) ->
                 return
             h.update(memoryview(buf)[:n])
             free.put(buf)
+            progress()  # hashing 500 GB is progress; past the unit's budget it stops here
     finally:
         free.put(None)
         reader.join()

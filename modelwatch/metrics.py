@@ -6,10 +6,10 @@ Contract:
   read 0 before their first increment and `rate()` works from the first scrape.
 * Methods are named after what happened; the daemon calls them as it happens:
   `event(type)`, `delivery(sink, outcome)`, `settled(seconds)`, `roots(counts)`,
-  `reconcile(reason)`, `set_outbox(stats)`. Each is thread-safe.
+  `root_availability(roots)`, `reconcile(reason)`, `set_outbox(stats)`. Each is thread-safe.
 * Label values come from small fixed sets (`EVENT_TYPES`, `OUTCOMES`, `OBSERVERS`,
-  `RECONCILE_REASONS`) or from configured sink names; anything else is a `ValueError`, so no
-  label ever carries a path or another unbounded value.
+  `RECONCILE_REASONS`) or from configured sink names and root paths; anything else is a
+  `ValueError`, so no label ever carries a unit's path or another unbounded value.
 * `render()` returns the Prometheus text format. When an `outbox` callable was given it is
   called first (under a lock, one scrape at a time) to refresh the outbox gauges; if it fails
   the failure is logged (`metrics_outbox_failed`) and the previous values are served.
@@ -59,6 +59,7 @@ class Metrics:
         self._render_lock = threading.Lock()
         self._outbox_lock = threading.Lock()
         self._outbox_sinks: set[str] = set()
+        self._available_roots: set[str] = set()
         self._define()
         self._initialise(version, tuple(sinks))
 
@@ -90,6 +91,14 @@ class Metrics:
         )
         self._roots = Gauge(
             "modelwatch_roots", "Roots, by observer kind.", ["observer"], registry=registry
+        )
+        self._available = Gauge(
+            "modelwatch_root_available",
+            "1 while a configured root is available, 0 while it is unavailable (missing, "
+            "unreadable, its root_marker missing, or an empty mount point): nothing of it is "
+            "removed or registered.",
+            ["root"],
+            registry=registry,
         )
         self._reconciles = Counter(
             "modelwatch_reconciles", "Root reconciles, by reason.", ["reason"], registry=registry
@@ -133,6 +142,16 @@ class Metrics:
             _known("observer", observer, OBSERVERS)
         for observer in OBSERVERS:
             self._roots.labels(observer=observer).set(counts.get(observer, 0))
+
+    def root_availability(self, roots: Mapping[str, bool]) -> None:
+        """Whether each configured root (by path) is available now; roots left out are
+        dropped from the metric (no longer configured, or not checked yet)."""
+        with self._outbox_lock:
+            for root in self._available_roots - roots.keys():
+                self._available.remove(root)
+            for root, available in roots.items():
+                self._available.labels(root=root).set(1 if available else 0)
+            self._available_roots = set(roots)
 
     def reconcile(self, reason: str) -> None:
         """A root was reconciled against the state store, for `reason`."""

@@ -9,7 +9,8 @@ Contract:
 * Each method sends one AF_UNIX datagram: `ready(status)` -> `READY=1\\nSTATUS=...`,
   `status(text)` -> `STATUS=...`, `reloading()` -> `RELOADING=1\\nMONOTONIC_USEC=<n>`,
   `stopping()` -> `STOPPING=1`, `watchdog()` -> `WATCHDOG=1` (only while the watchdog is
-  enabled). Status text is made one line: newlines (and other line breaks, NUL) become spaces.
+  enabled), `extend_timeout(s)` -> `EXTEND_TIMEOUT_USEC=<n>` (a long initial reconcile).
+  Status text is made one line: newlines (and other line breaks, NUL) become spaces.
 * Sending never raises: the first failure of a run of failures is logged as `notify_failed`,
   later ones are silent until a send succeeds again.
 * `pipeline_healthy(beats, now, max_age)` is the pure decision behind the watchdog ping: the
@@ -103,6 +104,10 @@ class Notifier:
         """A reload (SIGHUP) has started; follow with `ready()` when it is done."""
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for `seconds` more before the current start (or stop) times out."""
+        self._send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
     def stopping(self) -> None:
         """Shutdown has started."""

@@ -1,10 +1,15 @@
-"""Versions and events: what a settled, removed or overdue unit means (SPEC §2, §5).
+"""Versions and events: what a settled, removed or overdue unit means (SPEC §2, §5, §11).
 
-The registry compares a settled unit's fingerprint with the state store: a fingerprint the unit
-already had (registered or rejected) emits nothing; a new one is `rejected` when it has
-problems (no version consumed) or `registered` with the next version. Each event is committed
-to the store's outbox, for every sink whose `event_types` includes it, in the same transaction
-that records the outcome.
+The registry compares a settled unit's fingerprint with the unit table:
+
+* a fingerprint emitted since the unit's last removal: nothing (also across restarts);
+* a fingerprint the unit had registered before it was removed: a restore, `registered`
+  again with that fingerprint's version and `restored: true`;
+* otherwise new: `rejected` when it has problems (no version consumed), else `registered`
+  with the next version.
+
+Each event is committed to the outbox, for every sink whose `event_types` includes it, in the
+same transaction that records the outcome. Event ids follow SPEC §2 (`events.event_id`).
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from modelwatch.config import RootConfig
 from modelwatch.errors import Problem
 from modelwatch.events import REGISTERED, REJECTED, REMOVED, Event, make_event
 from modelwatch.inspection import Inspection
-from modelwatch.state import Store
+from modelwatch.state import Store, UnitRecord
 from modelwatch.units import Unit, describe
 
 
@@ -28,6 +34,11 @@ class Route:
     event_types: tuple[str, ...]
 
 
+def unit_name(unit: Unit, root: RootConfig) -> str:
+    """`data.name`: the path below the root, or for a depth-0 root its (configured) name."""
+    return describe(root.unit_name) if unit.name == "." else unit.display_name
+
+
 class Registry:
     def __init__(self, store: Store, routes: Sequence[Route], host: str) -> None:
         self.store = store
@@ -37,81 +48,73 @@ class Registry:
     def _sinks_for(self, event_type: str) -> list[str]:
         return [r.sink for r in self.routes if event_type in r.event_types]
 
-    def _base(self, unit: Unit, depth: int) -> dict[str, Any]:
-        return {
-            "experiment_id": unit.display_name if depth == 1 else None,
-            "host": self.host,
-        }
-
     def settled(
         self,
         unit: Unit,
-        depth: int,
+        root: RootConfig,
         found: Inspection,
         *,
         when: float,
         settled_after: float,
         scan_digest: bytes | None = None,
     ) -> Event | None:
-        """The event for a settled unit, committed; None when its fingerprint is known.
+        """The event for a settled unit, committed; None when nothing is new.
 
         `scan_digest` (of the scan `found` came from) is stored with the outcome: a reconcile
         that finds the same digest on disk knows the unit is unchanged without scanning it.
         """
-        path = unit.display
-        if self.store.knows(path, found.fingerprint):
-            self.store.set_present(path, True, scan_digest)
+        path, units = unit.display, self.store.units
+        record = units.get(path)
+        removals = record.removals if record is not None else 0
+        known = units.fingerprint(path, found.fingerprint)
+        if known is not None and known.epoch == removals:
+            units.set_present(path, True, scan_digest)
             return None
-        record = self.store.unit(path)
-        data = {**self._base(unit, depth), **found.event_data()}
-        data["settled_after_seconds"] = round(settled_after, 3)
-        if found.problems:
-            event_type, outcome = REJECTED, "rejected"
-            data["version"] = None
+        data = {**found.event_data(), "settled_after_seconds": round(settled_after, 3)}
+        if known is not None and known.outcome == "registered":
+            event_type, version = REGISTERED, known.version
+            data["restored"] = True
+        elif found.problems:
+            event_type, version = REJECTED, None
             data["errors"] = [p.to_dict() for p in found.problems]
         else:
-            event_type, outcome = REGISTERED, "registered"
-            data["version"] = (record.last_version if record else 0) + 1
-        event = self._event(event_type, unit, when, data)
-        self.store.record_settled(
-            root=describe(unit.root),
-            event=event,
-            outcome=outcome,
-            sinks=self._sinks_for(event_type),
-            scan_digest=scan_digest,
-        )
+            event_type, version = REGISTERED, (record.last_version if record else 0) + 1
+        data["version"] = version
+        event = self._event(event_type, unit, root, when, data, removals)
+        with self.store.transaction():
+            units.record_settled(
+                root=describe(unit.root),
+                unit=path,
+                fp=found.fingerprint,
+                outcome="registered" if event_type == REGISTERED else "rejected",
+                version=version,
+                event_id=event.id,
+                epoch=removals,
+                format=found.format,
+                model_type=found.model_type,
+                scan_digest=scan_digest,
+            )
+            self.store.outbox.enqueue(event, self._sinks_for(event_type))
         return event
 
-    def removed(self, unit: Unit, depth: int, *, when: float) -> Event | None:
+    def removed(self, unit: Unit, root: RootConfig, *, when: float) -> Event | None:
         """`removed` for a unit that had a registered version and was present; else None."""
-        record = self.store.unit(unit.display)
+        record = self.store.units.get(unit.display)
         if record is None or not record.present:
             return None
         if record.registered_fp is None:
-            self.store.set_present(record.path, False)
+            self.store.units.set_present(record.path, False)
             return None
-        data = {
-            **self._base(unit, depth),
-            "model_type": record.registered_model_type,
-            "format": record.registered_format,
-            "version": record.registered_version,
-            "fingerprint": record.registered_fp,
-            "files": [],
-            "file_count": 0,
-            "total_bytes": 0,
-            "metadata": None,
-            "metadata_ignored": False,
-            "metrics": [],
-            "settled_after_seconds": None,
-        }
-        event = self._event(REMOVED, unit, when, data)
-        self.store.record_event(event, self._sinks_for(REMOVED), removed=True)
+        event = self._event(REMOVED, unit, root, when, _removed_data(record), record.removals)
+        with self.store.transaction():
+            self.store.units.record_removed(record.path)
+            self.store.outbox.enqueue(event, self._sinks_for(REMOVED))
         return event
 
     def not_settled(
         self,
         unit: Unit,
-        depth: int,
+        root: RootConfig,
         found: Inspection,
         *,
         when: float,
@@ -119,22 +122,51 @@ class Registry:
         reason: str,
     ) -> Event:
         """`rejected` with code `not_settled`; records no fingerprint and no version."""
-        data = {**self._base(unit, depth), **found.event_data()}
-        data["version"] = None
-        data["settled_after_seconds"] = None
         problem = Problem("not_settled", f"not settled after {waited:.0f} s: {reason}")
+        data = {**found.event_data(), "version": None, "settled_after_seconds": None}
         data["errors"] = [problem.to_dict()]
-        event = self._event(REJECTED, unit, when, data)
-        self.store.record_event(event, self._sinks_for(REJECTED))
+        record = self.store.units.get(unit.display)
+        removals = record.removals if record is not None else 0
+        event = self._event(REJECTED, unit, root, when, data, removals)
+        self.store.outbox.enqueue(event, self._sinks_for(REJECTED))
         return event
 
-    @staticmethod
-    def _event(event_type: str, unit: Unit, when: float, data: dict[str, Any]) -> Event:
+    def _event(
+        self,
+        event_type: str,
+        unit: Unit,
+        root: RootConfig,
+        when: float,
+        data: dict[str, Any],
+        removals: int,
+    ) -> Event:
+        name = unit_name(unit, root)
+        data["experiment_id"] = name if root.unit_depth == 1 else None
+        data["host"] = self.host
         return make_event(
             event_type,
             root=describe(unit.root),
             unit_path=unit.display,
-            name=unit.display_name,
+            subject=unit.display_name,
+            name=name,
             when=when,
             data=data,
+            removals=removals,
         )
+
+
+def _removed_data(record: UnitRecord) -> dict[str, Any]:
+    """A `removed` event's data: the last registered version and fingerprint, no files."""
+    return {
+        "model_type": record.registered_model_type,
+        "format": record.registered_format,
+        "version": record.registered_version,
+        "fingerprint": record.registered_fp,
+        "files": [],
+        "file_count": 0,
+        "total_bytes": 0,
+        "metadata": None,
+        "metadata_ignored": False,
+        "metrics": [],
+        "settled_after_seconds": None,
+    }

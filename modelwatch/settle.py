@@ -16,6 +16,12 @@ the stat key of a "probe" scan. The protocol with its owner (the pipeline thread
    (check again one quiet period later, without needing a new event).
 5. `overdue(now)` lists units pending longer than `max_wait` since their first change, once
    per pending episode.
+6. While the owner checks a unit elsewhere (scans and inspection run on a pool), it marks the
+   unit `busy`: `due` and `next_deadline` skip it until it is marked idle again.
+7. `last_chance(now, gap)` (the daemon is stopping): every pending unit gets one more check,
+   a probe scan now and a final scan `gap` later, whatever its quiet period. A final scan
+   that differs answers `CHANGED`, and `not_ready` ends the unit's last chance: it is `done`
+   and left pending for the next start.
 
 No clocks, threads or I/O here: times are plain floats from a monotonic clock.
 """
@@ -35,6 +41,7 @@ MAX_BACKOFF = 300.0
 class Verdict(enum.Enum):
     WAIT = "wait"
     STABLE = "stable"
+    CHANGED = "changed"  # a last-chance check saw the unit change: it stays pending
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,10 @@ class _Pending:
     has_probe: bool = False
     overdue_reported: bool = False
     backoff: float = 0.0  # extra wait between re-checks of a unit stuck past max_wait
+    busy: bool = False  # being checked by the owner's pool
+    final_gap: float | None = None  # last chance (stopping): final scan this long after probe
+    final_from: float = 0.0  # last chance: the probe is due from here
+    done: bool = False  # last chance over; left pending
 
 
 class Settler(Generic[K]):
@@ -82,13 +93,15 @@ class Settler(Generic[K]):
         return self._pending[unit].first_change
 
     def _next_scan(self, unit: K, p: _Pending) -> float:
+        if p.final_gap is not None:
+            return p.probe_at + p.final_gap if p.has_probe else p.final_from
         half = self._timing_for(unit).settle_seconds / 2
         if not p.has_probe:
             return p.last_change + half
         return max(p.last_change + 2 * half, p.probe_at + half) + p.backoff
 
     def _overdue_at(self, unit: K, p: _Pending) -> float | None:
-        if p.overdue_reported:
+        if p.overdue_reported or p.final_gap is not None:
             return None
         return p.first_change + self._timing_for(unit).max_wait_seconds
 
@@ -96,6 +109,8 @@ class Settler(Generic[K]):
         """The earliest time at which `due` or `overdue` will return something."""
         times: list[float] = []
         for unit, p in self._pending.items():
+            if p.busy or p.done:
+                continue
             times.append(self._next_scan(unit, p))
             overdue = self._overdue_at(unit, p)
             if overdue is not None:
@@ -104,8 +119,28 @@ class Settler(Generic[K]):
 
     def due(self, now: float) -> list[K]:
         """Units that need a scan now, oldest deadline first."""
-        ready = [(self._next_scan(u, p), u) for u, p in self._pending.items()]
+        ready = [
+            (self._next_scan(u, p), u)
+            for u, p in self._pending.items()
+            if not p.busy and not p.done
+        ]
         return [u for at, u in sorted(ready, key=lambda x: x[0]) if at <= now]
+
+    def set_busy(self, unit: K, busy: bool) -> None:
+        """The owner started (True) or finished (False) checking `unit` elsewhere."""
+        p = self._pending.get(unit)
+        if p is not None:
+            p.busy = busy
+
+    def last_chance(self, now: float, gap: float) -> None:
+        """Stopping: every pending unit gets a probe scan now and a final one `gap` later."""
+        for p in self._pending.values():
+            p.final_gap, p.final_from = gap, now
+            p.has_probe, p.probe, p.backoff = False, None, 0.0
+
+    def in_last_chance(self) -> list[K]:
+        """Pending units whose last chance is not over yet."""
+        return [u for u, p in self._pending.items() if not p.done]
 
     def scanned(self, unit: K, key: object, now: float) -> Verdict:
         """Feed the stat key of a scan taken at `now`."""
@@ -113,6 +148,9 @@ class Settler(Generic[K]):
         if not p.has_probe:
             p.probe, p.probe_at, p.has_probe = key, now, True
             return Verdict.WAIT
+        if key != p.probe and p.final_gap is not None:
+            p.done = True
+            return Verdict.CHANGED
         if key != p.probe:
             p.last_change = now
             p.probe, p.probe_at = key, now
@@ -128,6 +166,9 @@ class Settler(Generic[K]):
         stays incomplete for hours must not cost a full completeness check every few seconds.
         """
         p = self._pending[unit]
+        if p.final_gap is not None:
+            p.done = True
+            return
         p.last_change = now
         p.probe, p.probe_at, p.has_probe = key, now, True
         if p.overdue_reported:

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from modelwatch import beneath
+from modelwatch.checks import Context, NotReady, Retry, examine
 from modelwatch.config import Config, MetadataConfig, UnitPolicy
 from modelwatch.errors import UnitUnavailable
 from modelwatch.formats import check_complete
 from modelwatch.inspection import inspect_unit, readiness
 from modelwatch.manifest import Entry, Manifest, PatternSet, scan_unit, sha256_file
 from modelwatch.metadata import validate_unit_metadata
-from modelwatch.pipeline import Units
-from modelwatch.registry import Registry, Route
+from modelwatch.rules import RootRules
 from modelwatch.state import StateDir, Store
 from modelwatch.testing import FakeClock
 from modelwatch.units import Unit
@@ -147,9 +147,9 @@ def test_subdirectory_swapped_after_the_scan_is_not_read(tmp_path: Path, sub: by
 def test_the_pipeline_records_nothing_for_a_unit_swapped_after_its_scan(
     tmp_path: Path, make_config: Callable[..., Config]
 ) -> None:
-    """The daemon's own path (`Units.settle` with the manifest of the scan that settled the
+    """The daemon's own path (`checks.examine` with the manifest of the scan that settled the
     unit, its directory swapped since): nothing is registered or rejected from what could
-    not be read (the pipeline retries the unit; its next scan finds it gone)."""
+    not be read (the settle loop retries the unit; its next scan finds it gone)."""
     root = tmp_path / "models"
     config = make_config(
         '[defaults]\ncontent_digest = "sha256"\n'
@@ -159,16 +159,15 @@ def test_the_pipeline_records_nothing_for_a_unit_swapped_after_its_scan(
     fill(Path(unit.path), "inside")
     store = Store(StateDir(config.daemon.state_dir).db_path)
     try:
-        routes = [Route(s.name, s.event_types) for s in config.sinks]
-        units = Units(config, Registry(store, routes, "testhost"), FakeClock(), None)
-        rules = units.rules[unit.root]
+        rules = RootRules(config.roots[0])
+        ctx = Context(rules, config.metadata, None, None, FakeClock())
         manifest = rules.scan(unit)
         outside_copy(Path(unit.path), tmp_path / "outside")
         swap_for_symlink(Path(unit.path), tmp_path / "outside")
         assert readiness(unit.path, manifest, rules.config.policy) is not None
-        with pytest.raises(UnitUnavailable):
-            units.settle(unit, manifest, 0.0)
-        assert store.units() == []
+        result = examine(ctx, unit, 1, manifest)
+        assert isinstance(result.outcome, NotReady | Retry)
+        assert store.units.all() == []
         assert rules.scan(unit).exists is False  # the next scan: a symlink is no unit
     finally:
         store.close()

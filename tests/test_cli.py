@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from modelwatch.state import SCHEMA_VERSION
 from tests.daemons import CLI, daemon_env, daemon_process, wait_ready_line
+from tests.harness import SCHEMA_1_AGAIN
 from tests.writers import write_hf_sharded, write_safetensors
 
 
@@ -207,7 +209,7 @@ def test_redeliver_requeues_dead_letters(tmp_path: Path) -> None:
     assert mw(tmp_path, "scan", "--config", str(config)).returncode == 1  # went dead
     status = json.loads(mw(tmp_path, "status", "--config", str(config), "--format", "json").stdout)
     assert status["sinks"] == [
-        {"sink": "jsonl", "pending": 0, "dead": 1, "oldest_pending_seconds": None}
+        {"sink": "jsonl", "pending": 0, "dead": 1, "discarded": 0, "oldest_pending_seconds": None}
     ]
     blocked.unlink()
     result = mw(tmp_path, "redeliver", "--config", str(config))
@@ -247,9 +249,7 @@ def test_an_older_store_is_read_by_status_and_dry_run_and_migrated_only_by_scan(
             db.close()
 
     db = sqlite3.connect(db_path)
-    db.execute("ALTER TABLE units DROP COLUMN scan_digest")
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
+    db.executescript(SCHEMA_1_AGAIN)
     db.close()
     status = mw(tmp_path, "status", "--format", "json")
     assert status.returncode == 0, status.stderr
@@ -262,4 +262,4 @@ def test_an_older_store_is_read_by_status_and_dry_run_and_migrated_only_by_scan(
     real = mw(tmp_path, "scan", f"{models}:1", **settle)
     assert real.returncode == 0, real.stderr
     assert json.loads(real.stdout)["data"]["version"] == 2
-    assert schema() == 2
+    assert schema() == SCHEMA_VERSION

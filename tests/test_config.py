@@ -798,6 +798,7 @@ def test_render_toml_prints_per_root_policies_in_full(tmp_path: Path) -> None:
         assert set(root) == {
             "path",
             "unit_depth",
+            "root_marker",
             *(f.name for f in dataclasses.fields(UnitPolicy)),
         }
 

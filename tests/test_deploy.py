@@ -49,8 +49,19 @@ def test_sidecar_sees_the_model_volume_read_only() -> None:
     assert mounts["models"] == {"name": "models", "mountPath": "/artifacts", "readOnly": True}
     train_mounts = {m["name"]: m for m in pod_spec()["containers"][0]["volumeMounts"]}
     assert not train_mounts["models"].get("readOnly", False)
+
+
+def test_sidecar_state_outlives_the_pod_and_the_grace_period_covers_the_stop() -> None:
+    """The outbox and pending units survive the pod (a claim, not an emptyDir), and the pod's
+    grace period leaves the last chance and the deliveries room after SIGTERM."""
     volumes = {v["name"]: v for v in pod_spec()["volumes"]}
-    assert "emptyDir" in volumes["modelwatch-state"]
+    claim = volumes["modelwatch-state"]["persistentVolumeClaim"]["claimName"]
+    claims = [d["metadata"]["name"] for d in manifest() if d["kind"] == "PersistentVolumeClaim"]
+    assert claim in claims
+    (config_map,) = [d for d in manifest() if d["kind"] == "ConfigMap"]
+    text = config_map["data"]["config.toml"]
+    timeout = float(re.search(r"shutdown_timeout_seconds = (\S+)", text)[1])  # type: ignore[index]
+    assert pod_spec()["terminationGracePeriodSeconds"] >= timeout + 5
 
 
 def test_sidecar_is_locked_down() -> None:
@@ -112,6 +123,17 @@ def test_unit_is_a_notify_service_with_watchdog_state_and_reload() -> None:
     assert service["StateDirectoryMode"] == ["0700"]
     assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert service["ProtectSystem"] == ["strict"]
+
+
+def test_unit_waits_for_remote_mounts_and_starts_without_a_webhook_secret() -> None:
+    """After remote-fs.target; every LoadCredential= has a SetCredential= fallback, so a
+    missing secret file does not fail the start."""
+    after = " ".join(unit_section("Unit")["After"]).split()
+    assert "remote-fs.target" in after
+    service = unit_section("Service")
+    loaded = {value.split(":", 1)[0] for value in service["LoadCredential"]}
+    fallbacks = {value.split(":", 1)[0] for value in service["SetCredential"]}
+    assert loaded and loaded <= fallbacks
 
 
 @pytest.mark.skipif(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,46 +16,10 @@ import pytest
 
 from modelwatch.config import Config
 from modelwatch.events import Event
-from modelwatch.pipeline import Pipeline, Units
-from modelwatch.registry import Registry, Route
-from modelwatch.state import StateDir, Store
-from modelwatch.testing import FakeClock
-from modelwatch.watch import Change, Rescan
+from modelwatch.state import StateDir
+from modelwatch.watch import Change
+from tests.harness import SCHEMA_1_AGAIN, Harness
 from tests.writers import write_safetensors
-
-
-class Harness:
-    """A pipeline whose clock and change feed the test drives."""
-
-    def __init__(self, config: Config, wall: float | None = None) -> None:
-        self.config = config
-        self.clock = FakeClock() if wall is None else FakeClock(wall=wall)
-        self.store = Store(StateDir(config.daemon.state_dir).db_path)
-        routes = [Route(s.name, s.event_types) for s in config.sinks]
-        units = Units(config, Registry(self.store, routes, "testhost"), self.clock, None)
-        self.events: list[Event] = []
-        self.pipeline = Pipeline(units, queue.Queue(), self.clock, self.events.append)
-        self.root = config.roots[0].path
-
-    def touch(self, path: Path, is_dir: bool = False) -> None:
-        """What a watcher enqueues when `path` changes now."""
-        self.pipeline.handle(Change(self.root, str(path), None, is_dir, self.clock.monotonic()))
-
-    def rescan(self) -> None:
-        self.pipeline.handle(Rescan(self.root))
-
-    def advance(self, seconds: float, step: float = 0.25) -> list[Event]:
-        """Move time forward in steps, running due work; returns the new events."""
-        before = len(self.events)
-        elapsed = 0.0
-        while elapsed < seconds:
-            self.clock.advance(step)
-            elapsed += step
-            self.pipeline.process_due(self.clock.monotonic())
-        return self.events[before:]
-
-    def close(self) -> None:
-        self.store.close()
 
 
 @pytest.fixture
@@ -275,7 +238,7 @@ def test_depth_one_directory_moved_in_registers(
     write(staging / "model.onnx")
     target = Path(h.root) / "exp-7"
     staging.rename(target)
-    h.pipeline.handle(
+    h.loop.handle(
         Change(h.root, str(tmp_path / "elsewhere"), str(target), True, h.clock.monotonic())
     )
     events = h.advance(3)
@@ -449,16 +412,16 @@ class ScanSpy:
     """Counts full manifest scans (the work the reconcile shortcut avoids)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import modelwatch.pipeline
+        import modelwatch.rules
 
         self.units: list[str] = []
-        real = modelwatch.pipeline.scan_unit
+        real = modelwatch.rules.scan_unit
 
         def counting(unit_dir: str, **kwargs: Any) -> Any:
             self.units.append(unit_dir)
             return real(unit_dir, **kwargs)
 
-        monkeypatch.setattr(modelwatch.pipeline, "scan_unit", counting)
+        monkeypatch.setattr(modelwatch.rules, "scan_unit", counting)
 
 
 @pytest.mark.parametrize("digest", ["none", "sha256"])
@@ -474,7 +437,7 @@ def test_reconcile_skips_units_whose_files_did_not_change(
     assert types(h.advance(3)) == ["registered"] * 3
     spy = ScanSpy(monkeypatch)
     h.rescan()
-    assert spy.units == [] and h.pipeline.settler.pending() == []
+    assert spy.units == [] and h.loop.settler.pending() == []
     write(Path(h.root) / "b" / "model.onnx", "b2")
     h.rescan()
     assert spy.units == [os.path.join(h.root, "b")]
@@ -515,19 +478,17 @@ def test_store_written_before_scan_digests_learns_them_on_first_reconcile(
     assert types(h.advance(3)) == ["registered"] * 2
     h.close()
     db = sqlite3.connect(StateDir(h.config.daemon.state_dir).db_path)
-    db.execute("ALTER TABLE units DROP COLUMN scan_digest")
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
+    db.executescript(SCHEMA_1_AGAIN)
     db.close()
     again = Harness(h.config)
     try:
-        assert [r.scan_digest for r in again.store.units()] == [None, None]
+        assert [r.scan_digest for r in again.store.units.all()] == [None, None]
         spy = ScanSpy(monkeypatch)
         again.rescan()
         assert len(spy.units) == 2 and again.advance(3) == []
-        assert all(r.scan_digest for r in again.store.units())
+        assert all(r.scan_digest for r in again.store.units.all())
         again.rescan()
-        assert len(spy.units) == 2 and again.pipeline.settler.pending() == []
+        assert len(spy.units) == 2 and again.loop.settler.pending() == []
     finally:
         again.close()
 
@@ -537,11 +498,11 @@ def test_removed_unit_forgets_its_scan_digest(harness: Callable[..., Harness]) -
     model = write(Path(h.root) / "exp" / "model.onnx")
     h.rescan()
     assert types(h.advance(3)) == ["registered"]
-    assert h.store.units()[0].scan_digest
+    assert h.store.units.all()[0].scan_digest
     model.unlink()
     h.touch(model)
     assert types(h.advance(3)) == ["removed"]
-    assert h.store.units()[0].scan_digest is None
+    assert h.store.units.all()[0].scan_digest is None
 
 
 def test_a_parent_swapped_for_a_symlink_hides_the_unit_instead_of_leaking(
@@ -566,16 +527,15 @@ def test_a_parent_swapped_for_a_symlink_hides_the_unit_instead_of_leaking(
 def test_a_bug_in_one_units_check_strands_no_other_unit(
     harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Units settle together and commit together; if checking one of them raises (a bug),
-    the ones already settled in that pass are still committed, and the failed one is tried
-    again."""
-    import modelwatch.pipeline
+    """Units settle together; if checking one of them raises (a bug), the others are still
+    committed and sent, and the failed one is tried again one quiet period later."""
+    import modelwatch.checks
 
     h = harness(depth=1)
     for name in ("a", "b", "c"):
         write(Path(h.root) / name / "model.onnx", name)
     h.rescan()
-    real = modelwatch.pipeline.readiness
+    real = modelwatch.checks.readiness
     calls: list[str] = []
 
     def flaky(unit_dir: str, *args: Any) -> str | None:
@@ -584,10 +544,9 @@ def test_a_bug_in_one_units_check_strands_no_other_unit(
             raise RuntimeError("a bug")
         return real(unit_dir, *args)
 
-    monkeypatch.setattr(modelwatch.pipeline, "readiness", flaky)
-    with pytest.raises(RuntimeError):
-        h.advance(3)
-    assert len(h.events) == 1  # the unit checked before the bug is committed and sent
+    monkeypatch.setattr(modelwatch.checks, "readiness", flaky)
+    h.advance(3)
+    assert len(h.events) == 2  # the units checked around the bug are committed and sent
     h.advance(5)
     assert sorted(e.subject for e in h.events) == ["a", "b", "c"]
 
@@ -636,31 +595,3 @@ def test_writes_through_a_mapping_are_seen_by_content_digests(
         h.rescan()
         (event,) = h.advance(3)
     assert (event.short_type, event.data["version"]) == ("registered", 2)
-
-
-def test_slow_inspections_in_a_burst_hold_no_event_back(
-    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Units settling together are committed together, but not for longer than a second:
-    when each inspection takes 0.6 s (hashing large models), the first events are handed on
-    before the last unit is inspected."""
-    h = harness(depth=1)
-    for name in ("a", "b", "c", "d"):
-        write(Path(h.root) / name / "model.onnx", name)
-    h.rescan()
-    real = h.pipeline.units.inspect
-    inspected: list[str] = []
-
-    def slow(unit: Any, manifest: Any) -> Any:
-        h.clock.advance(0.6)
-        inspected.append(unit.name)
-        return real(unit, manifest)
-
-    monkeypatch.setattr(h.pipeline.units, "inspect", slow)
-    handed: list[int] = []
-    forward = h.pipeline.on_event
-    h.pipeline.on_event = lambda event: (handed.append(len(inspected)), forward(event))[1]
-    h.advance(3)
-    assert sorted(inspected) == ["a", "b", "c", "d"]
-    # a, b, c were ready 0.6 s apart: committed once the batch was 1.2 s old, before d
-    assert handed == [3, 3, 3, 4]

@@ -138,9 +138,9 @@ def test_a_failing_sink_never_delays_another(
     assert len(got) == 3
     assert flaky.events == []  # still failing: retries are spaced by Retry-After
     done = flaky.wait_for(3, timeout=15)
-    assert [e.id for e in done] == [e.id for e in got]
+    assert sorted(e.id for e in done) == sorted(e.id for e in got)
     versions_a = [e.data["version"] for e in done if e.subject == "a"]
-    assert versions_a == [1, 2]
+    assert versions_a == [1, 2]  # per unit in version order (units do not wait for each other)
 
 
 def test_permanent_failure_goes_to_dead_letters_and_redeliver_resends(
@@ -154,12 +154,12 @@ def test_permanent_failure_goes_to_dead_letters_and_redeliver_resends(
     model(tmp_path / "models", "a")
     store = Store(daemon.state.db_path)
     try:
-        wait_until(lambda: [s.dead for s in store.sink_stats()] == [1])
-        assert store.redeliver(sink="memory") == 1
+        wait_until(lambda: [s.dead for s in store.outbox.sink_stats()] == [1])
+        assert store.outbox.redeliver(sink="memory") == 1
         for worker in daemon.workers:
             worker.wake.set()
         assert len(sink.wait_for(1)) == 1
-        wait_until(lambda: store.sink_stats() == [])
+        wait_until(lambda: store.outbox.sink_stats() == [])
     finally:
         store.close()
 
@@ -198,7 +198,7 @@ def test_stop_leaves_undelivered_events_for_the_next_start(
     model(tmp_path / "models", "a")
     store = Store(daemon.state.db_path)
     try:
-        wait_until(lambda: [s.pending for s in store.sink_stats()] == [1])
+        wait_until(lambda: [s.pending for s in store.outbox.sink_stats()] == [1])
     finally:
         store.close()
     h.stop()
@@ -259,13 +259,19 @@ def test_webhook_outage_then_everything_in_order(
             ok = [r for r in receiver.requests if r.headers.get("webhook-id")]
             return [r.headers["webhook-id"] for r in ok]
 
-        wait_until(lambda: set(delivered()) >= {e.id for e in fast}, timeout=30)
+        reader = Store(StateDir(config.daemon.state_dir).db_path)
+        try:  # every event delivered: nothing left in the webhook's outbox
+            wait_until(lambda: not any(s.pending for s in reader.outbox.sink_stats()), 30)
+        finally:
+            reader.close()
     finally:
         h.stop()
-    # the last attempt of each id is the successful one; their order is the commit order
+    # the last attempt of each id is the successful one; per unit, in commit (version) order
     last = {event_id: i for i, event_id in enumerate(delivered())}
-    assert sorted(last, key=last.__getitem__) == [e.id for e in fast]
-    assert len(receiver.requests) >= 3 + 4  # four failures were retried
+    assert set(last) == {e.id for e in fast}
+    a1, a2 = (e.id for e in fast if e.subject == "a")
+    assert last[a1] < last[a2]
+    assert len(receiver.requests) == 3 + 4  # four failures were retried
 
 
 def _registered(unit: str, version: int = 1) -> Event:
@@ -287,39 +293,49 @@ def test_dead_letter_holds_back_later_versions_of_its_unit(tmp_path: Path) -> No
     store = Store(StateDir(str(tmp_path)).db_path)
     try:
         for e in (_registered("a", 1), _registered("a", 2), _registered("b", 1)):
-            store.record_event(e, ["hook"])
-        head = store.next_pending("hook")
+            store.outbox.enqueue(e, ["hook"])
+        head = store.outbox.next_due("hook", 0)
         assert head is not None and head.event.data["version"] == 1
-        store.mark_failed("hook", head.seq, attempts=1, next_attempt=0, error="410", dead=True)
-        nxt = store.next_pending("hook")
+        store.outbox.mark_failed(
+            "hook", head.seq, attempts=1, next_attempt=0, error="410", dead=True
+        )
+        nxt = store.outbox.next_due("hook", 0)
         assert nxt is not None and nxt.event.subject == "b"
-        store.mark_delivered("hook", nxt.seq)
-        assert store.next_pending("hook") is None  # a/v2 waits behind the dead a/v1
-        assert store.redeliver("hook") == 1
+        store.outbox.mark_delivered("hook", nxt.seq)
+        assert store.outbox.next_due("hook", 0) is None  # a/v2 waits behind the dead a/v1
+        assert store.outbox.redeliver("hook") == 1
         order = []
-        while (row := store.next_pending("hook")) is not None:
+        while (row := store.outbox.next_due("hook", 0)) is not None:
             order.append((row.event.subject, row.event.data["version"]))
-            store.mark_delivered("hook", row.seq)
+            store.outbox.mark_delivered("hook", row.seq)
         assert order == [("a", 1), ("a", 2)]
     finally:
         store.close()
 
 
-def test_root_gone_while_down_is_reconciled_before_ready(
+def test_changes_while_down_are_reconciled_before_ready(
     harness: Callable[..., Harness], tmp_path: Path
 ) -> None:
-    """A root deleted while the daemon was down: its models are removed before READY."""
+    """A model deleted while the daemon was down is removed before READY; a root deleted
+    while it was down removes nothing (an unavailable root, SPEC §11)."""
     h = harness()
     model(tmp_path / "models", "a")
+    model(tmp_path / "models", "b")
     sink = MemorySink()
     h.start(sink)
-    sink.wait_for(1)
+    sink.wait_for(2)
     h.stop()
-    shutil.rmtree(tmp_path / "models")
+    shutil.rmtree(tmp_path / "models" / "a")
     after = MemorySink()
     h.start(after)
     (removed,) = after.wait_for(1)
     assert (removed.short_type, removed.subject) == ("removed", "a")
+    h.stop()
+    shutil.rmtree(tmp_path / "models")
+    last = MemorySink()
+    daemon = h.start(last)
+    assert daemon.loop is not None and not daemon.loop.roots[str(tmp_path / "models")].available
+    assert last.events == []
 
 
 def test_retry_delay_is_full_jitter_capped_and_honours_retry_after() -> None:
@@ -336,25 +352,37 @@ def test_retry_delay_is_full_jitter_capped_and_honours_retry_after() -> None:
     assert retry_delay(3, 42.0, rng) == 42.0
 
 
+def _record(store: Store, event: Event) -> None:
+    """What the registry writes for a registered event: the unit, then its outbox row."""
+    with store.transaction():
+        store.units.record_settled(
+            root="/r",
+            unit=event.unit_path,
+            fp=str(event.data["fingerprint"]),
+            outcome="registered",
+            version=int(event.data["version"]),
+            event_id=event.id,
+            epoch=0,
+        )
+        store.outbox.enqueue(event, ["s"])
+
+
 def test_a_batch_commits_together_and_a_failing_unit_alone_is_undone(tmp_path: Path) -> None:
     """Units settling together share one transaction: another connection (a delivery worker)
     sees none of them before the batch ends, then all but the one whose write failed."""
     path = StateDir(str(tmp_path)).db_path
     store, reader = Store(path), Store(path)
     try:
-        with store.batch():
-            store.record_settled(
-                root="/r", event=_registered("a"), outcome="registered", sinks=["s"]
-            )
-            with pytest.raises(RuntimeError), store._transaction() as db:
+        with store.transaction():
+            _record(store, _registered("a"))
+            with pytest.raises(RuntimeError), store.transaction() as db:
                 db.execute("UPDATE units SET last_version = 99")
                 raise RuntimeError("this unit failed half-way")
-            store.record_settled(
-                root="/r", event=_registered("b"), outcome="registered", sinks=["s"]
-            )
-            assert reader.units() == [] and reader.next_pending("s") is None
-        assert [(u.path, u.last_version) for u in reader.units()] == [("/r/a", 1), ("/r/b", 1)]
-        assert [s.pending for s in reader.sink_stats()] == [2]
+            _record(store, _registered("b"))
+            assert reader.units.all() == [] and reader.outbox.next_due("s", 0) is None
+        units = [(u.path, u.last_version) for u in reader.units.all()]
+        assert units == [("/r/a", 1), ("/r/b", 1)]
+        assert [s.pending for s in reader.outbox.sink_stats()] == [2]
     finally:
         store.close()
         reader.close()
@@ -365,12 +393,7 @@ def test_events_are_handed_on_only_once_committed(
 ) -> None:
     """A burst of units settling at once: each event reaches the daemon's callback (which wakes
     the delivery workers) only when another connection can already read it."""
-    import queue
-
-    from modelwatch.pipeline import Pipeline, Units
-    from modelwatch.registry import Registry, Route
-    from modelwatch.testing import FakeClock
-    from modelwatch.watch import Rescan
+    from tests.harness import Harness
 
     root = tmp_path / "models"
     for i in range(40):
@@ -379,24 +402,18 @@ def test_events_are_handed_on_only_once_committed(
     config = make_config(
         f'[defaults]\nsettle_seconds = 2.0\n[[roots]]\npath = "{root}"\nunit_depth = 1\n'
     )
-    clock = FakeClock()
-    store = Store(StateDir(config.daemon.state_dir).db_path)
     reader = Store(StateDir(config.daemon.state_dir).db_path)
     seen: list[tuple[str, int]] = []
 
     def on_event(event: Event) -> None:
-        seen.append((event.subject, sum(s.pending for s in reader.sink_stats())))
+        seen.append((event.subject, sum(s.pending for s in reader.outbox.sink_stats())))
 
-    routes = [Route(s.name, s.event_types) for s in config.sinks]
-    units = Units(config, Registry(store, routes, "host"), clock, None)
-    pipeline = Pipeline(units, queue.Queue(), clock, on_event)
+    h = Harness(config, on_event=on_event)
     try:
-        pipeline.handle(Rescan(str(root)))
-        for _ in range(20):
-            clock.advance(0.25)
-            pipeline.process_due(clock.monotonic())
+        h.rescan()
+        h.advance(5)
         assert sorted(name for name, _ in seen) == [f"exp-{i:02d}" for i in range(40)]
         assert all(pending >= 40 for _, pending in seen)  # the whole burst, committed once
     finally:
-        store.close()
+        h.close()
         reader.close()

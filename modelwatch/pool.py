@@ -1,0 +1,142 @@
+"""The inspection pool: a few worker threads that scan, check, hash and reconcile for the
+settle loop, so a slow unit delays only itself (SPEC §8).
+
+Contract:
+
+* `submit(job, budget=..., on_error=...)` queues `job(store)`; a worker runs it with its own
+  read-only `Store` connection and posts what it returns to `post` (the settle loop's inbox).
+  An exception becomes `on_error(exc)`, posted the same way: a job never kills a worker.
+* Each worker has a `Heartbeat`: it beats while idle and whenever the job reports
+  `progress()`; inside a job `progress()` raises `OverBudget` past `budget` seconds and
+  `Cancelled` once `cancel()` was called.
+* `capacity()` is how many more jobs may be submitted now (twice the workers, so none idles
+  between two jobs); the settle loop keeps the rest pending, so the queue stays bounded.
+* `InlinePool` runs each job at once on the caller's thread (tests drive the settle loop
+  with a fake clock and no threads).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from modelwatch.clock import Clock
+from modelwatch.progress import Heartbeat
+from modelwatch.state import Store
+
+log = structlog.get_logger("modelwatch.pool")
+
+Job = Callable[[Store], Any]
+OnError = Callable[[BaseException], Any]
+
+
+class Pool(Protocol):
+    def submit(self, job: Job, *, budget: float | None, on_error: OnError) -> None: ...
+
+    def capacity(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    job: Job
+    budget: float | None
+    on_error: OnError
+
+
+class InspectionPool:
+    """`workers` threads named `inspect-N`; see the module docstring."""
+
+    def __init__(
+        self, workers: int, db_path: str, clock: Clock, post: Callable[[Any], None]
+    ) -> None:
+        self._db_path = db_path
+        self._post = post
+        self._jobs: queue.Queue[_Item | None] = queue.Queue()
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self.heartbeats = [Heartbeat(f"inspect-{i}", clock) for i in range(workers)]
+        self._threads = [
+            threading.Thread(target=self._work, args=(hb,), name=hb.name, daemon=True)
+            for hb in self.heartbeats
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def alive(self) -> list[str]:
+        """Names of workers that died (never expected: jobs cannot raise out of them)."""
+        return [t.name for t in self._threads if t.ident is not None and not t.is_alive()]
+
+    def submit(self, job: Job, *, budget: float | None, on_error: OnError) -> None:
+        with self._lock:
+            self._outstanding += 1
+        self._jobs.put(_Item(job, budget, on_error))
+
+    def capacity(self) -> int:
+        with self._lock:
+            return max(0, 2 * len(self._threads) - self._outstanding)
+
+    def cancel(self) -> None:
+        """Make running jobs end at their next `progress()` (the daemon is stopping)."""
+        self._cancelled.set()
+
+    def stop(self, timeout: float) -> None:
+        """Cancel running jobs and join the workers (a worker stuck in a system call that
+        reports no progress is left behind: the threads are daemonic)."""
+        self.cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(timeout)
+
+    def _work(self, heartbeat: Heartbeat) -> None:
+        store = Store(self._db_path)
+        try:
+            while True:
+                try:
+                    item = self._jobs.get(timeout=1.0)
+                except queue.Empty:
+                    heartbeat.beat()
+                    continue
+                if item is None:
+                    return
+                self._post(self._run(item, store, heartbeat))
+                with self._lock:
+                    self._outstanding -= 1
+        finally:
+            store.close()
+
+    def _run(self, item: _Item, store: Store, heartbeat: Heartbeat) -> Any:
+        with heartbeat.job(budget=item.budget, cancelled=self._cancelled):
+            try:
+                return item.job(store)
+            except BaseException as exc:  # a bug in a job must not kill the worker
+                return item.on_error(exc)
+
+
+class InlinePool:
+    """Runs every job at once on the caller's thread (for tests); results go to `post`."""
+
+    def __init__(self, store: Store, clock: Clock, post: Callable[[Any], None]) -> None:
+        self._store = store
+        self._post = post
+        self.heartbeat = Heartbeat("inspect-inline", clock)
+
+    def submit(self, job: Job, *, budget: float | None, on_error: OnError) -> None:
+        with self.heartbeat.job(budget=budget):
+            try:
+                result = job(self._store)
+            except BaseException as exc:
+                result = on_error(exc)
+        self._post(result)
+
+    def capacity(self) -> int:
+        return 1_000_000

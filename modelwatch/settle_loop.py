@@ -1,0 +1,533 @@
+"""The settle loop: one thread owns every pending unit and decides; a pool does the work.
+
+It takes typed messages from its inbox: changes and rescans from the watchers, control
+messages from the daemon (`Reconfigure`, `Flush`, `Stop`) and the results of the jobs it gave
+the inspection pool (`checks`). It feeds the pure `Settler`, submits a scan when the settler
+says one is due, an examination when a unit is stable, and commits outcomes through the
+registry (everything settled in one turn of the loop shares one transaction). Nothing slow
+runs here: a unit whose hashing takes an hour delays only itself, and reloads, stops and other
+units' timers are handled within a turn (SPEC §8).
+
+A stop is one more input (`Stop`): every pending unit gets its last chance (two scans
+`stop_settle_seconds` apart, then the usual readiness checks); what settles is committed, the
+rest is logged `unit_pending_at_stop` with its reason and found again by the next start.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from modelwatch import checks
+from modelwatch.checks import Context, Crashed, Examined, Overdue, Reconciled, Scanned, Settled
+from modelwatch.clock import Clock
+from modelwatch.config import Config
+from modelwatch.errors import StateError
+from modelwatch.events import Event
+from modelwatch.metadata import SchemaValidator
+from modelwatch.pool import Pool
+from modelwatch.progress import Cancelled, Heartbeat
+from modelwatch.registry import Registry, Route
+from modelwatch.roots import Availability
+from modelwatch.rules import RootRules
+from modelwatch.settle import Settler, Verdict
+from modelwatch.state import Store
+from modelwatch.units import Unit, describe, locate
+from modelwatch.watch import Change, Rescan
+
+log = structlog.get_logger("modelwatch.settle")
+
+_BATCH = 5000  # messages per turn: a flood of events must not starve the timers
+
+
+@dataclass(slots=True)
+class Flush:
+    """Done once everything queued before it is handled, rescans included (the initial
+    reconcile before READY)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(slots=True)
+class Reconfigure:
+    """Switch to a reloaded config (applied by the loop, which owns it)."""
+
+    config: Config
+    routes: list[Route]
+    schema: SchemaValidator | None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(slots=True)
+class Stop:
+    """Give every pending unit its last chance (two scans `gap` apart; None:
+    `stop_settle_seconds`), commit, and end the loop by `deadline` (monotonic)."""
+
+    deadline: float
+    gap: float | None = None
+    log_as: str = "unit_pending_at_stop"  # the log event of each unit left pending
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+Message = (
+    Change
+    | Rescan
+    | Flush
+    | Reconfigure
+    | Stop
+    | Scanned
+    | Examined
+    | Overdue
+    | Reconciled
+    | Crashed
+)
+Inbox = queue.Queue[Message | None]
+
+
+@dataclass(frozen=True, slots=True)
+class RootStatus:
+    available: bool
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class _Done:
+    """A unit settled this turn, waiting for the turn's commit."""
+
+    unit: Unit
+    outcome: Settled
+    settled_after: float
+
+
+class SettleLoop(threading.Thread):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        inbox: Inbox,
+        clock: Clock,
+        on_event: Callable[[Event], None],
+        pool: Pool,
+        schema: SchemaValidator | None = None,
+    ) -> None:
+        super().__init__(name="settle", daemon=True)
+        self.pool = pool
+        self.config = config
+        self.registry = registry
+        self.inbox = inbox
+        self.clock = clock
+        self.on_event = on_event
+        self.schema = schema
+        self.rules = {r.path: RootRules(r) for r in config.roots}
+        self.settler: Settler[Unit] = Settler(lambda u: self.rules[u.root].timing)
+        self.heartbeat = Heartbeat("settle", clock)
+        self.roots: dict[str, RootStatus] = {}  # replaced whole, read by other threads
+        self.reasons: dict[Unit, str] = {}  # why each pending unit is not settled yet
+        self._tokens: dict[Unit, int] = {}
+        self._counter = itertools.count(1)
+        self._reconciling: dict[int, str] = {}  # token -> root of reconciles in flight
+        self._flushes: list[tuple[Flush, set[int]]] = []
+        self._overdue: list[Unit] = []
+        self._done: list[_Done] = []
+        self._devices: dict[str, int | None] = {}
+        self._stopping: Stop | None = None
+        self._finished = threading.Event()
+
+    @property
+    def store(self) -> Store:
+        return self.registry.store
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        with self.heartbeat.attached():
+            while not self._finished.is_set():
+                self.heartbeat.beat()
+                try:
+                    self.step(None)
+                except Exception:  # a bug must not stop every unit; it is logged and retried
+                    log.exception("settle_loop_error")
+                    self._finished.wait(1.0)
+
+    def step(self, timeout: float | None = 0.0) -> None:
+        """One turn: handle queued messages (waiting up to `timeout` for the first; None:
+        until the next timer at most), submit what is due, commit what settled."""
+        self._take(self._timeout() if timeout is None else timeout)
+        now = self.clock.monotonic()
+        self._schedule(now)
+        self._commit(now)
+        if self._stopping is not None:
+            self._maybe_finish(self._stopping, now)
+
+    def _timeout(self) -> float:
+        deadline = self.settler.next_deadline()
+        if self._stopping is not None:
+            deadline = min(deadline or self._stopping.deadline, self._stopping.deadline)
+        if deadline is None:
+            return 1.0
+        return min(1.0, max(0.0, deadline - self.clock.monotonic()))
+
+    def _take(self, timeout: float) -> None:
+        try:
+            item = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+            for _ in range(_BATCH):
+                if item is not None:
+                    self.handle(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def handle(self, item: Message) -> None:
+        if isinstance(item, Change):
+            self._changed(item)
+        elif isinstance(item, Scanned):
+            self._scanned(item)
+        elif isinstance(item, Examined):
+            self._examined(item)
+        elif isinstance(item, Reconciled):
+            self._reconciled(item)
+        elif isinstance(item, Overdue):
+            self._overdue_checked(item)
+        elif isinstance(item, Crashed):
+            self._crashed(item)
+        elif isinstance(item, Rescan):
+            self._rescan(item)
+        elif isinstance(item, Flush):
+            self._flush(item)
+        elif isinstance(item, Reconfigure):
+            self._reconfigure(item)
+        elif isinstance(item, Stop):
+            self._begin_stop(item)
+
+    def _changed(self, change: Change) -> None:
+        if change.root not in self.rules or self._stopping is not None:
+            return
+        self._observe_path(change.root, change.path, change.is_dir, change.at)
+        if change.dest is not None:
+            self._observe_path(change.root, change.dest, change.is_dir, change.at)
+
+    def _observe_path(self, root: str, path: str, is_dir: bool, at: float) -> None:
+        rules = self.rules[root]
+        where = locate(root, rules.config.unit_depth, path, is_dir)
+        if where.unit is not None:
+            if where.rel_in_unit and rules.ignore.matches_any_part(where.rel_in_unit):
+                return
+            self.observe(where.unit, at)
+        elif where.above is not None:
+            self._rescan(Rescan(root, where.above, reason="root_changed"))
+        else:
+            log.debug("path_above_unit_depth", path=describe(path))
+
+    def observe(self, unit: Unit, at: float) -> None:
+        """A change inside `unit`: (re)start its quiet period; results of checks already
+        under way are stale."""
+        self.settler.observe(unit, at)
+        self._tokens[unit] = next(self._counter)
+
+    def _current(self, unit: Unit, token: int) -> bool:
+        """Finish a job's bookkeeping; True when its result still counts."""
+        self.settler.set_busy(unit, False)
+        return unit in self.settler and self._tokens.get(unit) == token
+
+    def _scanned(self, result: Scanned) -> None:
+        unit = result.unit
+        if not self._current(unit, result.token):
+            return
+        now = self.clock.monotonic()
+        verdict = self.settler.scanned(unit, result.manifest.stat_key, now)
+        if verdict is Verdict.STABLE:
+            self._submit_unit(unit, checks.examine, result.manifest)
+        elif verdict is Verdict.CHANGED:
+            self.reasons[unit] = "files changed during the last check at stop"
+
+    def _examined(self, result: Examined) -> None:
+        unit, outcome = result.unit, result.outcome
+        if not self._current(unit, result.token):
+            return
+        self._root_state(unit.root, result.availability)
+        now = self.clock.monotonic()
+        if isinstance(outcome, Settled):
+            settled_after = self.settler.settled(unit, now)
+            self._forget(unit)
+            self._done.append(_Done(unit, outcome, settled_after))
+            return
+        if isinstance(outcome, checks.RootDown):
+            reason = f"root unavailable: {outcome.reason}"
+            self.settler.not_ready(unit, None, now)
+        else:
+            reason = outcome.reason
+            key = outcome.key if isinstance(outcome, checks.NotReady) else None
+            self.settler.not_ready(unit, key, now)
+        self.reasons[unit] = reason
+        log.info("unit_not_ready", unit=unit.display, reason=reason)
+
+    def _overdue_checked(self, result: Overdue) -> None:
+        unit = result.unit
+        if not self._current(unit, result.token) or result.found is None:
+            return
+        waited = self.clock.monotonic() - self.settler.first_change(unit)
+        try:
+            event = self.registry.not_settled(
+                unit,
+                self.rules[unit.root].config,
+                result.found,
+                when=self.clock.time(),
+                waited=waited,
+                reason=result.reason,
+            )
+        except StateError as exc:
+            log.error("state_write_failed", unit=unit.display, error=str(exc))
+            return
+        log.warning("unit_not_settled", unit=unit.display, event_id=event.id, reason=result.reason)
+        self.on_event(event)
+
+    def _crashed(self, result: Crashed) -> None:
+        if result.unit is None:
+            self._reconcile_finished(result.token)
+            if not isinstance(result.error, Cancelled):
+                log.error("reconcile_failed", root=describe(result.root), exc_info=result.error)
+            return
+        unit = result.unit
+        if not self._current(unit, result.token):
+            return
+        if not isinstance(result.error, Cancelled):
+            log.error("unit_failed", unit=unit.display, exc_info=result.error)
+        self.reasons[unit] = f"checking it failed: {result.error!r}"
+        self.settler.not_ready(unit, None, self.clock.monotonic())  # retried, episode kept
+
+    # -- reconcile -------------------------------------------------------------------------------
+
+    def _rescan(self, rescan: Rescan) -> None:
+        """Submit a reconcile of the root (below `rescan.below`)."""
+        if rescan.root not in self.rules or self._stopping is not None:
+            return
+        root, below, token = rescan.root, rescan.below, next(self._counter)
+        skip = frozenset(self.settler.pending())
+        ctx = self._context(root)
+        self._reconciling[token] = root
+
+        def job(store: Store) -> Reconciled:
+            return checks.reconcile(ctx, store, root, below, token, skip)
+
+        def failed(exc: BaseException) -> Crashed:
+            return Crashed(None, root, token, exc)
+
+        self.pool.submit(job, budget=None, on_error=failed)
+
+    def _reconciled(self, result: Reconciled) -> None:
+        self._reconcile_finished(result.token)
+        root = result.root
+        if root not in self.rules or self._stopping is not None:
+            return
+        self._root_state(root, result.availability)
+        now = self.clock.monotonic()
+        for unit in result.changed:
+            if unit not in self.settler:
+                self.observe(unit, now)
+        try:
+            self.store.units.set_scan_digests(result.healed)
+        except StateError as exc:  # only a shortcut is lost: the next pass scans again
+            log.warning("state_write_failed", error=str(exc))
+
+    def _reconcile_finished(self, token: int) -> None:
+        self._reconciling.pop(token, None)
+        waiting = []
+        for flush, tokens in self._flushes:
+            tokens.discard(token)
+            if tokens:
+                waiting.append((flush, tokens))
+            else:
+                flush.done.set()
+        self._flushes = waiting
+
+    def _flush(self, flush: Flush) -> None:
+        if self._reconciling:
+            self._flushes.append((flush, set(self._reconciling)))
+        else:
+            flush.done.set()
+
+    def _root_state(self, root: str, availability: Availability) -> None:
+        """Record what a check found about `root`: availability, and the device its units are
+        on (an empty mount point on another device is then seen for what it is)."""
+        status = RootStatus(availability.available, availability.reason)
+        previous = self.roots.get(root)
+        device_changed = (
+            availability.available
+            and availability.holds_units
+            and availability.device is not None
+            and self._devices.get(root) != availability.device
+        )
+        if previous == status and not device_changed:
+            return
+        self.roots = {**self.roots, root: status}
+        if not availability.available:
+            log.warning("root_unavailable", root=describe(root), reason=availability.reason)
+        elif previous is not None and not previous.available:
+            log.info("root_available", root=describe(root))
+        if device_changed:
+            self._devices[root] = availability.device
+        try:
+            self.store.units.set_root(
+                describe(root),
+                state="available" if availability.available else "unavailable",
+                reason=availability.reason or None,
+                device=availability.device if device_changed else None,
+            )
+        except StateError as exc:
+            log.warning("state_write_failed", error=str(exc))
+
+    def known_device(self, root: str) -> int | None:
+        if root not in self._devices:
+            record = self.store.units.root(describe(root))
+            self._devices[root] = record.device if record is not None else None
+        return self._devices[root]
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _context(self, root: str) -> Context:
+        return Context(
+            self.rules[root], self.config.metadata, self.schema, self.known_device(root), self.clock
+        )
+
+    def _submit_unit(self, unit: Unit, job: Callable[..., Any], *args: Any) -> None:
+        """Run `job(ctx, unit, token, *args)` on the pool; the unit is busy until it returns."""
+        token, ctx = self._tokens[unit], self._context(unit.root)
+        self.settler.set_busy(unit, True)
+
+        def run(_store: Store) -> Any:
+            return job(ctx, unit, token, *args)
+
+        def failed(exc: BaseException) -> Crashed:
+            return Crashed(unit, unit.root, token, exc)
+
+        self.pool.submit(
+            run, budget=ctx.rules.config.policy.inspect_timeout_seconds, on_error=failed
+        )
+
+    def _schedule(self, now: float) -> None:
+        if self._stopping is not None and now >= self._stopping.deadline:
+            return
+        capacity = self.pool.capacity()
+        self._overdue.extend(self.settler.overdue(now))
+        while self._overdue and capacity > 0:
+            unit = self._overdue.pop(0)
+            if unit in self.settler:
+                self._submit_unit(unit, checks.overdue)
+                capacity -= 1
+        for unit in self.settler.due(now):
+            if capacity <= 0:
+                break
+            self._submit_unit(unit, checks.scan)
+            capacity -= 1
+
+    # -- committing ----------------------------------------------------------------------------
+
+    def _commit(self, now: float) -> None:
+        """Commit every outcome settled this turn in one transaction (one fsync for a burst),
+        then hand the events on."""
+        if not self._done:
+            return
+        done, self._done = self._done, []
+        events: list[tuple[Unit, Event]] = []
+        failed: list[_Done] = []
+        try:
+            with self.store.transaction():
+                for item in done:
+                    try:
+                        event = self._record(item)
+                    except Exception as exc:  # state store full, or a bug: this unit only
+                        self._failed(item, exc, now)
+                        failed.append(item)
+                        continue
+                    if event is not None:
+                        events.append((item.unit, event))
+        except StateError as exc:  # the commit itself failed: none of the batch is stored
+            for item in done:
+                if item not in failed:
+                    self._failed(item, exc, now)
+            return
+        for unit, event in events:
+            log.info(
+                "unit_" + event.short_type,
+                unit=unit.display,
+                event_id=event.id,
+                version=event.data.get("version"),
+                fingerprint=event.data["fingerprint"],
+            )
+            self.on_event(event)
+
+    def _record(self, item: _Done) -> Event | None:
+        unit, found = item.unit, item.outcome.found
+        root = self.rules[unit.root].config
+        if found is None:
+            return self.registry.removed(unit, root, when=self.clock.time())
+        return self.registry.settled(
+            unit,
+            root,
+            found,
+            when=self.clock.time(),
+            settled_after=item.settled_after,
+            scan_digest=item.outcome.scan_digest,
+        )
+
+    def _failed(self, item: _Done, exc: Exception, now: float) -> None:
+        if isinstance(exc, StateError):
+            log.error("state_write_failed", unit=item.unit.display, error=str(exc))
+        else:
+            log.error("unit_failed", unit=item.unit.display, exc_info=exc)
+        # Pending again, its episode kept: retried one quiet period from now.
+        self.observe(item.unit, now - item.settled_after)
+        self.observe(item.unit, now)
+
+    def _forget(self, unit: Unit) -> None:
+        self._tokens.pop(unit, None)
+        self.reasons.pop(unit, None)
+
+    # -- reload and stop -----------------------------------------------------------------------
+
+    def _reconfigure(self, change: Reconfigure) -> None:
+        old = self.rules
+        self.config, self.schema = change.config, change.schema
+        self.registry.routes = tuple(change.routes)
+        self.rules = {
+            r.path: old[r.path] if r.path in old and old[r.path].config == r else RootRules(r)
+            for r in change.config.roots
+        }
+        for unit in self.settler.pending():
+            if unit.root not in self.rules:
+                self.settler.forget(unit)
+                self._forget(unit)
+        self.roots = {root: s for root, s in self.roots.items() if root in self.rules}
+        change.done.set()
+
+    def _begin_stop(self, stop: Stop) -> None:
+        self._stopping = stop
+        pending = self.settler.pending()
+        if pending:
+            log.info("last_chance", units=len(pending), note="checking pending units once more")
+        gap = self.config.daemon.stop_settle_seconds if stop.gap is None else stop.gap
+        self.settler.last_chance(self.clock.monotonic(), gap)
+
+    @property
+    def finished(self) -> bool:
+        """True once a `Stop` was carried out."""
+        return self._finished.is_set()
+
+    def _maybe_finish(self, stop: Stop, now: float) -> None:
+        if self.settler.in_last_chance() and now < stop.deadline:
+            return
+        for unit in self.settler.pending():
+            reason = self.reasons.get(unit) or "still being checked at the shutdown deadline"
+            log.warning(stop.log_as, unit=unit.display, reason=reason)
+        self._finished.set()
+        stop.done.set()

@@ -1,0 +1,202 @@
+"""The unit table: versions, known fingerprints and roots (SPEC §2, §11).
+
+A unit row holds its last version, the version registered now, whether it is present, how
+many `removed` events it had (`removals`, part of later event ids) and the scan digest of
+its files when its fingerprint was last found known. Each fingerprint a unit settled with is
+kept with its outcome, version and `epoch`: the unit's `removals` when it was last emitted,
+so the same files after a removal are a restore, not a repeat. A root row holds the device
+its units were last seen on (an empty mount point on another device is not "every unit
+removed") and the availability the daemon last saw.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from modelwatch.state.database import Database
+
+
+@dataclass(frozen=True, slots=True)
+class UnitRecord:
+    path: str
+    root: str
+    last_version: int
+    registered_fp: str | None
+    registered_version: int | None
+    registered_format: str | None
+    registered_model_type: str | None
+    present: bool
+    scan_digest: bytes | None = None
+    removals: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KnownFingerprint:
+    """A fingerprint a unit settled with before."""
+
+    outcome: str  # registered | rejected
+    version: int | None
+    epoch: int  # the unit's removals when this fingerprint was last emitted
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RootRecord:
+    path: str
+    device: int | None
+    state: str  # available | unavailable
+    reason: str | None
+    observer: str | None  # inotify | polling | missing, as the daemon last reported
+    since: float | None  # wall time the state began
+
+
+class UnitTable:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get(self, path: str) -> UnitRecord | None:
+        rows = self._select("WHERE path = ?", (path,))
+        return rows[0] if rows else None
+
+    def all(self, root: str | None = None) -> list[UnitRecord]:
+        if root is None:
+            return self._select()
+        return self._select("WHERE root = ?", (root,))
+
+    def _select(self, where: str = "", args: Sequence[Any] = ()) -> list[UnitRecord]:
+        version = self.db.version  # a store of an older schema is read as it is
+        digest = "scan_digest" if version >= 2 else "NULL"
+        removals = "removals" if version >= 3 else "0"
+        columns = (
+            "path, root, last_version, registered_fp, registered_version, registered_format,"
+            f" registered_model_type, present, {digest}, {removals}"
+        )
+        sql = f"SELECT {columns} FROM units {where} ORDER BY path"  # noqa: S608 (constants; values bound)
+        return [_unit_record(row) for row in self.db.query(sql, args)]
+
+    def fingerprint(self, unit: str, fp: str) -> KnownFingerprint | None:
+        epoch = "epoch" if self.db.version >= 3 else "0"
+        rows = self.db.query(
+            f"SELECT outcome, version, {epoch}, event_id FROM fingerprints"  # noqa: S608
+            " WHERE unit = ? AND fingerprint = ?",
+            (unit, fp),
+        )
+        return KnownFingerprint(*rows[0]) if rows else None
+
+    def is_current(self, unit: str, fp: str) -> bool:
+        """True when `fp` was emitted since the unit's last removal: settling with it again
+        emits nothing."""
+        rows = self.db.query(
+            "SELECT 1 FROM fingerprints f JOIN units u ON u.path = f.unit"
+            " WHERE f.unit = ? AND f.fingerprint = ? AND f.epoch = u.removals",
+            (unit, fp),
+        )
+        return bool(rows)
+
+    def record_settled(
+        self,
+        *,
+        root: str,
+        unit: str,
+        fp: str,
+        outcome: str,
+        version: int | None,
+        event_id: str,
+        epoch: int,
+        format: str | None = None,
+        model_type: str | None = None,
+        scan_digest: bytes | None = None,
+    ) -> None:
+        """Record a settled fingerprint (registered or rejected); the unit is present."""
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO units(path, root, updated, scan_digest) VALUES(?, ?, ?, ?)"
+                " ON CONFLICT(path) DO UPDATE SET present = 1, updated = excluded.updated,"
+                " scan_digest = excluded.scan_digest",
+                (unit, root, time.time(), scan_digest),
+            )
+            if outcome == "registered":
+                db.execute(
+                    "UPDATE units SET last_version = MAX(last_version, ?), registered_fp = ?,"
+                    " registered_version = ?, registered_format = ?, registered_model_type = ?"
+                    " WHERE path = ?",
+                    (version, fp, version, format, model_type, unit),
+                )
+            db.execute(
+                "INSERT INTO fingerprints(unit, fingerprint, outcome, version, event_id, epoch)"
+                " VALUES(?, ?, ?, ?, ?, ?) ON CONFLICT(unit, fingerprint) DO UPDATE SET"
+                " outcome = excluded.outcome, version = excluded.version,"
+                " event_id = excluded.event_id, epoch = excluded.epoch",
+                (unit, fp, outcome, version, event_id, epoch),
+            )
+
+    def record_removed(self, unit: str) -> None:
+        """The unit's `removed` event was emitted: absent, one more removal."""
+        self.db.execute(
+            "UPDATE units SET present = 0, scan_digest = NULL, removals = removals + 1,"
+            " updated = ? WHERE path = ?",
+            (time.time(), unit),
+        )
+
+    def set_present(self, unit: str, present: bool, scan_digest: bytes | None = None) -> None:
+        """Mark a unit present or not; `scan_digest` replaces the stored one (None clears)."""
+        self.db.execute(
+            "UPDATE units SET present = ?, scan_digest = ?, updated = ? WHERE path = ?",
+            (int(present), scan_digest, time.time(), unit),
+        )
+
+    def set_scan_digests(self, digests: Sequence[tuple[str, bytes | None]]) -> None:
+        """Store (unit path, scan digest) pairs of units found unchanged, in one transaction."""
+        if digests:
+            with self.db.transaction() as db:
+                db.executemany(
+                    "UPDATE units SET scan_digest = ? WHERE path = ?",
+                    [(digest, path) for path, digest in digests],
+                )
+
+    # -- roots -------------------------------------------------------------------------------
+
+    def roots(self) -> list[RootRecord]:
+        if self.db.version < 3:
+            return []
+        rows = self.db.query(
+            "SELECT path, device, state, reason, observer, since FROM roots ORDER BY path"
+        )
+        return [RootRecord(*row) for row in rows]
+
+    def root(self, path: str) -> RootRecord | None:
+        return next((r for r in self.roots() if r.path == path), None)
+
+    def set_root(
+        self,
+        path: str,
+        *,
+        state: str,
+        reason: str | None = None,
+        observer: str | None = None,
+        device: int | None = None,
+    ) -> None:
+        """Record a root's availability (and the device its units are seen on, when given).
+
+        `since` moves only when the state changes.
+        """
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO roots(path, device, state, reason, observer, since, updated)"
+            " VALUES(?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET"
+            " device = COALESCE(excluded.device, device),"
+            " since = CASE WHEN state = excluded.state THEN since ELSE excluded.since END,"
+            " state = excluded.state, reason = excluded.reason,"
+            " observer = COALESCE(excluded.observer, observer), updated = excluded.updated",
+            (path, device, state, reason, observer, now, now),
+        )
+
+
+def _unit_record(row: Sequence[Any]) -> UnitRecord:
+    path, root, last, fp, version, fmt, model_type, present, digest, removals = row
+    return UnitRecord(
+        path, root, last, fp, version, fmt, model_type, bool(present), digest, removals
+    )

@@ -1,0 +1,135 @@
+"""`modelwatch status`: what the state store says, as data and as text (SPEC §3).
+
+`status_report` builds the JSON form (`status --format json`, and later `/api/status`):
+roots and their availability, units with their latest version and state, per-sink pending /
+dead / discarded counts with the oldest pending age, and every dead letter. `render` prints
+the same as tables a person reads at a glance. Both only read the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from modelwatch.config import Config
+from modelwatch.state import Store
+from modelwatch.units import describe
+
+
+def status_report(config: Config, store: Store, now: float) -> dict[str, Any]:
+    known_roots = {r.path: r for r in store.units.roots()}
+    roots = []
+    for root in config.roots:
+        record = known_roots.get(describe(root.path))
+        roots.append(
+            {
+                "path": describe(root.path),
+                "unit_depth": root.unit_depth,
+                "state": record.state if record else "unknown",
+                "reason": record.reason if record else None,
+                "observer": record.observer if record else None,
+                "since": record.since if record else None,
+            }
+        )
+    units = [
+        {
+            "path": u.path,
+            "root": u.root,
+            "version": u.registered_version,
+            "fingerprint": u.registered_fp,
+            "state": "present" if u.present else "removed",
+        }
+        for u in store.units.all()
+    ]
+    sinks = [
+        {
+            "sink": s.sink,
+            "pending": s.pending,
+            "dead": s.dead,
+            "discarded": s.discarded,
+            "oldest_pending_seconds": _age(s.oldest_pending, now),
+        }
+        for s in store.outbox.sink_stats()
+    ]
+    dead = [
+        {
+            "sink": d.sink,
+            "event_id": d.event_id,
+            "unit": d.unit,
+            "type": d.type.rsplit(".", 1)[-1],
+            "attempts": d.attempts,
+            "last_error": d.last_error,
+        }
+        for d in store.outbox.dead_letters()
+    ]
+    return {"roots": roots, "units": units, "sinks": sinks, "dead_letters": dead}
+
+
+def render(report: dict[str, Any]) -> str:
+    parts = [
+        table(
+            ["ROOT", "STATE", "OBSERVER", "REASON"],
+            [
+                [r["path"], r["state"], r["observer"] or "-", r["reason"] or ""]
+                for r in report["roots"]
+            ],
+        ),
+        table(
+            ["UNIT", "VERSION", "STATE"],
+            [[u["path"], str(u["version"] or "-"), u["state"]] for u in report["units"]],
+        ),
+        table(
+            ["SINK", "PENDING", "DEAD", "DISCARDED", "OLDEST PENDING"],
+            [
+                [
+                    s["sink"],
+                    str(s["pending"]),
+                    str(s["dead"]),
+                    str(s["discarded"]),
+                    _fmt_age(s["oldest_pending_seconds"]),
+                ]
+                for s in report["sinks"]
+            ],
+        ),
+    ]
+    if report["dead_letters"]:
+        parts.append(
+            table(
+                ["DEAD LETTER", "SINK", "UNIT", "TYPE", "ATTEMPTS", "LAST ERROR"],
+                [
+                    [
+                        d["event_id"][:12],
+                        d["sink"],
+                        d["unit"],
+                        d["type"],
+                        str(d["attempts"]),
+                        one_line(d["last_error"] or "", 120),
+                    ]
+                    for d in report["dead_letters"]
+                ],
+            )
+        )
+    return "\n\n".join(parts)
+
+
+def one_line(text: str, limit: int) -> str:
+    """`text` on one printable line of at most `limit` characters."""
+    flat = "".join(c if c.isprintable() else " " for c in text)
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _age(created: float | None, now: float) -> float | None:
+    return None if created is None else round(max(0.0, now - created), 1)
+
+
+def _fmt_age(age: float | None) -> str:
+    return "-" if age is None else f"{age:.0f}s"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
