@@ -46,13 +46,14 @@ class Call:
 class Storage:
     dtype: str
     key: str
+    numel: int | None
 
 
 @dataclass(eq=False, slots=True)
 class Tensor:
     dtype: str
     shape: list[int]
-    storage: str
+    storage: Storage
     offset: int
     stride: tuple[Any, ...]
 
@@ -202,7 +203,8 @@ def _persistent(pid: Any) -> Any:
     if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
         kind = pid[1]
         dtype = TORCH_STORAGES.get(kind.name, "uint8") if isinstance(kind, Global) else "uint8"
-        return Storage(dtype, str(pid[2]))
+        numel = pid[4] if len(pid) >= 5 and isinstance(pid[4], int) else None
+        return Storage(dtype, str(pid[2]), numel)
     return Call(Global("", "persistent_load"), pid)
 
 
@@ -235,7 +237,7 @@ def _tensor(name: str, args: tuple[Any, ...]) -> Tensor | None:
         dtype = TORCH_DTYPES.get(args[6].name, args[6].name)
     offset = offset if isinstance(offset, int) else 0
     stride = stride if isinstance(stride, tuple) else ()
-    return Tensor(dtype, list(size), storage.key, offset, stride)
+    return Tensor(dtype, list(size), storage, offset, stride)
 
 
 def _is_sequence(value: Any) -> bool:

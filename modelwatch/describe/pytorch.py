@@ -15,6 +15,7 @@ A DCP checkpoint's `.metadata` pickle maps each state-dict key to its dtype and 
 from __future__ import annotations
 
 import io
+import math
 import posixpath
 import re
 import zipfile
@@ -41,7 +42,9 @@ _SAFE = {
     "torch._utils._rebuild_qtensor", "torch._utils._rebuild_meta_tensor_no_storage",
     "torch._utils._rebuild_wrapper_subclass", "torch._utils._rebuild_nested_tensor",
     "torch._utils._rebuild_device_tensor_from_numpy", "torch.sparse_coo", "torch.strided",
-    "torch.contiguous_format", "torch.channels_last", "torch.preserve_format",
+    "torch.storage.UntypedStorage", "torch.serialization._get_layout", "pathlib.PosixPath",
+    "pathlib.PurePosixPath", "torch.contiguous_format", "torch.channels_last",
+    "torch.preserve_format",
     "numpy.dtype", "numpy.ndarray", "numpy.core.multiarray.scalar",
     "numpy._core.multiarray.scalar", "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray._reconstruct", "copyreg._reconstructor", "copyreg.__newobj__",
@@ -53,7 +56,7 @@ def describe_pytorch(source: Source) -> dict[str, Any]:
     paths = source.paths(lambda p: p.endswith(TORCH_SUFFIXES))
     tensors = Tensors(source.limits.listed)
     suspicious: set[str] = set()
-    seen: set[tuple[Any, ...]] = set()
+    storages: dict[tuple[str, str], _StorageUse] = {}
     out: dict[str, Any] = {"files": len(paths)}
     for path in paths:
         try:
@@ -64,11 +67,32 @@ def describe_pytorch(source: Source) -> dict[str, Any]:
         suspicious.update(g for g in loaded.globals if not is_safe_global(g))
         prefix = f"{path}:" if len(paths) > 1 else ""
         for name, tensor, counted in _tensors(loaded.value, source):
-            key = (path, tensor.storage, tensor.offset, tuple(tensor.shape), tensor.stride)
-            counted = counted and key not in seen
-            seen.add(key)
-            tensors.add(prefix + name, tensor.dtype, list(tensor.shape), count=counted)
+            tensors.add(prefix + name, tensor.dtype, list(tensor.shape), count=False)
+            if counted:
+                use = storages.setdefault((path, tensor.storage.key), _StorageUse(tensor))
+                use.add(tensor)
+    for use in storages.values():
+        tensors.count(use.dtype, use.elements())
     return {**out, **tensors.summary(), "suspicious_globals": sorted(suspicious)}
+
+
+class _StorageUse:
+    """The tensors of one storage: tied weights (the same view) count once, and all views
+    together count at most the storage's own elements (a slice saved next to its base)."""
+
+    def __init__(self, first: Tensor) -> None:
+        self.dtype, self.numel = first.dtype, first.storage.numel
+        self.views: set[tuple[Any, ...]] = set()
+        self.total = 0
+
+    def add(self, tensor: Tensor) -> None:
+        view = (tensor.offset, tuple(tensor.shape), tensor.stride)
+        if view not in self.views:
+            self.views.add(view)
+            self.total += math.prod(tensor.shape)
+
+    def elements(self) -> int:
+        return self.total if self.numel is None else min(self.total, self.numel)
 
 
 def describe_dcp(source: Source) -> dict[str, Any]:

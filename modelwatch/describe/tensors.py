@@ -125,8 +125,12 @@ class Tensors:
         self._entries.append((name, dtype, shape))
         elements = numel(shape)
         if count and elements is not None:
-            self.parameters += elements
-            self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + elements
+            self.count(dtype, elements)
+
+    def count(self, dtype: str, elements: int) -> None:
+        """Add `elements` of `dtype` to the parameter count (for tensors added uncounted)."""
+        self.parameters += elements
+        self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + elements
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -19,9 +19,9 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import tensorflow as tf
+import torch
 
 keras = tf.keras
 
@@ -50,9 +50,7 @@ def train(model: Any, logdir: str | None = None) -> None:
     x = rng.normal(size=(64, 6)).astype("float32")
     y = rng.integers(0, 3, size=(64,))
     callbacks = [keras.callbacks.TensorBoard(logdir)] if logdir else []
-    model.fit(
-        x, y, epochs=3, batch_size=16, validation_split=0.25, verbose=0, callbacks=callbacks
-    )
+    model.fit(x, y, epochs=3, batch_size=16, validation_split=0.25, verbose=0, callbacks=callbacks)
 
 
 def saved_model(out: str, model: Any) -> dict[str, Any]:
