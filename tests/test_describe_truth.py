@@ -43,7 +43,9 @@ def truth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
     if python is None:
         if os.environ.get("CI"):
             pytest.fail("CI must build the ground-truth venv: bash tests/truth/venv.sh")
-        pytest.skip("no ground-truth venv here: `bash tests/truth/venv.sh` builds it (.ci/run does)")
+        pytest.skip(
+            "no ground-truth venv here: `bash tests/truth/venv.sh` builds it (.ci/run does)"
+        )
     out = tmp_path_factory.mktemp("truth")
     subprocess.run(
         [python, str(TRUTH / "make_models.py"), str(out)],
@@ -237,7 +239,7 @@ def test_hostile_pickle_is_reported_and_never_run(truth: tuple[Path, dict[str, A
 def test_describing_everything_loads_no_framework(truth: tuple[Path, dict[str, Any]]) -> None:
     """Describing every unit and reading every log in a fresh interpreter imports none of
     TensorFlow, torch, numpy or ONNX, and maps none of their libraries."""
-    out, facts = truth
+    out, _ = truth
     formats = {
         "saved_model_keras": "saved_model",
         "tf_checkpoint": "tf_checkpoint",

@@ -18,13 +18,14 @@ import re
 from typing import Any
 
 from modelwatch.describe.protowire import VARINT, Field, Region
-from modelwatch.describe.source import DescribeError, Source, malformed
+from modelwatch.describe.source import DescribeError, Source, malformed, too_large
 from modelwatch.describe.tensors import Tensors
 from modelwatch.describe.tfgraph import parameter_keys
 from modelwatch.describe.tftable import Bundle, read_bundle, tensor_meta
 
 _NOT_PARAMETERS = {"string", "resource", "variant", "invalid"}
 _TF1_BOOKKEEPING = {"global_step"}
+MAX_META_GRAPHS = 16  # TF writes one per tag set; a handful at most
 _CHECKPOINT_LINE = re.compile(rb'[ \t]*model_checkpoint_path[ \t]*:[ \t]*"((?:[^"\\\n]|\\.)*)"')
 
 
@@ -40,7 +41,10 @@ def describe_saved_model(source: Source) -> dict[str, Any]:
             if field.number == 1 and field.wire == VARINT:
                 out["saved_model_schema_version"] = field.value
             elif field.number == 2:
-                out.setdefault("meta_graphs", []).append(_meta_graph(field.message()))
+                graphs = out.setdefault("meta_graphs", [])
+                if len(graphs) >= MAX_META_GRAPHS:
+                    raise too_large(path, f"more than {MAX_META_GRAPHS} meta graphs")
+                graphs.append(_meta_graph(field.message(), source.limits.listed))
     index = posixpath.join(posixpath.dirname(path), "variables", "variables.index")
     if index in source.files:
         try:
@@ -88,7 +92,7 @@ def _unescape(literal: bytes) -> bytes:
     )
 
 
-def _meta_graph(region: Region) -> dict[str, Any]:
+def _meta_graph(region: Region, listed: int) -> dict[str, Any]:
     graph: dict[str, Any] = {"tags": [], "signatures": []}
     for field in region.fields():
         if field.number == 1:
@@ -103,6 +107,8 @@ def _meta_graph(region: Region) -> dict[str, Any]:
             key, value = _map_entry(field)
             # `__saved_model_init_op` and the like are TF's own, not the model's signatures
             if value is not None and not key.startswith("__"):
+                if len(graph["signatures"]) >= listed:
+                    raise too_large(region.blob.name, f"more than {listed} signatures")
                 graph["signatures"].append({"name": key, **_signature(value)})
     graph["tags"].sort()
     graph["signatures"].sort(key=lambda s: s["name"])
