@@ -418,3 +418,16 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
+
+
+def test_empty_packed_tensor_values_are_no_scalar(tmp_path: Path) -> None:
+    """A TF2 scalar tensor whose packed int values are empty gives no metric, no crash."""
+    tensor = field(1, 9) + field(2, b"") + field(10, b"")  # int64, rank 0, empty int64_val
+    value = field(1, "steps") + field(8, tensor)
+    data = event_record(field(2, 1) + field(5, field(1, value)))
+    write_unit(tmp_path, {"events.out.tfevents.1": data})
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert scalar_metrics(fd, ["events.out.tfevents.1"]) == []
+    finally:
+        os.close(fd)

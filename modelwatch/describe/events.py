@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import posixpath
-import stat
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -200,12 +199,18 @@ def _from_values(dtype: int, fields: list[Field]) -> float | None:
         if dtype == 2 and field.number == 6:
             return _first_fixed(field, 8, "<d")
         if dtype in (19, 14) and field.number == 13:
-            bits = packed_varints(field, 64)[0] & 0xFFFF
+            values = packed_varints(field, 64)
+            if not values:
+                return None
+            bits = values[0] & 0xFFFF
             if dtype == 14:
                 return _bfloat16(bits)
             return float(struct.unpack("<e", bits.to_bytes(2, "little"))[0])
         if _INT_FIELDS.get(dtype) == field.number:
-            value = packed_varints(field, 64)[0]
+            values = packed_varints(field, 64)
+            if not values:
+                return None
+            value = values[0]
             return float(value - (1 << 64) if value >= 1 << 63 else value)
     return None
 
@@ -241,6 +246,3 @@ def masked_crc32c(data: bytes) -> int:
         crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     crc ^= 0xFFFFFFFF
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-_ = stat
