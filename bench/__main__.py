@@ -23,7 +23,18 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from bench import bigtree, burst, digest, idle, latency, memory, polling, report, startup
+from bench import (
+    bigtree,
+    burst,
+    describe,
+    digest,
+    idle,
+    latency,
+    memory,
+    polling,
+    report,
+    startup,
+)
 from bench.bigtree import BigTree
 from bench.plan import FULL, QUICK, Plan
 from bench.report import Result
@@ -53,6 +64,7 @@ BENCHMARKS: dict[str, tuple[str, Benchmark]] = {
     "5": ("memory", lambda c: memory.run(c.plan, c.tree, c.base)),
     "6": ("sha256 throughput", lambda c: digest.run(c.plan, c.base)),
     "7": ("idle CPU", lambda c: idle.run(c.plan, c.base)),
+    "8": ("model description", lambda c: describe.run(c.plan, c.base)),
 }
 
 

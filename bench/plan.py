@@ -20,6 +20,7 @@ class Plan:
     memory_events: int = 100_000
     hot_units: int = 20
     digest_mb: int = 256
+    describe_mb: int = 1024  # each of the SavedModel, ONNX and safetensors models of 8
     idle_units: int = 100  # 10,000 files
     idle_files: int = 100
     idle_seconds: float = 60.0
@@ -40,6 +41,7 @@ QUICK = Plan(
     memory_events=10_000,
     hot_units=5,
     digest_mb=64,
+    describe_mb=64,
     idle_seconds=10.0,
     repeats=2,
 )

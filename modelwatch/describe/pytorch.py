@@ -1,0 +1,219 @@
+"""`torch.save` zips and torch.distributed.checkpoint directories, read without torch.
+
+A `torch.save` file is a zip (`<archive>/data.pkl`, `<archive>/data/<storage key>`, ...); the
+pickle is interpreted by `pickles` (nothing imported, nothing called). Tensors are found
+anywhere in what it holds (a state dict, a checkpoint dict, a whole pickled module), named by
+their path of keys (`model/fc.weight`). The parameter count covers each tensor once (views of
+one storage region counted once, as `model.parameters()` counts tied weights once), except
+those below a key naming an optimizer or scheduler (`optimizer_states`, ...), whose state
+mirrors the model's shapes. `suspicious_globals` lists every global a weights-only load
+(`torch.load(weights_only=True)`) would refuse: code that loading the file would import or run.
+
+A DCP checkpoint's `.metadata` pickle maps each state-dict key to its dtype and size.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import posixpath
+import re
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+from modelwatch.describe import pickles
+from modelwatch.describe.pickles import Call, Global, Tensor
+from modelwatch.describe.source import Blob, DescribeError, Source, malformed, too_large
+from modelwatch.describe.tensors import TORCH_DTYPES, Tensors
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+_NOT_MODEL = re.compile(r"optim|scheduler", re.IGNORECASE)
+_SAFE_MODULES = ("torch.distributed.checkpoint.",)
+_SAFE = {
+    "collections.OrderedDict", "collections.defaultdict", "builtins.set", "builtins.frozenset",
+    "builtins.slice", "builtins.complex", "builtins.bytearray", "builtins.dict", "builtins.list",
+    "builtins.tuple", "builtins.int", "builtins.float", "builtins.str", "builtins.bool",
+    "_codecs.encode", "torch.Size", "torch.device", "torch.Tensor", "torch.UntypedStorage",
+    "torch.nn.parameter.Parameter", "torch._tensor._rebuild_from_type_v2",
+    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state", "torch._utils._rebuild_sparse_tensor",
+    "torch._utils._rebuild_qtensor", "torch._utils._rebuild_meta_tensor_no_storage",
+    "torch._utils._rebuild_wrapper_subclass", "torch._utils._rebuild_nested_tensor",
+    "torch._utils._rebuild_device_tensor_from_numpy", "torch.sparse_coo", "torch.strided",
+    "torch.storage.UntypedStorage", "torch.serialization._get_layout", "pathlib.PosixPath",
+    "pathlib.PurePosixPath", "torch.contiguous_format", "torch.channels_last",
+    "torch.preserve_format",
+    "numpy.dtype", "numpy.ndarray", "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar", "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct", "copyreg._reconstructor", "copyreg.__newobj__",
+}  # fmt: skip
+
+
+def describe_pytorch(source: Source) -> dict[str, Any]:
+    """Tensors, parameter count and suspicious globals of every torch.save zip in the unit."""
+    paths = source.paths(lambda p: p.endswith(TORCH_SUFFIXES))
+    tensors = Tensors(source.limits.listed)
+    suspicious: set[str] = set()
+    storages: dict[tuple[str, str], _StorageUse] = {}
+    out: dict[str, Any] = {"files": len(paths)}
+    for path in paths:
+        try:
+            loaded = _load_zip(source, path)
+        except DescribeError as exc:
+            out.setdefault("error", exc.as_error())
+            continue
+        suspicious.update(g for g in loaded.globals if not is_safe_global(g))
+        prefix = f"{path}:" if len(paths) > 1 else ""
+        for name, tensor, counted in _tensors(loaded.value, source):
+            tensors.add(prefix + name, tensor.dtype, list(tensor.shape), count=False)
+            if counted:
+                use = storages.setdefault((path, tensor.storage.key), _StorageUse(tensor))
+                use.add(tensor)
+    for use in storages.values():
+        tensors.count(use.dtype, use.elements())
+    return {**out, **tensors.summary(), "suspicious_globals": sorted(suspicious)}
+
+
+class _StorageUse:
+    """The tensors of one storage: tied weights (the same view) count once, and all views
+    together count at most the storage's own elements (a slice saved next to its base)."""
+
+    def __init__(self, first: Tensor) -> None:
+        self.dtype, self.numel = first.dtype, first.storage.numel
+        self.views: set[tuple[Any, ...]] = set()
+        self.total = 0
+
+    def add(self, tensor: Tensor) -> None:
+        view = (tensor.offset, tuple(tensor.shape), tensor.stride)
+        if view not in self.views:
+            self.views.add(view)
+            self.total += math.prod(tensor.shape)
+
+    def elements(self) -> int:
+        return self.total if self.numel is None else min(self.total, self.numel)
+
+
+def describe_dcp(source: Source) -> dict[str, Any]:
+    """The tensors a torch.distributed.checkpoint `.metadata` file declares."""
+    path = source.first(lambda p: posixpath.basename(p) == ".metadata", ".metadata")
+    loaded = pickles.load(source, path, source.read_small(path))
+    tensors = Tensors(source.limits.listed)
+    entries = _attribute(loaded.value, "state_dict_metadata")
+    for name, entry in sorted((entries or {}).items(), key=lambda kv: str(kv[0])):
+        size = _attribute(entry, "size")
+        if isinstance(size, Call) and isinstance(size.args, tuple) and size.args:
+            size = size.args[0]
+        if isinstance(size, (tuple, list)) and all(isinstance(d, int) for d in size):
+            counted = not _NOT_MODEL.search(str(name))
+            tensors.add(str(name), _dcp_dtype(entry), list(size), count=counted)
+    suspicious = sorted(g for g in loaded.globals if not is_safe_global(g))
+    shards = len(source.paths(lambda p: p.endswith(".distcp")))
+    return {"shard_count": shards, **tensors.summary(), "suspicious_globals": suspicious}
+
+
+def is_safe_global(name: str) -> bool:
+    """True for globals a weights-only torch.load accepts (tensor rebuilding, dtypes, plain
+    containers); everything else needs code to load and is reported."""
+    if name in _SAFE or name.startswith(_SAFE_MODULES):
+        return True
+    module, _, attr = name.rpartition(".")
+    return module == "torch" and (attr.endswith("Storage") or attr in TORCH_DTYPES)
+
+
+def _load_zip(source: Source, path: str) -> pickles.Load:
+    with source.open(path) as blob:
+        if blob.size < 4 or blob.read(0, 4) != b"PK\x03\x04":
+            raise DescribeError(
+                "describe_unsupported", path, "not a zip (the legacy torch.save format)"
+            )
+        try:
+            with zipfile.ZipFile(BlobFile(blob, 2 * source.limits.header_bytes)) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+                if member is None:
+                    raise malformed(path, "no data.pkl in the zip")
+                info = archive.getinfo(member)
+                if info.file_size > source.limits.header_bytes:
+                    raise too_large(path, f"{member} has {info.file_size} bytes")
+                with archive.open(info) as stream:
+                    data = stream.read(source.limits.header_bytes + 1)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
+            raise malformed(path, f"bad zip: {exc}") from None
+        return pickles.load(source, path, data)
+
+
+def _tensors(value: Any, source: Source) -> Iterator[tuple[str, Tensor, bool]]:
+    """(path, tensor, counted) for every tensor reachable in `value`, depth first."""
+    todo: list[tuple[str, Any, bool]] = [("", value, True)]
+    seen: set[int] = set()
+    while todo:
+        path, item, counted = todo.pop()
+        source.tick()
+        if isinstance(item, Tensor):
+            yield path, item, counted
+            continue
+        if id(item) in seen or not isinstance(item, (dict, list, tuple, Call)):
+            continue
+        seen.add(id(item))
+        for key, child in reversed(_children(item)):
+            name = f"{path}/{key}" if path else str(key)
+            todo.append((name, child, counted and not _NOT_MODEL.search(str(key))))
+
+
+def _children(item: Any) -> list[tuple[Any, Any]]:
+    if isinstance(item, dict):
+        return list(item.items())
+    if isinstance(item, (list, tuple)):
+        return list(enumerate(item))
+    state = item.state if isinstance(item, Call) else None
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+        state = state[1]  # (None, slots) from objects with __slots__
+    return [*(_children(state) if isinstance(state, (dict, list)) else [])]
+
+
+def _attribute(obj: Any, name: str) -> Any:
+    state = obj.state if isinstance(obj, Call) else None
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+        state = state[1]
+    return state.get(name) if isinstance(state, dict) else None
+
+
+def _dcp_dtype(entry: Any) -> str:
+    properties = _attribute(entry, "properties")
+    state = properties.state if isinstance(properties, Call) else None
+    dtype = state.get("dtype") if isinstance(state, dict) else None
+    if isinstance(state, tuple) and state:
+        dtype = state[0]  # TensorProperties.__getstate__: (dtype, layout, ...)
+    return TORCH_DTYPES.get(dtype.name, dtype.name) if isinstance(dtype, Global) else "unknown"
+
+
+class BlobFile(io.RawIOBase):
+    """A read-only, seekable file over a Blob for `zipfile`, reading at most `budget` bytes."""
+
+    def __init__(self, blob: Blob, budget: int) -> None:
+        self._blob, self._pos, self._budget = blob, 0, budget
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._blob.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        length = min(len(buffer), max(0, self._blob.size - self._pos))
+        if length > self._budget:
+            raise too_large(self._blob.name, "zip directory larger than the read budget")
+        data = self._blob.read(self._pos, length)
+        self._budget -= length
+        buffer[:length] = data
+        self._pos += length
+        return length
