@@ -153,3 +153,18 @@ def test_unit_hardening_scores_ok() -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout
     assert float(match[1]) <= MAX_EXPOSURE, result.stdout
+
+
+def test_every_subpackage_ships_in_the_wheel() -> None:
+    """pyproject.toml lists every package under modelwatch/ (a missing one installs fine in
+    editable mode and breaks every real install)."""
+    from modelwatch.config import tomllib  # tomli on Python 3.10
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in (REPO / "modelwatch").rglob("__init__.py")
+    }
+    assert found == listed
