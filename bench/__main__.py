@@ -29,6 +29,7 @@ from bench import (
     describe,
     digest,
     idle,
+    isolation,
     latency,
     memory,
     polling,
@@ -65,6 +66,7 @@ BENCHMARKS: dict[str, tuple[str, Benchmark]] = {
     "6": ("sha256 throughput", lambda c: digest.run(c.plan, c.base)),
     "7": ("idle CPU", lambda c: idle.run(c.plan, c.base)),
     "8": ("model description", lambda c: describe.run(c.plan, c.base)),
+    "9": ("isolation", lambda c: isolation.run(c.plan, c.base)),
 }
 
 

@@ -39,6 +39,7 @@ class Settings:
     settle_seconds: float = 1.0
     poll_interval_seconds: float = 1.0
     unit_depth: int = 1
+    defaults: str = ""  # more [defaults] lines (TOML)
 
 
 def config_text(settings: Settings, events_path: str) -> str:
@@ -51,6 +52,7 @@ log_level = "warning"
 settle_seconds = {settings.settle_seconds}
 observer = "{settings.observer}"
 poll_interval_seconds = {settings.poll_interval_seconds}
+{settings.defaults}
 
 [[roots]]
 path = {json.dumps(settings.root)}

@@ -21,6 +21,8 @@ class Plan:
     hot_units: int = 20
     digest_mb: int = 256
     describe_mb: int = 1024  # each of the SavedModel, ONNX and safetensors models of 8
+    isolation_units: int = 20  # normal units timed alone, then beside a hostile one
+    isolation_sparse_gb: int = 64  # the hostile unit's sparse file: a minute of hashing
     idle_units: int = 100  # 10,000 files
     idle_files: int = 100
     idle_seconds: float = 60.0
@@ -42,6 +44,8 @@ QUICK = Plan(
     hot_units=5,
     digest_mb=64,
     describe_mb=64,
+    isolation_units=5,
+    isolation_sparse_gb=16,
     idle_seconds=10.0,
     repeats=2,
 )

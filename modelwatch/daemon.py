@@ -384,8 +384,9 @@ class Daemon:
         if loop.is_alive():
             stop = Stop(deadline)
             self.inbox.put(stop)
-            stop.done.wait(self._left(deadline) + 1.0)
-            loop.join(timeout=1.0)
+            if not stop.done.wait(self._left(deadline) + 1.0):
+                loop.abandon()  # past the deadline on the real clock too: stop regardless
+            loop.join(timeout=2.0)
         if isinstance(stages.pool, InspectionPool):
             stages.pool.stop(timeout=1.0)
 

@@ -518,6 +518,10 @@ class SettleLoop(threading.Thread):
         gap = self.config.daemon.stop_settle_seconds if stop.gap is None else stop.gap
         self.settler.last_chance(self.clock.monotonic(), gap)
 
+    def abandon(self) -> None:
+        """End the loop at its next turn, last chances or not (a stop past its deadline)."""
+        self._finished.set()
+
     @property
     def finished(self) -> bool:
         """True once a `Stop` was carried out."""

@@ -43,6 +43,7 @@ class Receiver(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[Received] = []
         self.replies: list[Reply] = []
+        self.refusals: list[tuple[bytes, Reply]] = []
         self.idle_timeout: float | None = None
         self.connections_opened = 0
         self.connections_closed = 0
@@ -62,9 +63,18 @@ class Receiver(ThreadingHTTPServer):
         with self._lock:
             self.replies.extend(replies)
 
+    def refuse(self, marker: bytes, reply: Reply) -> None:
+        """Answer `reply` to every request whose body contains `marker` (one unit's events),
+        for ever, before any scripted reply."""
+        with self._lock:
+            self.refusals.append((marker, reply))
+
     def record(self, request: Received) -> Reply:
         with self._lock:
             self.requests.append(request)
+            for marker, reply in self.refusals:
+                if marker in request.body:
+                    return reply
             return self.replies.pop(0) if self.replies else Reply()
 
     def opened(self, conn: socket.socket) -> None:

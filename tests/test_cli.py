@@ -263,3 +263,13 @@ def test_an_older_store_is_read_by_status_and_dry_run_and_migrated_only_by_scan(
     assert real.returncode == 0, real.stderr
     assert json.loads(real.stdout)["data"]["version"] == 2
     assert schema() == SCHEMA_VERSION
+
+
+def test_validate_places_whole_file_problems_at_1_1(tmp_path: Path) -> None:
+    """A problem of the whole file (its size) is printed as FILE:1:1:, like every other, so
+    editors and CI annotations can jump to it."""
+    big = tmp_path / "gradient-model-metadata.json"
+    big.write_text('{"x": "' + "a" * 1_100_000 + '"}')
+    result = mw(tmp_path, "validate", str(big))
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{big}:1:1: metadata_too_large: ")

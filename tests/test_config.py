@@ -1034,3 +1034,28 @@ def test_date_and_time_values_are_described_by_their_toml_type(tmp_path: Path) -
     """A TOML date where a number belongs is named as a date in the message."""
     message = error_of(tmp_path, "[defaults]\nsettle_seconds = 1979-05-27\n")
     assert message == "defaults.settle_seconds: must be a number, got date 1979-05-27"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[roots]]\npath = "/m"\nunit_depth = 1\nname = "x"', "roots[0].name: only a root with"),
+        ('[[roots]]\npath = "/m"\nname = "a\\tb"', "roots[0].name: must be a printable name"),
+        ('[[roots]]\npath = "/m"\nroot_marker = "a/b"', "roots[0].root_marker: must be a plain"),
+        ("[daemon]\ninspect_workers = 0", "daemon.inspect_workers: must be >= 1"),
+        ("[daemon]\nstop_settle_seconds = -1", "daemon.stop_settle_seconds: must be >= 0"),
+        ("[defaults]\ninspect_timeout_seconds = 0", "defaults.inspect_timeout_seconds: must be"),
+        ("[defaults]\nroot_marker = 'x'", "root_marker belongs in a [[roots]] entry"),
+    ],
+)
+def test_lifecycle_keys_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    """The keys of lifecycle and isolation name the key and the rule when wrong."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_text(tmp_path, text)
+
+
+def test_a_depth_zero_root_may_be_named(tmp_path: Path) -> None:
+    """`name` of a depth-0 root replaces its base name as the model's name."""
+    config = load_text(tmp_path, '[[roots]]\npath = "/artifacts"\nname = "resnet"')
+    assert config.roots[0].unit_name == "resnet"
+    assert load_text(tmp_path, '[[roots]]\npath = "/artifacts"').roots[0].unit_name == "artifacts"

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -24,7 +25,7 @@ import pytest
 from modelwatch.config import DEFAULT_IGNORE, DEFAULT_IN_PROGRESS
 from modelwatch.manifest import PatternSet, fingerprint, scan_unit
 from tests.conftest import wait_until
-from tests.daemons import daemon_env, daemon_process, jsonl_records
+from tests.daemons import daemon_env, daemon_process, jsonl_records, wait_ready_line
 from tests.receiver import Receiver
 from tests.writers import write_safetensors
 
@@ -113,7 +114,11 @@ def test_sigkill_at_random_moments_loses_and_renumbers_nothing(
         writer.join()
 
     on_disk = current_fingerprints(root)
-    with daemon_process(config, env=env) as proc:
+    final_env = daemon_env(MODELWATCH_LOG_FORMAT="json")
+    with daemon_process(config, env=final_env, stderr=subprocess.PIPE) as proc:
+        # SIGTERM only once it handles signals: the store may look complete already
+        wait_ready_line(proc.stderr)
+        threading.Thread(target=lambda: list(proc.stderr or ()), daemon=True).start()
         try:
             wait_until(
                 lambda: (

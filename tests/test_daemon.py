@@ -202,3 +202,31 @@ def test_root_created_after_start_is_picked_up(start: Callable[..., Running]) ->
     write_safetensors(d.root / "model.safetensors", {"w": 10})
     (event,) = d.events(1)
     assert event.subject == "."
+
+
+def test_the_periodic_reconcile_runs_on_the_injected_clock(
+    tmp_path: Path, make_config: Callable[..., Config], run_daemon: Callable[..., Daemon]
+) -> None:
+    """The daemon's own schedule reads its clock: with a fake clock, the hourly reconcile
+    runs when the test moves time past it, not before, and no test sleeps an hour."""
+    from modelwatch.testing import FakeClock
+
+    root = tmp_path / "models"
+    root.mkdir()
+    config = make_config(
+        f"[daemon]\nreconcile_interval_seconds = 3600\nshutdown_timeout_seconds = 1\n"
+        f'[[roots]]\npath = "{root}"\nunit_depth = 1\n'
+    )
+    clock = FakeClock()
+    daemon = run_daemon(config, [MemorySink()], clock=clock)
+
+    def periodic() -> float:
+        for line in daemon.metrics.render().decode().splitlines():
+            if line.startswith('modelwatch_reconciles_total{reason="periodic"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return -1.0
+
+    threading.Event().wait(2.5)  # two turns of the lifecycle loop on the real clock
+    assert periodic() == 0.0
+    clock.advance(3600 * 1.25 + 1)  # past the largest jitter
+    wait_until(lambda: periodic() == 1.0, timeout=5)

@@ -117,3 +117,44 @@ def test_rechecks_back_off_once_past_max_wait() -> None:
         s.not_ready("u", "k", now)
     assert gaps[1:] == sorted(gaps[1:]) and gaps[-1] > 4 * gaps[1]
     assert all(g <= 2.0 + 300.0 for g in gaps)
+
+
+def test_a_unit_being_checked_is_not_due_again() -> None:
+    """While the pool checks a unit (busy), it is neither due nor a deadline; then it is."""
+    s = make()
+    s.observe("u", 100.0)
+    s.set_busy("u", True)
+    assert s.due(200.0) == [] and s.next_deadline() is None
+    s.set_busy("u", False)
+    assert s.due(200.0) == ["u"]
+
+
+def test_last_chance_settles_a_unit_mid_quiet_period() -> None:
+    """Stopping: a unit one second into a 4 s quiet period gets a probe now and a final scan
+    `gap` later; equal scans are STABLE, whatever is left of the quiet period."""
+    s = make()
+    s.observe("u", 100.0)
+    s.last_chance(101.0, gap=0.5)
+    assert s.due(101.0) == ["u"]
+    assert s.scanned("u", "k", 101.0) is Verdict.WAIT
+    assert s.due(101.4) == [] and s.next_deadline() == 101.5
+    assert s.scanned("u", "k", 101.5) is Verdict.STABLE
+    assert s.settled("u", 101.5) == 1.5
+    assert s.in_last_chance() == []
+
+
+def test_last_chance_ends_on_a_change_or_when_not_ready() -> None:
+    """A unit whose last two scans differ (CHANGED), or that is stable but not ready, is done:
+    it stays pending for the next start and is never due again."""
+    s = make()
+    s.observe("growing", 100.0)
+    s.observe("incomplete", 100.0)
+    s.last_chance(101.0, gap=0.5)
+    for unit in ("growing", "incomplete"):
+        s.scanned(unit, "k1", 101.0)
+    assert s.scanned("growing", "k2", 101.5) is Verdict.CHANGED
+    assert s.scanned("incomplete", "k1", 101.5) is Verdict.STABLE
+    s.not_ready("incomplete", "k1", 101.5)
+    assert s.in_last_chance() == []
+    assert sorted(s.pending()) == ["growing", "incomplete"]
+    assert s.due(1000.0) == [] and s.overdue(1000.0) == []

@@ -1,0 +1,171 @@
+"""The settle loop's decisions at the edges, driven with a fake clock and inline jobs.
+
+A stop's last chance, roots that become unavailable, restores, depth-0 names, a budget
+running out and a bug in a job: each as the events (and store rows) a user would see.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelwatch.config import Config
+from modelwatch.events import Event
+from modelwatch.progress import progress
+from tests.harness import Harness
+from tests.writers import write_safetensors
+
+
+@pytest.fixture
+def loop(tmp_path: Path, make_config: Callable[..., Config]) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def build(depth: int = 1, root_extra: str = "", defaults: str = "") -> Harness:
+        root = tmp_path / "models"
+        root.mkdir(exist_ok=True)
+        h = Harness(
+            make_config(
+                f"[defaults]\nsettle_seconds = 30\nmax_wait_seconds = 600\n{defaults}\n"
+                f'[[roots]]\npath = "{root}"\nunit_depth = {depth}\n{root_extra}\n'
+            )
+        )
+        made.append(h)
+        return h
+
+    yield build
+    for h in made:
+        h.close()
+
+
+def model(unit: Path, size: int = 100) -> Path:
+    unit.mkdir(parents=True, exist_ok=True)
+    write_safetensors(unit / "model.safetensors", {"w": size})
+    return unit
+
+
+def kinds(events: list[Event]) -> list[tuple[str, str]]:
+    return [(e.short_type, e.subject) for e in events]
+
+
+def test_stop_settles_a_complete_unit_without_waiting_out_its_quiet_period(
+    loop: Callable[..., Harness],
+) -> None:
+    """settle_seconds = 30; a stop one second after the write registers it (two scans
+    stop_settle apart), and the loop finishes."""
+    h = loop()
+    h.touch(model(Path(h.root) / "final") / "model.safetensors")
+    assert h.advance(1.0) == []
+    (event,) = h.stop(gap=1.0)
+    assert (event.short_type, event.subject, event.data["version"]) == ("registered", "final", 1)
+    assert h.loop.finished
+
+
+def test_stop_leaves_an_incomplete_unit_pending_with_its_reason(
+    loop: Callable[..., Harness], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A unit with an in-progress file at the stop is not registered; the log names it and
+    why (the next start's reconcile finds it)."""
+    h = loop()
+    unit = model(Path(h.root) / "busy")
+    (unit / "model.safetensors.part").write_bytes(b"x")
+    h.touch(unit / "model.safetensors.part")
+    assert h.stop(gap=1.0) == []
+    assert h.loop.settler.pending()[0].name == "busy"
+    out = capsys.readouterr().out
+    assert "unit_pending_at_stop" in out and "model.safetensors.part" in out
+
+
+def test_an_unavailable_root_removes_and_registers_nothing(
+    loop: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """Root marker gone with a unit: no `removed` and no new registration meanwhile; marker
+    back: the deletion is real (`removed`), the new unit is registered."""
+    h = loop(root_extra='root_marker = ".ready"')
+    root = Path(h.root)
+    (root / ".ready").touch()
+    model(root / "old")
+    h.rescan()
+    assert kinds(h.advance(31)) == [("registered", "old")]
+    (root / ".ready").unlink()
+    shutil.rmtree(root / "old")
+    model(root / "new")
+    h.rescan()
+    assert h.advance(90) == []
+    assert not h.loop.roots[h.root].available
+    assert "root_marker .ready missing" in h.loop.roots[h.root].reason
+    (root / ".ready").touch()
+    h.rescan()
+    assert sorted(kinds(h.advance(90))) == [("registered", "new"), ("removed", "old")]
+    assert h.loop.roots[h.root].available
+
+
+def test_restore_registers_the_old_version_again(loop: Callable[..., Harness]) -> None:
+    """v1, then v2, removed, v1's files restored: `registered` v1 with restored: true; a
+    fresh rewrite after that is v3."""
+    h = loop()
+    root = Path(h.root)
+    unit = model(root / "exp", size=100)
+    h.rescan()
+    (v1,) = h.advance(31)
+    saved = (unit / "model.safetensors").read_bytes(), (unit / "model.safetensors").stat()
+    model(unit, size=200)
+    h.touch(unit / "model.safetensors")
+    assert [e.data["version"] for e in h.advance(31)] == [2]
+    shutil.rmtree(unit)
+    h.touch(unit, is_dir=True)
+    (removed,) = h.advance(31)
+    assert (removed.short_type, removed.data["version"]) == ("removed", 2)
+    unit.mkdir()
+    (unit / "model.safetensors").write_bytes(saved[0])
+    os.utime(unit / "model.safetensors", ns=(saved[1].st_atime_ns, saved[1].st_mtime_ns))
+    h.touch(unit / "model.safetensors")
+    (restored,) = h.advance(31)
+    assert restored.data["fingerprint"] == v1.data["fingerprint"]
+    assert (restored.data["version"], restored.data["restored"]) == (1, True)
+    assert restored.id != v1.id
+    model(unit, size=300)
+    h.touch(unit / "model.safetensors")
+    (v3,) = h.advance(31)
+    assert (v3.data["version"], "restored" in v3.data) == (3, False)
+
+
+def test_depth_zero_unit_is_named_after_its_root(loop: Callable[..., Harness]) -> None:
+    """data.name of the unit of a depth-0 root is the root's base name; subject is "."."""
+    h = loop(depth=0)
+    model(Path(h.root))
+    h.rescan()
+    (event,) = h.advance(31)
+    assert (event.data["name"], event.subject, event.data["experiment_id"]) == ("models", ".", None)
+
+
+def test_an_inspection_past_its_budget_is_rejected_once(
+    loop: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inspection that keeps reporting progress past inspect_timeout_seconds ends as
+    `rejected` with `inspection_timeout`; the same files are not inspected again."""
+    import modelwatch.checks
+
+    h = loop(defaults="inspect_timeout_seconds = 5")
+    calls: list[str] = []
+
+    def endless(*args: Any, **kwargs: Any) -> Any:
+        calls.append("inspect")
+        while True:  # hashing a sparse terabyte: progress, but no end in sight
+            h.clock.advance(1.0)
+            progress()
+
+    monkeypatch.setattr(modelwatch.checks, "inspect_unit", endless)
+    model(Path(h.root) / "huge")
+    h.rescan()
+    (event,) = h.advance(40)
+    assert event.short_type == "rejected"
+    assert [e["code"] for e in event.data["errors"]] == ["inspection_timeout"]
+    size = (Path(h.root) / "huge" / "model.safetensors").stat().st_size
+    assert event.data["files"] == [{"path": "model.safetensors", "size": size}]
+    h.rescan()
+    assert h.advance(40) == [] and calls == ["inspect"]
