@@ -27,7 +27,7 @@ from modelwatch.delivery import DeliveryWorker
 from modelwatch.errors import ModelwatchError
 from modelwatch.events import Event
 from modelwatch.health import HealthServer
-from modelwatch.metrics import Metrics
+from modelwatch.metrics import REJECTION_CODES, Metrics
 from modelwatch.notify import Notifier
 from modelwatch.pool import InspectionPool
 from modelwatch.progress import Heartbeat, wedged
@@ -85,6 +85,7 @@ class Daemon:
         self.stages: Stages | None = None
         self.notifier = Notifier.from_environ(environ if environ is not None else os.environ)
         self.metrics = Metrics(sinks=[s.name for s in self.sinks], outbox=self._outbox_stats)
+        self.metrics.refresh = self._refresh_metrics
         self.health: HealthServer | None = None
         if config.daemon.health_listen:
             self.health = HealthServer(
@@ -183,6 +184,9 @@ class Daemon:
     def _on_event(self, event: Event) -> None:
         """Called by the settle thread after an event was committed to the outbox."""
         self.metrics.event(event.short_type)
+        if event.short_type == "rejected":
+            codes = [str(e.get("code")) for e in event.data.get("errors") or ()]
+            self.metrics.rejected(c if c in REJECTION_CODES else "other" for c in codes)
         settled_after = event.data.get("settled_after_seconds")
         if isinstance(settled_after, (int, float)):
             self.metrics.settled(float(settled_after))
@@ -201,6 +205,22 @@ class Daemon:
         if self._metrics_store is None:
             return []
         return [(s.sink, s.pending, s.dead) for s in self._metrics_store.outbox.sink_stats()]
+
+    def _refresh_metrics(self, metrics: Metrics) -> None:
+        """Scrape-time figures: delivery backlog ages, progress ages, pending units."""
+        now, wall = self.clock.monotonic(), self.clock.time()
+        if self._metrics_store is not None:
+            metrics.set_delivery_backlog(
+                (s.sink, 0.0 if s.oldest_pending is None else wall - s.oldest_pending, s.discarded)
+                for s in self._metrics_store.outbox.sink_stats()
+            )
+        if self.stages is not None:
+            loop, pool = self.stages.loop, self.stages.pool
+            beats = [loop.heartbeat, *(w.heartbeat for w in self.workers)]
+            if isinstance(pool, InspectionPool):
+                beats += pool.heartbeats
+            metrics.set_progress({h.name: h.age(now) for h in beats}, len(loop.settler))
+        metrics.set_fallback({describe(w.root.path): w.fell_back for w in self.watchers})
 
     def stale_parts(self) -> list[str]:
         """Names of dead or wedged parts; empty when the whole pipeline is healthy.

@@ -31,6 +31,21 @@ EVENT_TYPES = ("registered", "rejected", "removed")
 OUTCOMES = ("delivered", "failed", "dead")
 OBSERVERS = ("inotify", "polling", "missing")
 RECONCILE_REASONS = ("startup", "periodic", "overflow", "root_changed")
+REJECTION_CODES = (
+    "not_settled",
+    "too_many_files",
+    "inspection_timeout",
+    "metadata_too_large",
+    "metadata_not_regular_file",
+    "metadata_unreadable",
+    "metadata_encoding",
+    "metadata_syntax",
+    "metadata_duplicate_key",
+    "metadata_too_deep",
+    "metadata_metrics",
+    "metadata_schema",
+    "other",
+)
 # Seconds from a unit's first change to its settle: default settle periods are seconds, large
 # checkpoints copied over a network take many minutes, and max_wait defaults to an hour.
 SETTLE_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -56,6 +71,7 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._outbox_source = outbox
+        self.refresh: Callable[[Metrics], None] | None = None  # called before each scrape
         self._render_lock = threading.Lock()
         self._outbox_lock = threading.Lock()
         self._outbox_sinks: set[str] = set()
@@ -103,6 +119,42 @@ class Metrics:
         self._reconciles = Counter(
             "modelwatch_reconciles", "Root reconciles, by reason.", ["reason"], registry=registry
         )
+        self._oldest = Gauge(
+            "modelwatch_outbox_oldest_pending_seconds",
+            "Age of the oldest event waiting in the outbox, by sink (0 when none waits).",
+            ["sink"],
+            registry=registry,
+        )
+        self._discarded = Gauge(
+            "modelwatch_discarded",
+            "Events given up for good with `modelwatch discard`, by sink.",
+            ["sink"],
+            registry=registry,
+        )
+        self._rejections = Counter(
+            "modelwatch_rejections",
+            "Rejected events, by error code (not_settled, metadata_*, inspection_timeout, ...).",
+            ["code"],
+            registry=registry,
+        )
+        self._progress = Gauge(
+            "modelwatch_progress_age_seconds",
+            "Seconds since each part (settle loop, inspection and delivery workers) last made "
+            "progress; past 180 s it is wedged and /healthz fails.",
+            ["part"],
+            registry=registry,
+        )
+        self._pending_units = Gauge(
+            "modelwatch_pending_units",
+            "Units changed and not settled yet.",
+            registry=registry,
+        )
+        self._fallback = Gauge(
+            "modelwatch_inotify_fallback",
+            "1 for a root polled because inotify failed on it (watch or instance limits).",
+            ["root"],
+            registry=registry,
+        )
         self._info = Gauge(
             "modelwatch_info",
             "Always 1; the labels describe the build.",
@@ -118,6 +170,8 @@ class Metrics:
             self._roots.labels(observer=observer)
         for reason in RECONCILE_REASONS:
             self._reconciles.labels(reason=reason)
+        for code in REJECTION_CODES:
+            self._rejections.labels(code=code)
         for sink in sinks:
             for outcome in OUTCOMES:
                 self._deliveries.labels(sink=sink, outcome=outcome)
@@ -157,6 +211,28 @@ class Metrics:
         """A root was reconciled against the state store, for `reason`."""
         self._reconciles.labels(reason=_known("reconcile reason", reason, RECONCILE_REASONS)).inc()
 
+    def rejected(self, codes: Iterable[str]) -> None:
+        """A `rejected` event was committed with these error codes (each counted once)."""
+        for code in set(codes):
+            self._rejections.labels(code=_known("rejection code", code, REJECTION_CODES)).inc()
+
+    def set_delivery_backlog(self, backlog: Iterable[tuple[str, float, int]]) -> None:
+        """(sink, age of its oldest pending event in seconds, discarded count) per sink."""
+        for sink, oldest, discarded in backlog:
+            self._oldest.labels(sink=sink).set(oldest)
+            self._discarded.labels(sink=sink).set(discarded)
+
+    def set_progress(self, ages: Mapping[str, float], pending_units: int) -> None:
+        """Seconds since each part's last progress, and how many units are pending."""
+        for part, age in ages.items():
+            self._progress.labels(part=part).set(max(0.0, age))
+        self._pending_units.set(pending_units)
+
+    def set_fallback(self, roots: Mapping[str, bool]) -> None:
+        """Which roots are polled because inotify failed on them."""
+        for root, fell_back in roots.items():
+            self._fallback.labels(root=root).set(1 if fell_back else 0)
+
     def set_outbox(self, stats: OutboxStats) -> None:
         """Outbox depth per sink from `(sink, pending, dead)`; sinks seen before and missing
         now read 0."""
@@ -173,6 +249,11 @@ class Metrics:
         """The Prometheus text exposition of every metric (refreshing the outbox first)."""
         with self._render_lock:
             self._refresh_outbox()
+            if self.refresh is not None:
+                try:
+                    self.refresh(self)
+                except Exception as exc:  # like the outbox: serve what is known
+                    log.warning("metrics_refresh_failed", error=str(exc))
             return generate_latest(self.registry)
 
     def _refresh_outbox(self) -> None:

@@ -313,3 +313,39 @@ def test_health_endpoints_and_metrics_from_a_running_daemon(
     assert samples[("modelwatch_events_total", (("type", "registered"),))] == 1
     assert samples[("modelwatch_settle_seconds_count", ())] == 1
     assert ("modelwatch_outbox_pending", (("sink", "memory"),)) in samples
+
+
+def test_metrics_show_rejections_backlog_progress_and_pending(
+    tmp_path: Path, make_config: Callable[..., Config], run_daemon: Callable[..., Daemon]
+) -> None:
+    """What dashboards and alerts need: rejections by code, the age of the oldest pending
+    delivery, each part's progress age and the number of pending units."""
+    root = tmp_path / "models"
+    model(root / "good")
+    (root / "bad").mkdir()
+    (root / "bad" / "model.onnx").write_bytes(b"onnx")
+    (root / "bad" / "gradient-model-metadata.json").write_text("{,}")
+    config = make_config(
+        f'[defaults]\nsettle_seconds = 0.3\n[[roots]]\npath = "{root}"\nunit_depth = 1\n'
+        '[[sinks]]\ntype = "memory"\n'
+    )
+    sink = MemorySink()
+    sink.fail_next(1000)
+    daemon = run_daemon(config, [sink])
+
+    def samples() -> dict[str, float]:
+        text = daemon.metrics.render().decode()
+        return {
+            f"{s.name}{sorted(s.labels.items())}": s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    wait_until(lambda: samples().get("modelwatch_rejections_total[('code', 'metadata_syntax')]"))
+    oldest = "modelwatch_outbox_oldest_pending_seconds[('sink', 'memory')]"
+    wait_until(lambda: samples().get(oldest, 0) > 0.5)
+    found = samples()
+    assert found["modelwatch_pending_units[]"] == 0
+    assert 0 <= found["modelwatch_progress_age_seconds[('part', 'settle')]"] < 5
+    assert "modelwatch_progress_age_seconds[('part', 'deliver-memory')]" in found
+    assert found[f"modelwatch_inotify_fallback[('root', '{root}')]"] == 0
