@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -349,3 +350,84 @@ def test_metrics_show_rejections_backlog_progress_and_pending(
     assert 0 <= found["modelwatch_progress_age_seconds[('part', 'settle')]"] < 5
     assert "modelwatch_progress_age_seconds[('part', 'deliver-memory')]" in found
     assert found[f"modelwatch_inotify_fallback[('root', '{root}')]"] == 0
+
+
+def _slow_inspection(
+    monkeypatch: pytest.MonkeyPatch, seconds: float, report_progress: bool
+) -> threading.Event:
+    """Make every inspection take `seconds` (reporting progress every 0.05 s, or not)."""
+    import modelwatch.checks
+    from modelwatch.progress import progress
+
+    real = modelwatch.checks.inspect_unit
+    started = threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if report_progress:
+                progress()
+            time.sleep(0.05)  # the slow work itself
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modelwatch.checks, "inspect_unit", slow)
+    return started
+
+
+def test_long_work_that_reports_progress_is_healthy_and_silence_is_not(
+    tmp_path: Path,
+    make_config: Callable[..., Config],
+    run_daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Liveness is progress: an inspection three times longer than the wedge threshold that
+    keeps reporting progress never makes the daemon unhealthy; one that reports nothing for
+    longer than the threshold names its worker."""
+    root = tmp_path / "models"
+    root.mkdir()
+    config = make_config(
+        f'[defaults]\nsettle_seconds = 0.2\n[[roots]]\npath = "{root}"\nunit_depth = 1\n'
+        '[[sinks]]\ntype = "memory"\n'
+    )
+    sink = MemorySink()
+    started = _slow_inspection(monkeypatch, 3.0, report_progress=True)
+    daemon = run_daemon(config, [sink])
+    daemon.max_beat_age = 1.0
+    model(root / "big")
+    assert started.wait(10)
+    while not sink.events:
+        assert daemon.stale_parts() == []
+        time.sleep(0.1)  # sampling the health check while the inspection runs
+    started = _slow_inspection(monkeypatch, 3.0, report_progress=False)
+    model(root / "silent")
+    assert started.wait(10)
+    wait_until(lambda: any(p.startswith("inspect-") for p in daemon.stale_parts()), timeout=5)
+    sink.wait_for(2)
+    wait_until(lambda: daemon.stale_parts() == [], timeout=5)
+
+
+def test_a_reload_during_a_long_inspection_applies_at_once(
+    tmp_path: Path,
+    make_config: Callable[..., Config],
+    run_daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`systemctl reload` while a unit takes 30 s to inspect: the new config is applied within
+    a second (the settle loop never waits for an inspection)."""
+    root, other = tmp_path / "models", tmp_path / "other"
+    root.mkdir()
+    other.mkdir()
+    text = (
+        "[daemon]\nshutdown_timeout_seconds = 1\n"
+        f'[defaults]\nsettle_seconds = 0.2\n[[roots]]\npath = "{root}"\nunit_depth = 1\n'
+        '[[sinks]]\ntype = "memory"\n'
+    )
+    started = _slow_inspection(monkeypatch, 30.0, report_progress=True)
+    daemon = run_daemon(make_config(text), [MemorySink()])
+    model(root / "big")
+    assert started.wait(10)
+    began = time.monotonic()
+    daemon.apply(make_config(text + f'[[roots]]\npath = "{other}"\nunit_depth = 1\n'))
+    assert time.monotonic() - began < 1.0
+    assert daemon.loop is not None and str(other) in daemon.loop.rules
