@@ -23,19 +23,17 @@ the listing, and "complete" must describe the listing the caller fingerprints.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import posixpath
 import re
 import stat
 import struct
-import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from modelwatch import beneath
+from modelwatch import beneath, zipdir
 
 FORMATS: tuple[str, ...] = (
     "saved_model",
@@ -284,34 +282,11 @@ def _read_small(unit: _Unit, path: str) -> bytes:
         return _read_exact(fd, 0, size, path)
 
 
-class _CappedFile(io.FileIO):
-    """A read-only view of an fd that refuses to read more than `budget` bytes in total.
-
-    zipfile reads the central directory in one call sized by the (untrusted) end record.
-    """
-
-    def __init__(self, fd: int, budget: int, path: str) -> None:
-        super().__init__(fd, "r", closefd=False)
-        self._budget = budget
-        self._path = path
-
-    def read(self, size: int | None = -1, /) -> bytes:
-        if size is None or size < 0:
-            size = max(0, os.fstat(self.fileno()).st_size - self.tell())
-        if size > self._budget:
-            raise _Incomplete(f"{_show(self._path)}: zip central directory too large")
-        self._budget -= size
-        return super().read(size)
-
-
 def _check_zip(path: str, fd: int, size: int) -> None:
     try:
-        with _CappedFile(fd, MAX_ZIP_DIRECTORY, path) as raw, zipfile.ZipFile(raw):
-            pass  # opening reads and checks the end record and the whole central directory
-    except _Incomplete:
-        raise
-    except Exception:  # zipfile raises many types on corrupt input; all mean "not complete"
-        raise _Incomplete(f"{_show(path)}: zip central directory unreadable") from None
+        zipdir.check_central_directory(fd, size, MAX_ZIP_DIRECTORY)
+    except zipdir.ZipError as exc:
+        raise _Incomplete(f"{_show(path)}: {exc}") from None
 
 
 def _parse_json(data: bytes) -> object:

@@ -349,7 +349,9 @@ def test_hf_pytorch_bin_shards(tmp_path: Path) -> None:
         "pytorch_model-00002-of-00002.bin missing (named in pytorch_model.bin.index.json)"
     )
     write_torch_zip(tmp_path / "pytorch_model-00002-of-00002.bin", truncated=True)
-    assert check(tmp_path) == ("pytorch_model-00002-of-00002.bin: zip central directory unreadable")
+    assert check(tmp_path) == (
+        "pytorch_model-00002-of-00002.bin: zip central directory unreadable (no end record)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -383,7 +385,7 @@ def test_json_without_weight_map_is_not_a_shard_index(tmp_path: Path) -> None:
 def test_truncated_torch_zip(tmp_path: Path) -> None:
     """A torch.save zip without its central directory is incomplete."""
     write_torch_zip(tmp_path / "model.pt", truncated=True)
-    assert check(tmp_path) == "model.pt: zip central directory unreadable"
+    assert check(tmp_path) == "model.pt: zip central directory unreadable (no end record)"
 
 
 def test_torch_zip_is_aligned_like_torch_save(tmp_path: Path) -> None:
@@ -429,7 +431,7 @@ def test_incomplete_keras(tmp_path: Path, how: str) -> None:
     write_keras(tmp_path / "m.keras", truncated=True)
     if how == "empty":
         (tmp_path / "m.keras").write_bytes(b"")
-    reason = "empty" if how == "empty" else "zip central directory unreadable"
+    reason = "empty" if how == "empty" else "zip central directory unreadable (no end record)"
     assert check(tmp_path) == f"m.keras: {reason}"
 
 

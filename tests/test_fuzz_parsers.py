@@ -18,18 +18,25 @@ that it returns or raises only its documented error, within:
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
+import struct
+import subprocess
+import sys
 import time
 import tracemalloc
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelwatch import formats
+from modelwatch import formats, zipdir
 from tests.conftest import examples
 
 MiB = 1 << 20
@@ -57,6 +64,31 @@ def bounded(call: Callable[[], T], *, peak: int, seconds: float = TIME_BOUND) ->
         tracemalloc.stop()
         assert took < seconds, f"took {took:.2f} s (bound {seconds} s)"
         assert high <= peak, f"peak {high} bytes (bound {peak})"
+
+
+# A fresh interpreter with modelwatch imported peaks at about 20 MiB RSS; the bounded readers
+# add a few MiB of windows. The sidecar runs in 256 MiB.
+RSS_BOUND = 64 * MiB
+
+
+def completeness_in_subprocess(unit: Path) -> tuple[str | None, int]:
+    """`check_complete` on `unit` in a fresh interpreter: (reason, peak RSS in bytes)."""
+    code = (
+        "import json, os, sys\n"
+        "from modelwatch.formats import check_complete, detect_format\n"
+        "unit = sys.argv[1]\n"
+        "sizes = {n: os.path.getsize(os.path.join(unit, n)) for n in os.listdir(unit)}\n"
+        "reason = check_complete(unit, detect_format(sizes), sizes)\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent.
+        "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
+        "rss = int(status.split()[0]) * 1024\n"
+        "print(json.dumps([reason, rss]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(unit)], capture_output=True, check=True, timeout=120
+    )
+    reason, rss = json.loads(done.stdout)
+    return reason, rss
 
 
 def runs(pieces: list[bytes], *, max_run: int = MiB) -> st.SearchStrategy[bytes]:
@@ -168,3 +200,123 @@ def test_hostile_checkpoint_is_refused_quickly(text: bytes, why: str) -> None:
     """The `checkpoint` that took 3 s per 14 KB (hours per MiB) is refused within the bound."""
     result = bounded(lambda: parse_checkpoint(text), peak=2 * len(text) + 64 * 1024)
     assert isinstance(result, ValueError) and why in str(result)
+
+
+# --- zip central directories (torch.save zips, .keras) -----------------------------------
+
+ZIP_PEAK = 4 * MiB  # one 1 MiB window, the 64 KiB end-record search, slack: never the input
+
+
+def check_zip_bytes(tmp_path: Path, data: bytes) -> int | zipdir.ZipError:
+    path = tmp_path / "w.pt"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return zipdir.check_central_directory(fd, len(data), formats.MAX_ZIP_DIRECTORY)
+    except zipdir.ZipError as exc:  # the documented error
+        return exc
+    finally:
+        os.close(fd)
+
+
+@st.composite
+def real_zips(draw: st.DrawFn) -> bytes:
+    """Zips as zipfile writes them: UTF-8 and cp437 names, comments, ZIP64 records, extra
+    fields, data prepended to the archive."""
+    buffer = io.BytesIO()
+    buffer.write(draw(st.sampled_from([b"", b"#!/bin/sh\nprepended\n"])))
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in draw(st.lists(st.text(min_size=1, max_size=5), max_size=4, unique=True)):
+            info = zipfile.ZipInfo(name)
+            info.comment = draw(st.binary(max_size=4))
+            info.extra = draw(st.sampled_from([b"", b"\x99\x99\x02\x00ab"]))
+            with archive.open(info, "w", force_zip64=draw(st.booleans())) as member:
+                member.write(draw(st.binary(max_size=8)))
+        archive.comment = draw(st.binary(max_size=8))
+    return buffer.getvalue()
+
+
+def mutated(data: bytes) -> st.SearchStrategy[bytes]:
+    cut = st.integers(0, len(data))
+    splice = st.builds(
+        lambda a, junk, b: data[:a] + junk + data[b:], cut, st.binary(max_size=6), cut
+    )
+    return st.just(data) | splice | cut.map(lambda n: data[:n])
+
+
+@fuzz
+@given(data=real_zips().flatmap(mutated))
+def test_zip_check_never_accepts_what_zipfile_refuses(tmp_path: Path, data: bytes) -> None:
+    """A zip the check accepts opens with zipfile, with the same number of entries; real
+    zips (comments, ZIP64, prepended data) are accepted."""
+    result = bounded(lambda: check_zip_bytes(tmp_path, data), peak=ZIP_PEAK)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries: int | None = len(archive.infolist())
+    except Exception:  # zipfile raises many types on corrupt input
+        entries = None
+    if not isinstance(result, zipdir.ZipError):
+        assert result == entries
+
+
+def end_record(count: int, size: int, offset: int, comment: bytes = b"") -> bytes:
+    return struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, size, offset, len(comment))
+
+
+def zip64_end(count: int, size: int, offset: int, disks: int = 1) -> bytes:
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, size, offset)
+    return record + struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, disks)
+
+
+def central_entry(name: bytes = b"", extra: bytes = b"", flags: int = 0, sizes: int = 0) -> bytes:
+    header = struct.pack(
+        "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, flags, 0, 0, 0, 0, sizes, sizes,
+        len(name), len(extra), 0, 0, 0, 0, sizes,
+    )  # fmt: skip
+    return header + name + extra
+
+
+u32 = st.integers(0, 2**32 - 1)
+u64 = st.integers(0, 2**64 - 1)
+
+
+@st.composite
+def hostile_zips(draw: st.DrawFn) -> bytes:
+    """Directories of many tiny entries and end records claiming anything at all."""
+    entry = central_entry(
+        draw(st.binary(max_size=3)),
+        draw(st.sampled_from([b"", b"\x01\x00\x08\x00" + b"\0" * 8, b"\x01\x00\xff\xff"])),
+        draw(st.sampled_from([0, 0x800])),
+        draw(st.sampled_from([0, 0xFFFFFFFF])),
+    )
+    directory = entry * draw(st.integers(0, 20_000))
+    body = b"PK\x03\x04" + b"\0" * draw(st.integers(0, 64))
+    size = draw(st.sampled_from([len(directory)]) | u32)
+    end = end_record(draw(st.integers(0, 0xFFFF)), size, draw(u32))
+    if draw(st.booleans()):
+        end = zip64_end(draw(u64), draw(st.sampled_from([len(directory)]) | u64), draw(u64)) + end
+    return draw(mutated(body + directory + end))
+
+
+@fuzz
+@given(data=hostile_zips())
+def test_zip_claims_cost_nothing(tmp_path: Path, data: bytes) -> None:
+    """Whatever the end record claims (entry counts, 64-bit sizes and offsets) and however
+    many entries there are, the check answers within the time and memory bound."""
+    result = bounded(lambda: check_zip_bytes(tmp_path, data), peak=ZIP_PEAK)
+    assert isinstance(result, (int, zipdir.ZipError))
+
+
+def test_two_million_tiny_zip_entries_are_checked_in_bounded_memory(tmp_path: Path) -> None:
+    """A torch.save zip whose central directory lists two million empty-named entries (92 MB;
+    zipfile needed 730 MiB for it) is complete, checked within RSS_BOUND."""
+    entries = 2_000_000
+    with open(tmp_path / "w.pt", "wb") as out:
+        out.write(b"PK\x03\x04" + b"\0" * 26)
+        block = central_entry() * 10_000
+        for _ in range(entries // 10_000):
+            out.write(block)
+        out.write(end_record(0xFFFF, entries * 46, 30))
+    reason, rss = completeness_in_subprocess(tmp_path)
+    assert reason is None
+    assert rss < RSS_BOUND
