@@ -304,7 +304,8 @@ def test_safetensors_metadata_is_not_a_tensor(tmp_path: Path) -> None:
 
 
 def test_safetensors_huge_header_length_is_refused_unread(tmp_path: Path) -> None:
-    """A header length above 100 MiB is a reason, not a 200 MiB read."""
+    """A header length above 25 MB (huggingface_hub's limit) is a reason, not a 200 MiB
+    read."""
     path = tmp_path / "m.safetensors"
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", 200 * 1024 * 1024))

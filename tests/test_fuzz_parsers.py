@@ -30,13 +30,13 @@ import tracemalloc
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelwatch import formats, zipdir
+from modelwatch import formats, jsonscan, zipdir
 from tests.conftest import examples
 
 MiB = 1 << 20
@@ -320,3 +320,184 @@ def test_two_million_tiny_zip_entries_are_checked_in_bounded_memory(tmp_path: Pa
     reason, rss = completeness_in_subprocess(tmp_path)
     assert reason is None
     assert rss < RSS_BOUND
+
+
+# --- JSON inside model files (safetensors headers, *.index.json) --------------------------
+
+# One 1 MiB chunk, the buffer it is appended to, its UTF-8 check, a value being built (at
+# most 64 KiB of text) and slack. Never the input: the bound holds for any length.
+JSON_PEAK = 8 * MiB
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=16,
+)
+JSON_PIECES = [b"{", b"}", b"[", b"]", b",", b":", b'"', b'"k"', b"0", b"-1.5e3", b"true", b"null"]
+JSON_PIECES += [b"\\u00e9", b"\\ud800", b"\\", b" ", b"\xc3\xa9", b"\xff", b"1" * 4301, b"NaN"]
+
+
+def json_reference(data: bytes) -> Any:
+    """What the scan must agree with: json.loads of the UTF-8 text, without NaN/Infinity."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(name)
+
+    return json.loads(data.decode("utf-8"), parse_constant=refuse)
+
+
+def in_chunks(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def scan_whole(data: bytes, chunk: int) -> Any:
+    pairs = list(jsonscan.scan(in_chunks(data, chunk), build_depth=0, max_depth=1000))
+    assert len(pairs) == 1 and pairs[0][0] == ()
+    return pairs[0][1]
+
+
+@fuzz
+@given(
+    data=json_values.map(lambda v: json.dumps(v).encode())
+    | st.lists(st.sampled_from(JSON_PIECES[:-2]), max_size=12).map(b"".join)
+    | st.binary(max_size=40),
+    chunk=st.integers(1, 64),
+)
+def test_json_scan_agrees_with_json_loads(data: bytes, chunk: int) -> None:
+    """Read in chunks of any size, the scan accepts exactly the strict JSON json.loads
+    accepts, and builds an equal value."""
+    try:
+        expected = json_reference(data)
+    except (ValueError, RecursionError):
+        with pytest.raises(jsonscan.JsonError):
+            scan_whole(data, chunk)
+    else:
+        assert scan_whole(data, chunk) == expected
+
+
+@settings(fuzz, max_examples=examples(40))
+@given(data=runs(JSON_PIECES, max_run=64 * 1024), depth=st.integers(0, 3))
+def test_json_scan_is_bounded_on_pathological_text(data: bytes, depth: int) -> None:
+    """Long runs of one token, deep nesting, huge numbers: the scan ends or raises JsonError
+    within the time bound, holding at most JSON_PEAK bytes."""
+
+    def walk() -> int | jsonscan.JsonError:
+        try:
+            return sum(1 for _ in jsonscan.scan(in_chunks(data, MiB), build_depth=depth))
+        except jsonscan.JsonError as exc:
+            return exc
+
+    bounded(walk, peak=JSON_PEAK)
+
+
+def data_end_reference(header: bytes) -> int | None:
+    """The safetensors check as it was (json.loads of the whole header): the data end, or None
+    where it found the header malformed."""
+    try:
+        document = json_reference(header)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    end = 0
+    for name, info in document.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not formats._valid_offsets(offsets):
+            return None
+        end = max(end, offsets[1])  # type: ignore[index]
+    return end
+
+
+tensor_entries = st.fixed_dictionaries(
+    {"dtype": st.just("F32"), "data_offsets": st.lists(st.integers(-2, 40), max_size=3)}
+)
+headers = st.dictionaries(
+    st.sampled_from(["a", "b", "__metadata__", "w\u00e9"]) | st.text(max_size=4),
+    tensor_entries | json_values,
+    max_size=4,
+).map(lambda d: json.dumps(d).encode()) | st.lists(
+    st.sampled_from(JSON_PIECES[:-2]), max_size=10
+).map(b"".join)
+
+
+def write_safetensors_file(unit: Path, header: bytes, data: int, declared: int | None) -> None:
+    with open(unit / "m.safetensors", "wb") as out:
+        out.write(struct.pack("<Q", len(header) if declared is None else declared))
+        out.write(header)
+        out.truncate(8 + len(header) + data)  # sparse
+
+
+@fuzz
+@given(header=headers, data=st.integers(0, 64))
+def test_safetensors_check_agrees_with_the_whole_header_parse(
+    tmp_path_factory: pytest.TempPathFactory, header: bytes, data: int
+) -> None:
+    """The streamed header check finds a file complete exactly when parsing the whole header
+    did (data end + header + 8 = size)."""
+    unit = tmp_path_factory.mktemp("st")
+    write_safetensors_file(unit, header, data, None)
+    reason = bounded(lambda: check_unit(unit), peak=JSON_PEAK)
+    assert (reason is None) == (data_end_reference(header) == data)
+
+
+@fuzz
+@given(
+    header=runs(JSON_PIECES, max_run=64 * 1024) | headers,
+    data=st.integers(0, 2**40),
+    declared=st.none() | st.integers(0, 2**64 - 1) | st.integers(0, 4096),
+)
+def test_safetensors_hostile_headers_are_bounded(
+    tmp_path_factory: pytest.TempPathFactory, header: bytes, data: int, declared: int | None
+) -> None:
+    """Any header bytes, any declared header length (up to 2^64-1) and data size: a reason
+    or complete, within the time bound and JSON_PEAK."""
+    unit = tmp_path_factory.mktemp("st")
+    write_safetensors_file(unit, header, data, declared)
+    reason = bounded(lambda: check_unit(unit), peak=JSON_PEAK)
+    assert reason is None or (isinstance(reason, str) and "\n" not in reason)
+
+
+def test_a_hostile_safetensors_header_is_checked_in_bounded_memory(tmp_path: Path) -> None:
+    """A 4 MiB header of empty objects (json.loads made about 100 MB of them; the issue's
+    100 MiB one needed 2.6 GB) is found malformed within RSS_BOUND."""
+    write_safetensors_file(tmp_path, b'{"a":[' + b"{}," * (4 * MiB // 3) + b"{}]}", 0, None)
+    reason, rss = completeness_in_subprocess(tmp_path)
+    assert reason is not None and reason.startswith("m.safetensors: header malformed")
+    assert rss < RSS_BOUND
+
+
+@fuzz
+@given(
+    index=st.fixed_dictionaries(
+        {
+            "weight_map": json_values
+            | st.dictionaries(
+                st.text(max_size=3),
+                st.sampled_from(["s.safetensors", "../x", "gone.bin", "/abs"]),
+                max_size=4,
+            )
+        }
+    ).map(lambda d: json.dumps(d).encode())
+    | runs(JSON_PIECES, max_run=64 * 1024)
+)
+def test_shard_indexes_are_bounded(tmp_path_factory: pytest.TempPathFactory, index: bytes) -> None:
+    """Any `*.index.json`: a reason or complete, within the time bound and JSON_PEAK."""
+    unit = tmp_path_factory.mktemp("hf")
+    (unit / "config.json").write_bytes(b"{}")
+    (unit / "s.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    (unit / "model.safetensors.index.json").write_bytes(index)
+    reason = bounded(lambda: check_unit(unit), peak=JSON_PEAK)
+    assert reason is None or (isinstance(reason, str) and "\n" not in reason)
+
+
+def check_unit(unit: Path) -> str | None:
+    sizes = {p.name: p.stat().st_size for p in unit.iterdir()}
+    return formats.check_complete(str(unit), formats.detect_format(sizes), sizes)
