@@ -564,9 +564,17 @@ def _metric_problems(i: int, item: Any) -> list[_Found]:
     name, value = item.get("name"), item.get("numberValue")
     if not isinstance(name, str) or not name:
         found.append(_member_problem(item, here, "name", "a non-empty string"))
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         found.append(_member_problem(item, here, "numberValue", "a finite number"))
     return found
+
+
+def _finite(value: float) -> bool:
+    """True for a number a double holds finitely: an integer too large for one is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # the conversion of an int beyond about 1.8e308 to a double
+        return False
 
 
 def _member_problem(item: dict[str, Any], here: JsonPath, key: str, rule: str) -> _Found:
@@ -575,6 +583,8 @@ def _member_problem(item: dict[str, Any], here: JsonPath, key: str, rule: str) -
     if key not in item:
         return (*here, key), here, f"{message}, but it is missing"
     got = "an empty string" if item[key] == "" else _type(item[key])
+    if got == "number":  # the only numbers that fail: integers beyond a double's range
+        got = f"an integer of {len(str(abs(item[key])))} digits, too large for a double"
     return (*here, key), (*here, key), f"{message}, got {got}"
 
 
@@ -643,6 +653,10 @@ class SchemaValidator:
         except self._unresolvable as exc:  # the schema's fault: report it, do not crash
             message = f"schema {self.path} has a $ref that cannot be resolved: {exc}"
             return [Problem("metadata_schema", _shorten(message), file)]
+        except (OverflowError, RecursionError, ValueError):
+            # jsonschema converts numbers to doubles (multipleOf) and recurses once per level:
+            # the document holds a value it cannot check. Name the numbers, where there are.
+            return _unchecked(document, file, locator, self.path)
         problems = []
         for error in errors[:MAX_PROBLEMS]:
             path = tuple(error.absolute_path)
@@ -650,6 +664,35 @@ class SchemaValidator:
             message = _shorten(error.message)
             problems.append(Problem("metadata_schema", message, file, line, column, pointer(path)))
         return problems
+
+
+def _unchecked(document: Any, file: str, locator: _Locator | None, schema: str) -> list[Problem]:
+    """Problems for a document the schema validator failed on (see `_problems_at`)."""
+    paths = _huge_integers(document)
+    if not paths:
+        message = f"the document cannot be checked against schema {schema} (nested too deeply)"
+        return [Problem("metadata_schema", message, file)]
+    problems = []
+    for path in paths:
+        line, column = locator.at(path) if locator else (None, None)
+        message = "integer too large for a double; it cannot be checked against the schema"
+        problems.append(Problem("metadata_schema", message, file, line, column, pointer(path)))
+    return problems
+
+
+def _huge_integers(document: Any) -> list[JsonPath]:
+    """Where the document holds integers beyond a double's range (at most MAX_PROBLEMS)."""
+    found: list[JsonPath] = []
+    stack: list[tuple[JsonPath, Any]] = [((), document)]
+    while stack and len(found) < MAX_PROBLEMS:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(((*path, key), child) for key, child in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, index), child) for index, child in enumerate(value))
+        elif type(value) is int and not _finite(value):
+            found.append(path)
+    return sorted(found, key=pointer)
 
 
 def _import_jsonschema() -> Any:
