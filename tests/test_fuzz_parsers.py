@@ -36,7 +36,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelwatch import formats, jsonscan, zipdir
+from modelwatch import formats, jsonscan, metadata, zipdir
+from modelwatch.metadata import validate_metadata_bytes
 from tests.conftest import examples
 
 MiB = 1 << 20
@@ -92,9 +93,10 @@ def completeness_in_subprocess(unit: Path) -> tuple[str | None, int]:
 
 
 def runs(pieces: list[bytes], *, max_run: int = MiB) -> st.SearchStrategy[bytes]:
-    """Pathological shapes: `pieces` joined with long runs of one byte or one piece."""
+    """Pathological shapes: `pieces` joined with runs (up to `max_run` bytes each) of one
+    byte or one piece repeated."""
     run = st.builds(
-        lambda unit, count: unit * count,
+        lambda unit, count: (unit * (count // len(unit) + 1))[:count],
         st.sampled_from([*pieces, b" ", b"\n", b"0", b"\\", b'"', b"[", b"{", b"\xff", b"\0"]),
         st.integers(0, max_run),
     )
@@ -501,3 +503,65 @@ def test_shard_indexes_are_bounded(tmp_path_factory: pytest.TempPathFactory, ind
 def check_unit(unit: Path) -> str | None:
     sizes = {p.name: p.stat().st_size for p in unit.iterdir()}
     return formats.check_complete(str(unit), formats.detect_format(sizes), sizes)
+
+
+# --- metadata (gradient-model-metadata.json): strict parser and C fast path ---------------
+
+METADATA_CODES = {"metadata_encoding", "metadata_syntax", "metadata_duplicate_key"}
+METADATA_CODES |= {"metadata_too_deep", "metadata_metrics"}
+METADATA_PIECES = [*JSON_PIECES, b'{"metrics":[', b'{"name":"a","numberValue":', b"1" * 400]
+METADATA_PIECES += [b"1e400", b"\xef\xbb\xbf", b"\r\n"]
+
+
+def metadata_peak(data: bytes) -> int:
+    """The document itself, when valid, is built by the C parser: up to 28 times its text in
+    Python objects (a MiB of `{},`); nothing else grows with the input. max_bytes (1 MiB by
+    default) caps the input."""
+    return 32 * len(data) + MiB
+
+
+@settings(fuzz, max_examples=examples(60))
+@given(
+    data=runs(METADATA_PIECES, max_run=16 * 1024)
+    | json_values.map(lambda v: json.dumps(v).encode()),
+    max_depth=st.sampled_from([4, 64, 20_000]),
+)
+def test_metadata_validation_is_bounded(data: bytes, max_depth: int) -> None:
+    """Any bytes: a result whose problems carry only the documented codes, within the time
+    bound and metadata_peak; never an exception."""
+    result = bounded(
+        lambda: validate_metadata_bytes(data, file="m.json", max_depth=max_depth),
+        peak=metadata_peak(data),
+    )
+    assert {problem.code for problem in result.problems} <= METADATA_CODES
+
+
+@settings(fuzz, max_examples=examples(60))
+@given(text=runs(METADATA_PIECES, max_run=16 * 1024).map(lambda b: b.decode("utf-8", "replace")))
+def test_strict_parser_and_fast_path_are_bounded(text: str) -> None:
+    """Each parser on its own: the fast path returns a document or defers, the strict parser
+    returns one or raises its own error, within the bounds."""
+    assert bounded(
+        lambda: metadata._fast_parse(text, 64) is not None, peak=metadata_peak(text.encode())
+    )
+
+    def strict() -> object:
+        try:
+            return metadata._Parser(text, 64, build=False).parse()
+        except metadata._InvalidError as exc:
+            return exc
+
+    bounded(strict, peak=metadata_peak(text.encode()))
+
+
+@pytest.mark.parametrize("unit", [b"{},", b'{"":0},'])
+def test_hostile_metadata_is_checked_within_its_bound(unit: bytes) -> None:
+    """256 KiB of tiny containers with one trailing comma (the strict parser kept a table of
+    every value's offset: 99 MiB for 1 MiB) is a syntax problem within metadata_peak."""
+    data = b"[" + unit * (256 * 1024 // len(unit)) + b"]"
+    result = bounded(
+        lambda: validate_metadata_bytes(data, file="m.json", max_depth=64),
+        peak=metadata_peak(data),
+        seconds=60,
+    )
+    assert [problem.code for problem in result.problems] == ["metadata_syntax"]
