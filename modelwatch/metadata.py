@@ -550,7 +550,7 @@ def pointer(path: Iterable[str | int]) -> str:
 
 
 def _encoding_problem(exc: UnicodeDecodeError, file: str) -> Problem:
-    body = exc.object.removeprefix(b"\xef\xbb\xbf")
+    body = exc.object  # what was decoded: the BOM, if any, is already gone (a second one stays)
     valid = body[: exc.start].decode("utf-8")  # cannot fail: the first bad byte is at start
     line, column = _line_column(valid, len(valid))
     message = f"not valid UTF-8: byte 0x{body[exc.start]:02x} ({exc.reason})"

@@ -242,6 +242,14 @@ def test_valid_document_is_accepted(data: bytes, document: Any) -> None:
     assert result.document == document
 
 
+def test_a_second_bom_before_a_bad_byte_is_an_encoding_problem() -> None:
+    """Only the first BOM is skipped: after two, a bad byte is located after the second (it
+    once raised UnicodeDecodeError instead)."""
+    problem = only_problem(check(b"\xef\xbb\xbf\xef\xbb\xbf\xff"))
+    assert where(problem) == ("metadata_encoding", 1, 2, None)
+    assert problem.message == "not valid UTF-8: byte 0xff (invalid start byte)"
+
+
 def test_columns_after_bom_count_characters() -> None:
     """With a BOM, columns still start at 1 on the first character after it."""
     assert where(only_problem(check(b"\xef\xbb\xbf[1,]"))) == (SYNTAX, 1, 3, None)
