@@ -258,7 +258,7 @@ class _Scan:
         byte = lex.peek()
         if byte == -1:
             raise lex.error("no JSON value")
-        while True:
+        while True:  # a value starts with `byte`, at depth len(frames)
             is_container = byte in _OPENERS
             if is_container:
                 marker = self._open(byte)
@@ -309,7 +309,7 @@ class _Scan:
         if byte == frame.closer:
             self.lex.pos += 1
             return -1
-        return self._key() if frame.is_object else byte
+        return self._key() if frame.is_object else self._value_start()
 
     def _next_member(self) -> int:
         """After a member: the first byte of the next member's value, or -1 when the container
@@ -325,7 +325,7 @@ class _Scan:
         if frame.is_object:
             return self._key()
         self.path[-1] = int(self.path[-1]) + 1
-        return lex.peek()
+        return self._value_start()
 
     def _key(self) -> int:
         lex = self.lex
@@ -339,7 +339,14 @@ class _Scan:
         if lex.peek() != _COLON:
             raise lex.error("expected ':' after a key")
         lex.pos += 1
-        return lex.peek()
+        return self._value_start()
+
+    def _value_start(self) -> int:
+        """The first byte of a value that must follow (-1 is reserved for "closed")."""
+        byte = self.lex.peek()
+        if byte == -1:
+            raise self.lex.error("unexpected end of input")
+        return byte
 
     def _close(self) -> Any:
         self.path.pop()
@@ -356,8 +363,6 @@ class _Scan:
             return lex.string(keep)
         if byte in _NUMBER_START:
             return lex.number(keep > 0)
-        if byte == -1:
-            raise lex.error("unexpected end of input")
         return lex.literal()
 
     def _complete(self, value: Any, is_container: bool) -> tuple[Path, Any] | None:
