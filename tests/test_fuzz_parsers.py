@@ -376,10 +376,12 @@ def truncations(data: bytes) -> st.SearchStrategy[bytes]:
     | st.lists(st.sampled_from(JSON_PIECES[:-2]), max_size=12).map(b"".join)
     | st.binary(max_size=40),
     chunk=st.integers(1, 64),
+    depth=st.integers(1, 3),
 )
-def test_json_scan_agrees_with_json_loads(data: bytes, chunk: int) -> None:
+def test_json_scan_agrees_with_json_loads(data: bytes, chunk: int, depth: int) -> None:
     """Read in chunks of any size, the scan accepts exactly the strict JSON json.loads
-    accepts, and builds an equal value."""
+    accepts, and builds an equal value; so it does when values are too large to build
+    (tiny max_value) and most of the input is only checked."""
     try:
         expected = json_reference(data)
     except (ValueError, RecursionError):
@@ -391,7 +393,16 @@ def test_json_scan_agrees_with_json_loads(data: bytes, chunk: int) -> None:
         except jsonscan.JsonError:
             return jsonscan.JsonError
 
+    def checked_only() -> bool:
+        pieces = in_chunks(data, chunk)
+        try:
+            list(jsonscan.scan(pieces, build_depth=depth, max_depth=1000, max_value=4))
+        except jsonscan.JsonError:
+            return False
+        return True
+
     assert bounded(whole, peak=JSON_PEAK) == expected
+    assert bounded(checked_only, peak=JSON_PEAK) == (expected is not jsonscan.JsonError)
 
 
 @pytest.mark.parametrize("data", [b"[", b"[1,", b'{"a":', b'{"a": [1, {"b": ', b"[[]", b" "])
