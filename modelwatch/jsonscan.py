@@ -81,7 +81,7 @@ def _refuse_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _SCAN_ONCE: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 _NO_VALUE: Any = object()
-_FIRST_WINDOW = 1024
+_FIRST_WINDOW = 256  # a tensor's entry is 60 to 200 bytes
 _SKIP_WINDOW = 64 * 1024
 
 
@@ -290,8 +290,9 @@ class _Scan:
         if byte == -1:
             raise lex.error("no JSON value")
         while True:  # a value starts with `byte`, at depth len(frames)
-            at_build_depth = len(self.frames) == self.build_depth
-            value = self._fast_value() if at_build_depth else _NO_VALUE
+            value = _NO_VALUE
+            if byte in _OPENERS and len(self.frames) == self.build_depth:
+                value = self._fast_value()
             is_container = False
             if value is _NO_VALUE:
                 is_container = byte in _OPENERS
@@ -456,11 +457,11 @@ class _Scan:
     # --- the value being built ---
 
     def _fast_value(self) -> Any:
-        """The value starting at the cursor (at `build_depth`), decoded by json's C scanner
+        """The container starting at the cursor (at `build_depth`), decoded by json's C scanner
         when its text fits in `max_value` bytes, is valid and no deeper than allowed; else
         `_NO_VALUE`, and the grammar reads it (and says what is wrong with it).
 
-        The C scanner reads a slice that grows fourfold from 1 KiB while the value may go on
+        The C scanner reads a slice that grows fourfold from 256 B while the value may go on
         past it, so a value costs time in proportion to its own size and memory to at most
         `max_value` bytes of text."""
         lex, window = self.lex, _FIRST_WINDOW
