@@ -107,7 +107,7 @@ class _Lexer:
         """Append the next chunk, dropping what was read; False at the end of the input."""
         if self._eof:
             return False
-        chunk = next(self._chunks, b"")
+        chunk = next((piece for piece in self._chunks if piece), b"")  # empty pieces: none
         pending = len(self._utf8.getstate()[0])  # bytes of a character cut by the last chunk
         try:  # decoding checks every byte is UTF-8 (a str of one chunk, dropped at once)
             self._utf8.decode(chunk, final=not chunk)

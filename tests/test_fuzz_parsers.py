@@ -405,6 +405,12 @@ def test_json_scan_agrees_with_json_loads(data: bytes, chunk: int, depth: int) -
     assert bounded(checked_only, peak=JSON_PEAK) == (expected is not jsonscan.JsonError)
 
 
+def test_empty_chunks_do_not_end_the_input() -> None:
+    """A reader may hand over an empty piece mid-stream: the JSON goes on after it."""
+    pairs = list(jsonscan.scan([b'{"a": [1,', b"", b" 2]}"], build_depth=1))
+    assert pairs == [((), jsonscan.OBJECT), (("a",), [1, 2])]
+
+
 @pytest.mark.parametrize("data", [b"[", b"[1,", b'{"a":', b'{"a": [1, {"b": ', b"[[]", b" "])
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_json_cut_short_is_an_error(data: bytes, depth: int) -> None:
