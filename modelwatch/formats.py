@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelwatch import beneath, jsonscan, zipdir
+from modelwatch.progress import progress
 
 FORMATS: tuple[str, ...] = (
     "saved_model",
@@ -274,8 +275,11 @@ def _read_exact(fd: int, offset: int, length: int, path: str) -> bytes:
 
 
 def _chunks(fd: int, offset: int, length: int, path: str) -> Iterator[bytes]:
-    """`length` bytes of `fd` from `offset`, in pieces of at most 1 MiB."""
+    """`length` bytes of `fd` from `offset`, in pieces of at most 1 MiB. Each piece is
+    progress (`modelwatch.progress`): a long scan keeps its worker alive, and past the unit's
+    inspection budget it stops here (OverBudget)."""
     while length > 0:
+        progress()
         data = os.pread(fd, min(length, _CHUNK), offset)
         if not data:
             raise _Incomplete(f"{_show(path)}: shrank while checking")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import struct
 
+from modelwatch.progress import progress
+
 _END = struct.Struct("<4s4H2LH")  # end of central directory record (22 bytes + comment)
 _END_SIGNATURE = b"PK\x05\x06"
 _LOCATOR64 = struct.Struct("<4sLQL")  # ZIP64 end of central directory locator
@@ -110,6 +112,7 @@ class _Window:
         return data
 
     def _refill(self, n: int) -> None:
+        progress()  # per window: a long directory is progress, and bounded by the unit's budget
         want = min(self.left, max(n, _WINDOW))
         data = os.pread(self.fd, want, self.next) if want else b""
         self.next += len(data)

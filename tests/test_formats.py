@@ -18,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelwatch.formats import FORMATS, check_complete, detect_format, model_type_for
+from modelwatch.progress import Heartbeat, OverBudget
+from modelwatch.testing import FakeClock
 from tests.conftest import examples
 from tests.writers import (
     copy_tree_chunked,
@@ -667,3 +669,23 @@ def test_arbitrary_content_never_raises(
     assert fmt != "unknown"
     result = check_complete(str(unit), fmt, sizes)
     assert result is None or (isinstance(result, str) and "\n" not in result)
+
+
+# --- long checks are progress, bounded by the unit's budget ------------------------------
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "w.pt"])
+def test_a_long_check_stops_at_the_inspection_budget(tmp_path: Path, name: str) -> None:
+    """Scanning a 3 MiB safetensors header or zip directory reports progress as it reads, so a
+    check running past its unit's inspection budget ends with OverBudget there."""
+    if name.endswith(".safetensors"):
+        header = b"{" + b'"__metadata__":{"k":"' + b"v" * (3 << 20) + b'"}}'
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(header)) + header)
+    else:
+        entry = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, *[0] * 14)
+        end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 70_000 * 46, 4, 0)
+        (tmp_path / name).write_bytes(b"PK\x03\x04" + entry * 70_000 + end)
+    assert check(tmp_path) is None
+    heartbeat = Heartbeat("inspect-0", FakeClock())
+    with heartbeat.job(budget=-1.0), pytest.raises(OverBudget):
+        check(tmp_path)
