@@ -23,19 +23,18 @@ the listing, and "complete" must describe the listing the caller fingerprints.
 from __future__ import annotations
 
 import errno
-import io
-import json
 import os
 import posixpath
 import re
 import stat
 import struct
-import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from modelwatch import beneath
+from modelwatch import beneath, jsonscan, zipdir
+from modelwatch.progress import progress
 
 FORMATS: tuple[str, ...] = (
     "saved_model",
@@ -63,10 +62,17 @@ _PRIORITY = (
     "pytorch",
 )
 
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# huggingface_hub reads no header longer than this (SAFETENSORS_MAX_HEADER_LENGTH): 170,000
+# tensors' entries in one file. Headers are scanned in linear time and bounded memory: about
+# 0.1 s per MB for real ones, 0.5 s per MB for the worst hostile shape (bench/parsers.py).
+MAX_SAFETENSORS_HEADER = 25_000_000
 MAX_ZIP_DIRECTORY = 100 * 1024 * 1024  # torch zips with ~100k tensors have ~15 MiB directories
 MAX_TEXT_FILE = 16 * 1024 * 1024  # `checkpoint` and `*.index.json` are small text files
 ZIP_MAGIC = b"PK\x03\x04"
+_CHUNK = 1 << 20
+# The JSON in model files is scanned, never built whole; one tensor's entry in a safetensors
+# header (name, dtype, shape, offsets) or one weight_map entry is a few hundred bytes.
+_MAX_JSON_VALUE = 64 * 1024
 
 _NAME_FORMATS = {"MLmodel": "mlflow", "saved_model.pb": "saved_model"}
 _NAME_FORMATS["saved_model.pbtxt"] = "saved_model"
@@ -265,15 +271,21 @@ def _checked_size(unit: _Unit, path: str, fd: int, before: os.stat_result) -> in
 
 
 def _read_exact(fd: int, offset: int, length: int, path: str) -> bytes:
-    chunks: list[bytes] = []
+    return b"".join(_chunks(fd, offset, length, path))
+
+
+def _chunks(fd: int, offset: int, length: int, path: str) -> Iterator[bytes]:
+    """`length` bytes of `fd` from `offset`, in pieces of at most 1 MiB. Each piece is
+    progress (`modelwatch.progress`): a long scan keeps its worker alive, and past the unit's
+    inspection budget it stops here (OverBudget)."""
     while length > 0:
-        data = os.pread(fd, min(length, 1 << 20), offset)
+        progress()
+        data = os.pread(fd, min(length, _CHUNK), offset)
         if not data:
             raise _Incomplete(f"{_show(path)}: shrank while checking")
-        chunks.append(data)
         offset += len(data)
         length -= len(data)
-    return b"".join(chunks)
+        yield data
 
 
 def _read_small(unit: _Unit, path: str) -> bytes:
@@ -284,42 +296,11 @@ def _read_small(unit: _Unit, path: str) -> bytes:
         return _read_exact(fd, 0, size, path)
 
 
-class _CappedFile(io.FileIO):
-    """A read-only view of an fd that refuses to read more than `budget` bytes in total.
-
-    zipfile reads the central directory in one call sized by the (untrusted) end record.
-    """
-
-    def __init__(self, fd: int, budget: int, path: str) -> None:
-        super().__init__(fd, "r", closefd=False)
-        self._budget = budget
-        self._path = path
-
-    def read(self, size: int | None = -1, /) -> bytes:
-        if size is None or size < 0:
-            size = max(0, os.fstat(self.fileno()).st_size - self.tell())
-        if size > self._budget:
-            raise _Incomplete(f"{_show(self._path)}: zip central directory too large")
-        self._budget -= size
-        return super().read(size)
-
-
 def _check_zip(path: str, fd: int, size: int) -> None:
     try:
-        with _CappedFile(fd, MAX_ZIP_DIRECTORY, path) as raw, zipfile.ZipFile(raw):
-            pass  # opening reads and checks the end record and the whole central directory
-    except _Incomplete:
-        raise
-    except Exception:  # zipfile raises many types on corrupt input; all mean "not complete"
-        raise _Incomplete(f"{_show(path)}: zip central directory unreadable") from None
-
-
-def _parse_json(data: bytes) -> object:
-    """Parsed JSON; ValueError for anything else, including nesting too deep to parse."""
-    try:
-        return json.loads(data.decode("utf-8"))
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
+        zipdir.check_central_directory(fd, size, MAX_ZIP_DIRECTORY)
+    except zipdir.ZipError as exc:
+        raise _Incomplete(f"{_show(path)}: {exc}") from None
 
 
 def _resolve(directory: str, name: str) -> str | None:
@@ -374,23 +355,34 @@ def _check_tf_checkpoints(unit: _Unit) -> None:
         _check_bundle(unit, prefix)
 
 
-_FIELD = re.compile(rb"\s*([A-Za-z_]\w*)\s*:\s*(.*?)\s*")
-_STRING = re.compile(rb'"((?:[^"\\]|\\.)*)"|\'((?:[^\'\\]|\\.)*)\'', re.DOTALL)
-_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.))", re.DOTALL)
+# TF's CheckpointState text proto, one field per line. Every pattern below is anchored at a
+# line start and built from disjoint character classes, so a match attempt never backtracks
+# over more than one line's leading whitespace and field name: the parse is linear in the file.
+_NOT_A_FIELD = re.compile(rb"^(?![ \t\r\f\v]*(?:#|[A-Za-z_]\w*[ \t\r\f\v]*:|$))", re.MULTILINE)
+_PATH_FIELD = re.compile(rb"^[ \t\r\f\v]*model_checkpoint_path[ \t\r\f\v]*:([^\n]*)", re.MULTILINE)
+_IN_STRING = {
+    quote: re.compile(
+        rb"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.)|\Z)|" + re.escape(quote), re.DOTALL
+    )
+    for quote in (b'"', b"'")
+}
 _SIMPLE_ESCAPES = dict(zip(b"ntrabfv\\'\"?", b"\n\t\r\a\b\f\v\\'\"?", strict=True))
+# No file name is longer than PATH_MAX (4096 bytes), and text format spends at most 4 bytes on
+# one (`\ooo`): a longer literal names no file, and is refused before it is decoded.
+_MAX_PATH_LITERAL = 4 * 4096 + 2
 
 
 def _checkpoint_prefix(text: bytes) -> str:
-    """`model_checkpoint_path` of TF's CheckpointState text proto; ValueError if unparseable."""
+    """`model_checkpoint_path` of TF's CheckpointState text proto; ValueError if unparseable.
+
+    Every line must be blank, a `#` comment or `name: value`; only the value of the last
+    `model_checkpoint_path` matters, and every one of them must be one quoted string.
+    """
+    if _NOT_A_FIELD.search(text) is not None:
+        raise ValueError("not a text-format line")
     prefix: str | None = None
-    for line in text.split(b"\n"):
-        if not line.strip() or line.lstrip().startswith(b"#"):
-            continue
-        field = _FIELD.fullmatch(line)
-        if field is None:
-            raise ValueError("not a text-format line")
-        if field.group(1) == b"model_checkpoint_path":
-            prefix = os.fsdecode(_unquote(field.group(2)))
+    for field in _PATH_FIELD.finditer(text):
+        prefix = os.fsdecode(_unquote(field.group(1).strip()))
     if not prefix:
         raise ValueError("no model_checkpoint_path")
     return prefix
@@ -398,13 +390,17 @@ def _checkpoint_prefix(text: bytes) -> str:
 
 def _unquote(literal: bytes) -> bytes:
     """The bytes of a protobuf text-format string literal (C escapes, octal for non-ASCII)."""
-    string = _STRING.fullmatch(literal)
-    if string is None:
+    quote = literal[:1]
+    if quote not in _IN_STRING or len(literal) < 2 or not literal.endswith(quote):
         raise ValueError("value is not one quoted string")
-    return _ESCAPE.sub(_unescape, string.group(1) or string.group(2) or b"")
+    if len(literal) > _MAX_PATH_LITERAL:
+        raise ValueError(f"value longer than any path ({len(literal)} bytes)")
+    return _IN_STRING[quote].sub(_unescape, literal[1:-1])
 
 
 def _unescape(match: re.Match[bytes]) -> bytes:
+    if not match.group().startswith(b"\\"):
+        raise ValueError("value is not one quoted string")  # the closing quote came early
     octal, hexadecimal, char = match.groups()
     if octal is not None and int(octal, 8) < 256:
         return bytes([int(octal, 8)])
@@ -412,6 +408,8 @@ def _unescape(match: re.Match[bytes]) -> bytes:
         return bytes([int(hexadecimal, 16)])
     if char is not None and char[0] in _SIMPLE_ESCAPES:
         return bytes([_SIMPLE_ESCAPES[char[0]]])
+    if octal is None and char is None:
+        raise ValueError("value is not one quoted string")  # a backslash escaping the end
     raise ValueError("bad escape in string")
 
 
@@ -438,59 +436,97 @@ def _check_safetensors_file(path: str, fd: int, size: int) -> None:
     if 8 + header_len > size:
         ends = f"header ends at {8 + header_len}, file has {size}"
         raise _Incomplete(f"{shown}: truncated ({ends})")
-    header = _read_exact(fd, 8, header_len, path)
-    expected = 8 + header_len + _data_end(header, shown)
+    try:
+        data_end = _data_end(_chunks(fd, 8, header_len, path))
+    except ValueError as exc:  # jsonscan.JsonError, or what the header says
+        raise _Incomplete(f"{shown}: header malformed ({exc})") from None
+    expected = 8 + header_len + data_end
     if expected > size:
         raise _Incomplete(f"{shown}: truncated (header says {expected} bytes, file has {size})")
     if expected < size:
         raise _Incomplete(f"{shown}: size mismatch (header says {expected} bytes, file has {size})")
 
 
-def _data_end(header: bytes, shown: str) -> int:
-    """The end of the data section a safetensors header describes."""
-    try:
-        document = _parse_json(header)
-    except ValueError as exc:
-        raise _Incomplete(f"{shown}: header malformed ({exc})") from None
-    if not isinstance(document, dict):
-        raise _Incomplete(f"{shown}: header malformed (not a JSON object)")
-    end = 0
-    for name, info in document.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(type(offset) is int and offset >= 0 for offset in offsets)
-            and offsets[0] <= offsets[1]
-        ):
-            bad = f"bad data_offsets for tensor {_show(name, 60)!r}"
-            raise _Incomplete(f"{shown}: header malformed ({bad})")
-        end = max(end, offsets[1])
+def _data_end(header: Iterable[bytes]) -> int:
+    """The end of the data section a safetensors header describes; ValueError if it does not
+    describe one. Streamed: only one tensor's entry is built at a time."""
+    end, problem = 0, ""
+    for path, value in jsonscan.scan(header, build_depth=1, max_value=_MAX_JSON_VALUE):
+        if not path:
+            problem = "" if value is jsonscan.OBJECT else "not a JSON object"
+        elif not problem and path[0] != "__metadata__":
+            name = _show(str(path[0]), 60)
+            offsets = value.get("data_offsets") if isinstance(value, dict) else None
+            if value is jsonscan.TOO_LARGE:
+                problem = f"entry of tensor {name!r} longer than {_MAX_JSON_VALUE} bytes"
+            elif offsets is not None and _valid_offsets(offsets):
+                end = max(end, offsets[1])
+            else:
+                problem = f"bad data_offsets for tensor {name!r}"
+    # Reported once the whole header has been read: a syntax error anywhere comes first.
+    if problem:
+        raise ValueError(problem)
     return end
+
+
+def _valid_offsets(offsets: Any) -> bool:
+    return (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(offset) is int and offset >= 0 for offset in offsets)
+        and offsets[0] <= offsets[1]
+    )
 
 
 def _check_hf_indexes(unit: _Unit) -> None:
     for index in unit.paths(lambda p: p.endswith(".index.json")):
-        try:
-            document = _parse_json(_read_small(unit, index))
-        except ValueError:
-            raise _Incomplete(f"{_show(index)}: not valid JSON") from None
-        if not isinstance(document, dict) or "weight_map" not in document:
-            continue  # some other JSON file; a partly written shard index is never valid JSON
-        weight_map = document["weight_map"]
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(shard, str) for shard in weight_map.values()
-        ):
-            raise _Incomplete(f"{_show(index)}: weight_map is not an object of file names")
-        for shard in sorted(set(weight_map.values())):
-            path = _resolve(posixpath.dirname(index), shard)
-            if path is None:
-                outside = f"weight_map names {_show(shard) or repr(shard)} outside the unit"
-                raise _Incomplete(f"{_show(index)}: {outside}")
-            unit.require(path, named_in=index)
+        with _open_regular(unit, index) as (fd, size):
+            if size > MAX_TEXT_FILE:
+                raise _Incomplete(f"{_show(index)}: too large ({size} bytes)")
+            try:
+                problem = _shard_index_problem(unit, index, _chunks(fd, 0, size, index))
+            except jsonscan.JsonError:
+                raise _Incomplete(f"{_show(index)}: not valid JSON") from None
+        if problem:
+            raise _Incomplete(problem)
     # Shards that exist are checked by the safetensors and pytorch checks that follow.
+
+
+def _shard_index_problem(unit: _Unit, index: str, text: Iterable[bytes]) -> str:
+    """What keeps a shard index's checkpoint incomplete ("" for nothing, or when the JSON is
+    not a shard index: some other file). Streamed: one weight_map entry at a time; of the
+    shards that are missing, the one first by name is reported."""
+    is_object = has_map = not_names = False
+    first_bad: tuple[str, str] | None = None
+    for path, value in jsonscan.scan(text, build_depth=2, max_value=_MAX_JSON_VALUE):
+        if not path:
+            is_object = value is jsonscan.OBJECT
+        elif path == ("weight_map",):
+            has_map = True
+            not_names = not_names or value is not jsonscan.OBJECT
+        elif len(path) == 2 and path[0] == "weight_map" and not not_names:
+            if not isinstance(value, str):
+                not_names = True
+            elif first_bad is None or value < first_bad[0]:
+                problem = _missing_shard(unit, index, value)
+                first_bad = (value, problem) if problem else first_bad
+    if not (is_object and has_map):
+        return ""  # some other JSON file; a partly written shard index is never valid JSON
+    if not_names:
+        return f"{_show(index)}: weight_map is not an object of file names"
+    return first_bad[1] if first_bad else ""
+
+
+def _missing_shard(unit: _Unit, index: str, shard: str) -> str:
+    path = _resolve(posixpath.dirname(index), shard)
+    if path is None:
+        outside = f"weight_map names {_show(shard) or repr(shard)} outside the unit"
+        return f"{_show(index)}: {outside}"
+    try:
+        unit.require(path, named_in=index)
+    except _Incomplete as exc:
+        return str(exc)
+    return ""
 
 
 def _check_torch_file(path: str, fd: int, size: int) -> None:

@@ -104,7 +104,7 @@ def _inspect(
     files = [_file_row(e.path, e.size, e.symlink_target, digests, e.raw) for e in manifest.entries]
     fmt = detect_format(manifest.sizes)
     model_type = policy.model_type if policy.model_type != "auto" else model_type_for(fmt)
-    problems = list(_manifest_problems(manifest))
+    problems = list(_manifest_problems(manifest, policy.max_files_per_unit))
     ignored = model_type == "Tensorflow" and meta.filename in manifest.sizes
     document: Any = None
     metrics: list[dict[str, Any]] = []
@@ -154,12 +154,11 @@ def _file_row(
     return row
 
 
-def _manifest_problems(manifest: Manifest) -> list[Problem]:
+def _manifest_problems(manifest: Manifest, max_files: int) -> list[Problem]:
     problems = []
     if manifest.too_many_files:
-        problems.append(
-            Problem("too_many_files", f"more than {len(manifest.entries)} files in the unit")
-        )
+        message = f"more than {max_files} entries (files, directories, links) in the unit"
+        problems.append(Problem("too_many_files", message))
     return problems
 
 

@@ -172,6 +172,11 @@ def scan_unit(
 ) -> Manifest:
     """Scan `unit_dir` (see the module docstring). Never raises for what is on disk.
 
+    `max_files` caps every entry the walk lists, not only the files kept: directories,
+    symlinks, ignored and in-progress files, FIFOs, sockets and devices all count, so a unit
+    of a million empty directories stops at the cap too (`too_many_files`, the walk cut
+    short there).
+
     `follow_top`: the unit directory itself may be a symlink (a depth-0 root given as one);
     nothing below it is ever followed. `watched_root`: the root `unit_dir` lies more than one
     level below; the directories between are then found without following symlinks either.
@@ -252,6 +257,8 @@ def scan_digest(
                         rel = prefix + dirent.name.encode("utf-8", "surrogateescape")
                         mode = st.st_mode
                         append((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode))
+                        if len(raw) > limit:
+                            return None  # within one directory too: a memory bound
                         if _S_ISDIR(mode) and not ignore.matches_dir(
                             rel.decode("utf-8", "surrogateescape")
                         ):
@@ -261,8 +268,6 @@ def scan_digest(
         except OSError:
             return None
         follow_top = False
-        if len(raw) > limit:
-            return None
     return _digest(raw)
 
 
@@ -329,6 +334,7 @@ class _Walker:
         self.in_progress: list[str] = []
         self.unreadable: list[str] = []
         self.too_many = False
+        self.walked = 0  # every entry listed: files, directories, links, ignored, special
         self._fd = -1  # the directory being listed
 
     def walk(self, identity: tuple[int, int], follow_top: bool) -> None:
@@ -353,13 +359,17 @@ class _Walker:
             try:
                 with os.scandir(fd) as it:
                     for dirent in it:
+                        # Everything listed counts, so the cap bounds the walk's time and
+                        # memory too (a million empty directories or ignored files).
+                        self.walked += 1
+                        if self.walked > self.max_files:
+                            self.too_many = True
+                            break
                         name = dirent.name.encode("utf-8", "surrogateescape")
                         rel = rel_dir + _SEP + name if rel_dir else name
                         sub = self._visit(dirent, rel)
                         if sub is not None:
                             subdirs.append(sub)
-                        if self.too_many:
-                            break
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -397,15 +407,9 @@ class _Walker:
         return None  # FIFOs, sockets, devices: skipped, never opened
 
     def _add_file(self, rel: bytes, st: os.stat_result) -> None:
-        if len(self.entries) >= self.max_files:
-            self.too_many = True
-        else:
-            self.entries.append(Entry(rel, st.st_size, st.st_mtime_ns, st.st_ino))
+        self.entries.append(Entry(rel, st.st_size, st.st_mtime_ns, st.st_ino))
 
     def _add_link(self, rel: bytes, st: os.stat_result) -> None:
-        if len(self.entries) >= self.max_files:
-            self.too_many = True
-            return
         try:  # relative to the directory being listed: its name is the last component
             target = display(os.readlink(rel.rpartition(_SEP)[2], dir_fd=self._fd))
         except OSError:

@@ -25,7 +25,6 @@ metadata_syntax, metadata_duplicate_key, metadata_too_deep, metadata_metrics, me
 
 from __future__ import annotations
 
-import bisect
 import importlib
 import json
 import math
@@ -51,7 +50,6 @@ _STRING_CHUNK = re.compile(r'[^"\\\x00-\x1f]*')
 _HEX4 = re.compile(r"[0-9a-fA-F]{4}")
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_LINE_BREAK = re.compile(r"\r\n?|\n")
 _NUMBER_TAIL = frozenset("0123456789.eE+-")
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _LITERALS: dict[str, Any] = {"true": True, "false": False, "null": None}
@@ -243,47 +241,62 @@ def _skip(text: str, pos: int) -> int:
 
 
 class _ObjectFrame:
-    __slots__ = ("container", "key", "offsets", "start")
+    __slots__ = ("container", "key", "keys", "path", "start")
     closer = "}"
 
-    def __init__(self, start: int) -> None:
-        self.container: dict[str, Any] = {}
-        self.offsets: dict[str, int] = {}  # where each member's value starts
-        self.start, self.key = start, ""
+    def __init__(self, start: int, build: bool, path: JsonPath | None) -> None:
+        self.container: dict[str, Any] | None = {} if build else None
+        self.keys: set[str] = set()  # for duplicates, also when nothing is built
+        self.start, self.key, self.path = start, "", path
 
-    def add(self, value: Any, start: int) -> None:
-        self.container[self.key] = value
-        self.offsets[self.key] = start
+    def add(self, value: Any) -> None:
+        if self.container is not None:
+            self.container[self.key] = value
 
     def token(self) -> str | int:
         return self.key
 
 
 class _ArrayFrame:
-    __slots__ = ("container", "offsets", "start")
+    __slots__ = ("container", "count", "path", "start")
     closer = "]"
 
-    def __init__(self, start: int) -> None:
-        self.container: list[Any] = []
-        self.offsets: list[int] = []
-        self.start = start
+    def __init__(self, start: int, build: bool, path: JsonPath | None) -> None:
+        self.container: list[Any] | None = [] if build else None
+        self.start, self.count, self.path = start, 0, path
 
-    def add(self, value: Any, start: int) -> None:
-        self.container.append(value)
-        self.offsets.append(start)
+    def add(self, value: Any) -> None:
+        self.count += 1
+        if self.container is not None:
+            self.container.append(value)
 
     def token(self) -> str | int:
-        return len(self.container)
+        return self.count
 
 
 class _Parser:
-    """Strict RFC 8259 parser with an explicit stack that remembers where every value starts."""
+    """Strict RFC 8259 parser with an explicit stack.
 
-    def __init__(self, text: str, max_depth: int) -> None:
-        self.text, self.max_depth = text, max_depth
+    With `build`, `parse()` returns the document; without it the text is only checked (memory:
+    the open containers' keys, whatever the size of the document). `targets`: paths whose
+    values' start offsets to record in `found`; only containers on the way to one track
+    their path, so locating costs one pass and no per-value memory.
+    """
+
+    def __init__(
+        self,
+        text: str,
+        max_depth: int,
+        *,
+        build: bool = True,
+        targets: Iterable[JsonPath] = (),
+    ) -> None:
+        self.text, self.max_depth, self.build = text, max_depth, build
         self.stack: list[_ObjectFrame | _ArrayFrame] = []
         self.duplicates: list[tuple[JsonPath, int]] = []  # (path, offset of the repeated key)
-        self.offsets: dict[int, dict[str, int] | list[int]] = {}  # id(container) -> children
+        self.targets = set(targets)
+        self.prefixes = {path[:i] for path in self.targets for i in range(len(path) + 1)}
+        self.found: dict[JsonPath, int] = {}  # target path -> where its value starts
         self.root_start = 0
         self.result: Any = None
 
@@ -294,26 +307,41 @@ class _Parser:
             raise _syntax("empty document; expected a JSON value", pos)
         while True:
             start, ch = pos, text[pos : pos + 1]
+            path = self._arrive(start) if self.prefixes else None
             if ch in ("{", "["):
-                frame = self._push(ch, pos)
+                frame = self._push(ch, pos, path)
                 pos = _skip(text, pos + 1)
                 if not text.startswith(frame.closer, pos):
                     pos = self._member(pos, comma=None)
                     continue
-                value, start, pos = self._pop(pos)
+                value, pos = self._pop(pos)
             else:
                 value, pos = self._scalar(pos)
-            next_pos = self._after_value(value, start, pos)
+            next_pos = self._after_value(value, pos)
             if next_pos is None:
                 return self.result
             pos = next_pos
 
-    def _after_value(self, value: Any, start: int, pos: int) -> int | None:
+    def _arrive(self, start: int) -> JsonPath | None:
+        """The path of the value starting at `start`, if it leads to a target (else None);
+        records the offset of a target."""
+        if not self.stack:
+            path: JsonPath = ()
+        else:
+            parent = self.stack[-1]
+            if parent.path is None:
+                return None
+            path = (*parent.path, parent.token())
+        if path in self.targets:
+            self.found[path] = start
+        return path if path in self.prefixes else None
+
+    def _after_value(self, value: Any, pos: int) -> int | None:
         """Attach a finished value, consume separators and closers; None at document end."""
         text = self.text
         while self.stack:
             frame = self.stack[-1]
-            frame.add(value, start)
+            frame.add(value)
             pos = _skip(text, pos)
             ch = text[pos : pos + 1]
             if ch == ",":
@@ -321,25 +349,24 @@ class _Parser:
             if ch != frame.closer:
                 after = "object member" if frame.closer == "}" else "array element"
                 raise _syntax(_unexpected(ch, f"',' or '{frame.closer}' after {after}"), pos)
-            value, start, pos = self._pop(pos)
+            value, pos = self._pop(pos)
         pos = _skip(text, pos)
         if pos < len(text):
             raise _syntax(_unexpected(text[pos], "the end of the document"), pos)
         self.result = value
         return None
 
-    def _push(self, ch: str, pos: int) -> _ObjectFrame | _ArrayFrame:
+    def _push(self, ch: str, pos: int, path: JsonPath | None) -> _ObjectFrame | _ArrayFrame:
         if len(self.stack) >= self.max_depth:
             message = f"nesting is deeper than max_depth ({self.max_depth})"
             raise _InvalidError("metadata_too_deep", message, pos, pointer(self._path()))
-        frame = _ObjectFrame(pos) if ch == "{" else _ArrayFrame(pos)
-        self.offsets[id(frame.container)] = frame.offsets
+        frame_type = _ObjectFrame if ch == "{" else _ArrayFrame
+        frame = frame_type(pos, self.build, path)
         self.stack.append(frame)
         return frame
 
-    def _pop(self, pos: int) -> tuple[Any, int, int]:
-        frame = self.stack.pop()
-        return frame.container, frame.start, pos + 1
+    def _pop(self, pos: int) -> tuple[Any, int]:
+        return self.stack.pop().container, pos + 1
 
     def _path(self) -> JsonPath:
         return tuple(frame.token() for frame in self.stack)
@@ -357,8 +384,11 @@ class _Parser:
                 raise _syntax(f"object key {word.group()[:40]!r} must be in double quotes", pos)
             raise _syntax(_unexpected(text[pos : pos + 1], "a string object key"), pos)
         key, end = self._string(pos)
-        if key in frame.container and len(self.duplicates) < MAX_PROBLEMS:
-            self.duplicates.append(((*self._path()[:-1], key), pos))
+        if key in frame.keys:
+            if len(self.duplicates) < MAX_PROBLEMS:
+                self.duplicates.append(((*self._path()[:-1], key), pos))
+        else:
+            frame.keys.add(key)
         frame.key = key
         pos = _skip(text, end)
         if not text.startswith(":", pos):
@@ -462,60 +492,56 @@ def _unexpected(ch: str, expected: str) -> str:
 
 
 class _Locator:
-    """The strict parser's verdict on a text and where its values start; parses lazily."""
+    """The strict parser's verdict on a text, and where its values start.
+
+    Each question is one pass of `_Parser` that builds nothing it was not asked for, so a
+    hostile document costs time linear in its length and memory for its nesting, not for
+    every value it holds. Lines and columns are counted on demand (no table of line starts).
+    """
 
     def __init__(self, text: str, max_depth: int) -> None:
-        self._parser = _Parser(text, max_depth)
-        self._error: _InvalidError | None = None
-        self._parsed = False
-        self._line_starts: list[int] | None = None
+        self.text, self.max_depth = text, max_depth
 
     def parse(self, file: str) -> tuple[Any, list[Problem]]:
-        """(document, []) when the text is strict JSON, else (None, problems)."""
-        parser = self._parse()
-        if self._error is not None:
-            line, column = self.line_column(self._error.pos)
-            err = self._error
+        """(document, []) when the text is strict JSON, else (None, problems). The text is
+        checked first; the document is built only when it is valid."""
+        checker = _Parser(self.text, self.max_depth, build=False)
+        try:
+            checker.parse()
+        except _InvalidError as err:
+            line, column = self.line_column(err.pos)
             return None, [Problem(err.code, err.message, file, line, column, err.pointer)]
         problems = []
-        for path, offset in parser.duplicates:
+        for path, offset in checker.duplicates:
             line, column = self.line_column(offset)
             message = f"duplicate object key {str(path[-1])[:80]!r}"
             problems.append(
                 Problem("metadata_duplicate_key", message, file, line, column, pointer(path))
             )
-        return (None if problems else parser.result), problems
+        if problems:
+            return None, problems
+        return _Parser(self.text, self.max_depth).parse(), []
 
-    def at(self, path: Iterable[str | int]) -> tuple[int | None, int | None]:
-        """Line and column where the value at `path` starts, or (None, None) if unknown."""
-        parser = self._parse()
-        offset, value = parser.root_start, parser.result
-        for token in path:
-            children: Any = parser.offsets.get(id(value))
-            try:
-                offset, value = children[token], value[token]
-            except (TypeError, KeyError, IndexError):
-                return None, None
-        return self.line_column(offset)
+    def locate(self, paths: Iterable[JsonPath]) -> dict[JsonPath, tuple[int, int]]:
+        """Line and column where the value at each path starts; paths the document does not
+        have are left out. Only asked about documents that parsed."""
+        parser = _Parser(self.text, self.max_depth, build=False, targets=paths)
+        try:
+            parser.parse()
+        except _InvalidError:
+            return {}
+        return {path: self.line_column(offset) for path, offset in parser.found.items()}
 
     def line_column(self, offset: int) -> tuple[int, int]:
-        if self._line_starts is None:
-            self._line_starts = _line_starts(self._parser.text)
-        line = bisect.bisect_right(self._line_starts, offset)
-        return line, offset - self._line_starts[line - 1] + 1
-
-    def _parse(self) -> _Parser:
-        if not self._parsed:
-            self._parsed = True
-            try:
-                self._parser.parse()
-            except _InvalidError as exc:
-                self._error = exc
-        return self._parser
+        return _line_column(self.text, offset)
 
 
-def _line_starts(text: str) -> list[int]:
-    return [0, *(m.end() for m in _LINE_BREAK.finditer(text))]
+def _line_column(text: str, offset: int) -> tuple[int, int]:
+    """1-based line and column (in characters) of `offset`; CR, LF and CRLF end lines."""
+    breaks = text.count("\n", 0, offset) + text.count("\r", 0, offset)
+    breaks -= text.count("\r\n", 0, offset)
+    line_start = max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
+    return breaks + 1, offset - line_start + 1
 
 
 def pointer(path: Iterable[str | int]) -> str:
@@ -524,10 +550,9 @@ def pointer(path: Iterable[str | int]) -> str:
 
 
 def _encoding_problem(exc: UnicodeDecodeError, file: str) -> Problem:
-    body = exc.object.removeprefix(b"\xef\xbb\xbf")
+    body = exc.object  # what was decoded: the BOM, if any, is already gone (a second one stays)
     valid = body[: exc.start].decode("utf-8")  # cannot fail: the first bad byte is at start
-    starts = _line_starts(valid)
-    line, column = len(starts), len(valid) - starts[-1] + 1
+    line, column = _line_column(valid, len(valid))
     message = f"not valid UTF-8: byte 0x{body[exc.start]:02x} ({exc.reason})"
     return Problem("metadata_encoding", message, file, line, column)
 
@@ -549,9 +574,11 @@ def _metrics_problems(document: Any, file: str, locator: _Locator) -> list[Probl
     else:
         for i, item in enumerate(metrics):
             found.extend(_metric_problems(i, item))
+    found = found[:MAX_PROBLEMS]
+    where = locator.locate(located for _, located, _ in found)
     problems = []
-    for path, located, message in found[:MAX_PROBLEMS]:
-        line, column = locator.at(located)
+    for path, located, message in found:
+        line, column = where.get(located, (None, None))
         problems.append(Problem("metadata_metrics", message, file, line, column, pointer(path)))
     return problems
 
@@ -564,9 +591,17 @@ def _metric_problems(i: int, item: Any) -> list[_Found]:
     name, value = item.get("name"), item.get("numberValue")
     if not isinstance(name, str) or not name:
         found.append(_member_problem(item, here, "name", "a non-empty string"))
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         found.append(_member_problem(item, here, "numberValue", "a finite number"))
     return found
+
+
+def _finite(value: float) -> bool:
+    """True for a number a double holds finitely: an integer too large for one is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # the conversion of an int beyond about 1.8e308 to a double
+        return False
 
 
 def _member_problem(item: dict[str, Any], here: JsonPath, key: str, rule: str) -> _Found:
@@ -575,6 +610,8 @@ def _member_problem(item: dict[str, Any], here: JsonPath, key: str, rule: str) -
     if key not in item:
         return (*here, key), here, f"{message}, but it is missing"
     got = "an empty string" if item[key] == "" else _type(item[key])
+    if got == "number":  # the only numbers that fail: integers beyond a double's range
+        got = f"an integer of {len(str(abs(item[key])))} digits, too large for a double"
     return (*here, key), (*here, key), f"{message}, got {got}"
 
 
@@ -643,13 +680,49 @@ class SchemaValidator:
         except self._unresolvable as exc:  # the schema's fault: report it, do not crash
             message = f"schema {self.path} has a $ref that cannot be resolved: {exc}"
             return [Problem("metadata_schema", _shorten(message), file)]
+        except (OverflowError, RecursionError, ValueError):
+            # jsonschema converts numbers to doubles (multipleOf) and recurses once per level:
+            # the document holds a value it cannot check. Name the numbers, where there are.
+            return _unchecked(document, file, locator, self.path)
+        errors = errors[:MAX_PROBLEMS]
+        paths = [tuple(error.absolute_path) for error in errors]
+        where = locator.locate(paths) if locator else {}
         problems = []
-        for error in errors[:MAX_PROBLEMS]:
-            path = tuple(error.absolute_path)
-            line, column = locator.at(path) if locator else (None, None)
+        for error, path in zip(errors, paths, strict=True):
+            line, column = where.get(path, (None, None))
             message = _shorten(error.message)
             problems.append(Problem("metadata_schema", message, file, line, column, pointer(path)))
         return problems
+
+
+def _unchecked(document: Any, file: str, locator: _Locator | None, schema: str) -> list[Problem]:
+    """Problems for a document the schema validator failed on (see `_problems_at`)."""
+    paths = _huge_integers(document)
+    if not paths:
+        message = f"the document cannot be checked against schema {schema} (nested too deeply)"
+        return [Problem("metadata_schema", message, file)]
+    where = locator.locate(paths) if locator else {}
+    problems = []
+    for path in paths:
+        line, column = where.get(path, (None, None))
+        message = "integer too large for a double; it cannot be checked against the schema"
+        problems.append(Problem("metadata_schema", message, file, line, column, pointer(path)))
+    return problems
+
+
+def _huge_integers(document: Any) -> list[JsonPath]:
+    """Where the document holds integers beyond a double's range (at most MAX_PROBLEMS)."""
+    found: list[JsonPath] = []
+    stack: list[tuple[JsonPath, Any]] = [((), document)]
+    while stack and len(found) < MAX_PROBLEMS:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(((*path, key), child) for key, child in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, index), child) for index, child in enumerate(value))
+        elif type(value) is int and not _finite(value):
+            found.append(path)
+    return sorted(found, key=pointer)
 
 
 def _import_jsonschema() -> Any:

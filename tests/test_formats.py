@@ -18,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelwatch.formats import FORMATS, check_complete, detect_format, model_type_for
+from modelwatch.progress import Heartbeat, OverBudget
+from modelwatch.testing import FakeClock
 from tests.conftest import examples
 from tests.writers import (
     copy_tree_chunked,
@@ -304,7 +306,8 @@ def test_safetensors_metadata_is_not_a_tensor(tmp_path: Path) -> None:
 
 
 def test_safetensors_huge_header_length_is_refused_unread(tmp_path: Path) -> None:
-    """A header length above 100 MiB is a reason, not a 200 MiB read."""
+    """A header length above 25 MB (huggingface_hub's limit) is a reason, not a 200 MiB
+    read."""
     path = tmp_path / "m.safetensors"
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", 200 * 1024 * 1024))
@@ -349,7 +352,9 @@ def test_hf_pytorch_bin_shards(tmp_path: Path) -> None:
         "pytorch_model-00002-of-00002.bin missing (named in pytorch_model.bin.index.json)"
     )
     write_torch_zip(tmp_path / "pytorch_model-00002-of-00002.bin", truncated=True)
-    assert check(tmp_path) == ("pytorch_model-00002-of-00002.bin: zip central directory unreadable")
+    assert check(tmp_path) == (
+        "pytorch_model-00002-of-00002.bin: zip central directory unreadable (no end record)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -383,7 +388,7 @@ def test_json_without_weight_map_is_not_a_shard_index(tmp_path: Path) -> None:
 def test_truncated_torch_zip(tmp_path: Path) -> None:
     """A torch.save zip without its central directory is incomplete."""
     write_torch_zip(tmp_path / "model.pt", truncated=True)
-    assert check(tmp_path) == "model.pt: zip central directory unreadable"
+    assert check(tmp_path) == "model.pt: zip central directory unreadable (no end record)"
 
 
 def test_torch_zip_is_aligned_like_torch_save(tmp_path: Path) -> None:
@@ -429,7 +434,7 @@ def test_incomplete_keras(tmp_path: Path, how: str) -> None:
     write_keras(tmp_path / "m.keras", truncated=True)
     if how == "empty":
         (tmp_path / "m.keras").write_bytes(b"")
-    reason = "empty" if how == "empty" else "zip central directory unreadable"
+    reason = "empty" if how == "empty" else "zip central directory unreadable (no end record)"
     assert check(tmp_path) == f"m.keras: {reason}"
 
 
@@ -664,3 +669,23 @@ def test_arbitrary_content_never_raises(
     assert fmt != "unknown"
     result = check_complete(str(unit), fmt, sizes)
     assert result is None or (isinstance(result, str) and "\n" not in result)
+
+
+# --- long checks are progress, bounded by the unit's budget ------------------------------
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "w.pt"])
+def test_a_long_check_stops_at_the_inspection_budget(tmp_path: Path, name: str) -> None:
+    """Scanning a 3 MiB safetensors header or zip directory reports progress as it reads, so a
+    check running past its unit's inspection budget ends with OverBudget there."""
+    if name.endswith(".safetensors"):
+        header = b"{" + b'"__metadata__":{"k":"' + b"v" * (3 << 20) + b'"}}'
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(header)) + header)
+    else:
+        entry = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, *[0] * 14)
+        end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 70_000 * 46, 4, 0)
+        (tmp_path / name).write_bytes(b"PK\x03\x04" + entry * 70_000 + end)
+    assert check(tmp_path) is None
+    heartbeat = Heartbeat("inspect-0", FakeClock())
+    with heartbeat.job(budget=-1.0), pytest.raises(OverBudget):
+        check(tmp_path)

@@ -148,6 +148,8 @@ def test_a_hostile_unit_costs_only_itself(
             wait_until(lambda: any(e["subject"] == "hostile" for e in jsonl_records(events)), 30)
             (hostile,) = [e for e in jsonl_records(events) if e["subject"] == "hostile"]
             assert proc.poll() is None, "the daemon must still run"
+            # A hostile unit rejected at once leaves little time: watch health a while longer.
+            wait_until(lambda: health.polls > 5, timeout=10)
         proc.terminate()
         assert proc.wait(20) == 0
     assert took <= SETTLE + MARGIN, f"the normal unit took {took:.1f} s"

@@ -206,3 +206,58 @@ def test_the_digest_walk_never_lists_a_swapped_directory(
     assert scan_digest(str(unit), ignore=ignore, max_files=100) is not None
     assert b"shards" in hashed and b"model.bin" in hashed
     assert not [name for name in hashed if name.startswith(b"shards/")]
+
+
+# --- max_files_per_unit counts every entry walked -------------------------------------------
+
+
+def _make_entries(unit: Path, kind: str, count: int) -> None:
+    """`count` entries of one kind that a scan lists but does not keep as files."""
+    for i in range(count):
+        path = unit / f"{kind}-{i}"
+        if kind == "directory":
+            path.mkdir()
+        elif kind == "ignored":
+            (unit / f"{i}.log").write_text("x")
+        elif kind == "ignored-directory":
+            (unit / f"{i}" / "__pycache__").mkdir(parents=True)  # two entries each
+        elif kind == "in-progress":
+            (unit / f"{i}.tmp").write_text("x")
+        elif kind == "symlink":
+            os.symlink("nowhere", path)
+        elif kind == "fifo":
+            os.mkfifo(path)
+
+
+KINDS = ["directory", "ignored", "ignored-directory", "in-progress", "symlink", "fifo"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_entry_walked_counts_against_max_files(tmp_path: Path, kind: str) -> None:
+    """Directories, ignored and in-progress files, symlinks and FIFOs all count towards
+    max_files_per_unit: one entry over the cap makes the unit too_many_files."""
+    unit = tmp_path / "unit"
+    unit.mkdir()
+    _make_entries(unit, kind, 6)  # 6 entries, 12 for ignored directories
+    cap = 12 if kind == "ignored-directory" else 6
+    scan = {
+        n: scan_unit(str(unit), ignore=IGNORE, in_progress=IN_PROGRESS, max_files=n)
+        for n in (cap, cap - 1)
+    }
+    assert not scan[cap].too_many_files
+    assert scan[cap - 1].too_many_files
+
+
+def test_a_unit_of_many_empty_directories_is_cut_off_at_the_cap(tmp_path: Path) -> None:
+    """A unit of 20,000 empty directories and no file at all is too_many_files at a cap of
+    1,000: the walk stops there instead of listing every directory."""
+    unit = tmp_path / "unit"
+    unit.mkdir()
+    for i in range(200):
+        (unit / f"d{i}").mkdir()
+        for j in range(100):
+            (unit / f"d{i}" / f"e{j}").mkdir()
+    manifest = scan_unit(str(unit), ignore=IGNORE, in_progress=IN_PROGRESS, max_files=1000)
+    assert manifest.too_many_files
+    assert manifest.entries == ()
+    assert scan_digest(str(unit), ignore=IGNORE, max_files=1000) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -241,6 +242,14 @@ def test_valid_document_is_accepted(data: bytes, document: Any) -> None:
     assert result.document == document
 
 
+def test_a_second_bom_before_a_bad_byte_is_an_encoding_problem() -> None:
+    """Only the first BOM is skipped: after two, a bad byte is located after the second (it
+    once raised UnicodeDecodeError instead)."""
+    problem = only_problem(check(b"\xef\xbb\xbf\xef\xbb\xbf\xff"))
+    assert where(problem) == ("metadata_encoding", 1, 2, None)
+    assert problem.message == "not valid UTF-8: byte 0xff (invalid start byte)"
+
+
 def test_columns_after_bom_count_characters() -> None:
     """With a BOM, columns still start at 1 on the first character after it."""
     assert where(only_problem(check(b"\xef\xbb\xbf[1,]"))) == (SYNTAX, 1, 3, None)
@@ -330,6 +339,26 @@ def test_valid_metrics_are_returned() -> None:
     result = check(json.dumps(doc).encode())
     assert result.ok
     assert result.metrics == doc["metrics"]
+
+
+HUGE = b"1" + b"0" * 400  # a JSON integer no double holds: float() overflows
+
+
+@pytest.mark.parametrize("digits", [400, 4300])
+def test_integer_too_large_for_a_double_is_a_metrics_problem(digits: int) -> None:
+    """A numberValue of hundreds (or 4300) digits is not finite: metadata_metrics at its
+    pointer, never an OverflowError."""
+    data = b'{"metrics": [{"name": "a", "numberValue": 1' + b"0" * (digits - 1) + b"}]}"
+    problem = only_problem(check(data))
+    assert where(problem) == (METRICS, 1, 43, "/metrics/0/numberValue")
+    assert f"an integer of {digits} digits, too large for a double" in problem.message
+
+
+def test_huge_integers_elsewhere_are_valid_json() -> None:
+    """Outside metrics any JSON number is allowed: a 4300-digit integer parses (one more digit
+    is out of range: CPython's int limit, held to whatever PYTHONINTMAXSTRDIGITS says)."""
+    result = check(b'{"seed": ' + b"7" * 4300 + b"}")
+    assert result.ok and result.document == {"seed": int("7" * 4300)}
 
 
 @pytest.mark.parametrize("data", [b'{"other": 1}', b"[1, 2]", b'"metrics"', b"null"])
@@ -531,6 +560,17 @@ def test_unresolvable_schema_reference_is_a_problem_not_a_crash(tmp_path: Path) 
     assert problem.code == "metadata_schema" and "cannot be resolved" in problem.message
 
 
+def test_schema_with_a_huge_integer_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    """jsonschema cannot divide a 400-digit integer by a float `multipleOf` (OverflowError):
+    that is a located metadata_schema problem."""
+    schema = SchemaValidator.from_file(
+        schema_file(tmp_path, {"properties": {"seed": {"multipleOf": 0.5}}})
+    )
+    problem = only_problem(check(b'{"a": 1,\n "seed": ' + HUGE + b"}", schema=schema))
+    assert where(problem) == ("metadata_schema", 2, 10, "/seed")
+    assert "too large for a double" in problem.message
+
+
 def test_schema_not_checked_on_syntax_error(tmp_path: Path) -> None:
     """A document that does not parse reports only its syntax error."""
     schema = SchemaValidator.from_file(schema_file(tmp_path, SCHEMA))
@@ -629,3 +669,31 @@ def test_strict_parser_agrees_with_fast_path(text: str) -> None:
     assert (fast_value is not _DEFER) == strict_ok
     if strict_ok:
         assert fast_value == strict_value
+
+
+# --- through the command line ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["file", "unit"])
+def test_validate_prints_the_problem_of_a_huge_number_without_a_traceback(
+    tmp_path: Path, target: str
+) -> None:
+    """`modelwatch validate` on metadata with a 400-digit numberValue prints the located
+    problem and exits 1: no traceback."""
+    unit = write_unit(tmp_path, b'{"metrics": [{"name": "a", "numberValue": ' + HUGE + b"}]}")
+    (unit / "model.onnx").write_bytes(b"onnx")
+    path = unit / NAME if target == "file" else unit
+    done = subprocess.run(
+        [sys.executable, "-m", "modelwatch", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MODELWATCH_STATE_DIR": str(tmp_path / "state")},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == ""
+    assert done.stdout == (
+        f"{unit / NAME}:1:43: metadata_metrics: metrics[0].numberValue must be a finite number,"
+        " got an integer of 401 digits, too large for a double (at /metrics/0/numberValue)\n"
+    )
