@@ -766,6 +766,11 @@ def describe_value(value: Any) -> str:
     return _describe(value)
 
 
+def toml_value(value: Any) -> str:
+    """`value` written as TOML (sink declarations show their defaults this way)."""
+    return _toml_value(value)
+
+
 def _sink_word(key: str, value: Any) -> str:
     text = _string(key, value)
     if not text.strip() or any(ord(char) < 32 or ord(char) == 127 for char in text):

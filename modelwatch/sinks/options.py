@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any, Literal
 
-from modelwatch.config import SinkConfig, describe_value
+from modelwatch.config import SinkConfig, describe_value, toml_value
 from modelwatch.credentials import MASK, Scrubber, mask_options, mask_url, read_secret
 from modelwatch.credentials import url_credentials as _url_credentials
 from modelwatch.errors import ConfigError
@@ -217,7 +217,7 @@ class SinkOptions:
             return "required"
         if option.default is None:
             return "—"
-        return f"`{_toml(option.default)}`"
+        return f"`{toml_value(option.default)}`"
 
 
 def _alternatives(names: Sequence[str]) -> str:
@@ -234,18 +234,6 @@ def _masked(show: Show, value: Any) -> Any:
     if show == "url":
         return [mask_url(v) for v in value] if isinstance(value, list) else mask_url(str(value))
     return value
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    if isinstance(value, Mapping):
-        return "{}" if not value else "{ ... }"
-    return repr(value)
 
 
 # --- kinds ------------------------------------------------------------------------------------

@@ -33,10 +33,7 @@ import hashlib
 import hmac
 import http.client
 import json
-import math
 import re
-import socket
-import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -63,6 +60,7 @@ from modelwatch.sinks.options import (
     table,
     url,
 )
+from modelwatch.sinks.transport import DeadlineConnection, tls_context
 
 Verdict = Literal["delivered", "retry", "redirect", "permanent"]
 
@@ -221,10 +219,8 @@ class WebhookSink:
         self._mode: str = values["mode"]
         self._headers = _headers(values)
         self._keys = _signing_keys(values)
-        self._tls = ssl.create_default_context() if self._target.scheme == "https" else None
-        if self._tls is not None:
-            self._tls.sslsocket_class = _DeadlineSSLSocket
-        self._conn: _Connection | None = None
+        self._tls = tls_context() if self._target.scheme == "https" else None
+        self._conn: DeadlineConnection | None = None
 
     def __repr__(self) -> str:
         return (
@@ -309,9 +305,9 @@ class WebhookSink:
             self._disconnect()
         return head
 
-    def _connection(self) -> _Connection:
+    def _connection(self) -> DeadlineConnection:
         if self._conn is None:
-            self._conn = _Connection(self._target.host, self._target.port, self._tls)
+            self._conn = DeadlineConnection(self._target.host, self._target.port, self._tls)
         return self._conn
 
     def _disconnect(self) -> None:
@@ -401,100 +397,3 @@ def _decode_secret(secret: str) -> bytes | None:
     except (binascii.Error, ValueError):
         return None
     return key or None
-
-
-# --- one deadline per attempt ------------------------------------------------------------------
-
-
-def _arm(sock: socket.socket, deadline: float) -> None:
-    """Give the next blocking operation on `sock` only the time left before `deadline`."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("the attempt's deadline passed")
-    sock.settimeout(left)
-
-
-class _DeadlineSocket(socket.socket):
-    """A TCP socket whose reads and writes end by `deadline` (http.client uses only these)."""
-
-    deadline = math.inf
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        _arm(self, self.deadline)
-        return super().recv_into(buffer, nbytes, flags)
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        _arm(self, self.deadline)  # CPython's sendall keeps one timeout for the whole buffer
-        super().sendall(data, flags)
-
-
-class _DeadlineSSLSocket(ssl.SSLSocket):
-    """The TLS counterpart; its `sendall` loops over `send`, so `send` is armed too."""
-
-    deadline = math.inf
-
-    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-        _arm(self, self.deadline)
-        return super().recv_into(buffer, nbytes, flags)
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        _arm(self, self.deadline)
-        return super().send(data, flags)
-
-    def do_handshake(self, block: bool = False) -> None:
-        _arm(self, self.deadline)
-        super().do_handshake(block)
-
-
-class _Connection(http.client.HTTPConnection):
-    """An HTTP(S) connection whose every socket operation ends by the attempt's deadline."""
-
-    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None) -> None:
-        super().__init__(host, port)
-        self._tls = tls
-        self.deadline = math.inf
-
-    def set_deadline(self, deadline: float) -> None:
-        self.deadline = deadline
-        if isinstance(self.sock, _DeadlineSocket | _DeadlineSSLSocket):
-            self.sock.deadline = deadline
-
-    def connect(self) -> None:
-        sock = _connect(self.host, self.port, self.deadline)
-        if self._tls is None:
-            self.sock = sock
-            return
-        try:
-            wrapped = self._tls.wrap_socket(
-                sock, server_hostname=self.host, do_handshake_on_connect=False
-            )
-        except BaseException:
-            sock.close()
-            raise
-        if not isinstance(wrapped, _DeadlineSSLSocket):  # pragma: no cover - set on the context
-            raise TypeError("the TLS context must make _DeadlineSSLSocket sockets")
-        wrapped.deadline = self.deadline
-        self.sock = wrapped
-        wrapped.do_handshake()
-
-
-def _connect(host: str, port: int, deadline: float) -> _DeadlineSocket:
-    """A connected socket to the first address of `host` that answers before `deadline`."""
-    error: OSError = OSError(f"no address found for {host}")
-    for family, kind, proto, _name, address in socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM
-    ):
-        sock = _DeadlineSocket(family, kind, proto)
-        sock.deadline = deadline
-        try:
-            _arm(sock, deadline)
-            sock.connect(address)
-        except OSError as exc:
-            sock.close()
-            if isinstance(exc, TimeoutError):
-                raise
-            error = exc
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    raise error
