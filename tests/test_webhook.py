@@ -390,6 +390,14 @@ def test_a_connection_the_server_closed_while_idle_is_reopened(
         ({"url_env": "HOOK_SECRET"}, "sinks[1].url_env: give one of url, url_env or url_file"),
         ({"headers": {"X-Api-Key": "k"}}, "sinks[1].headers.X-Api-Key: a credential header"),
         ({"headers_env": {"X-Api-Key": "NO_SUCH_VARIABLE"}}, "sinks[1].headers_env.X-Api-Key: "),
+        (
+            {"headers": {"X-Team": "a"}, "headers_env": {"x-team": "HOOK_SECRET"}},
+            "sinks[1].headers_env.x-team: this header is given twice",
+        ),
+        (
+            {"headers_env": {"A": "HOOK_SECRET"}, "headers_file": {"A": "/x"}},
+            "sinks[1].headers_file.A: also in headers_env",
+        ),
         ({"secret_env": "HOOK_SECRET", "secret_file": "/x"}, "sinks[1].secret_file: "),
         ({"secret_env": "NO_SUCH_VARIABLE"}, "sinks[1].secret_env: environment variable"),
         ({"secret_env": "BAD_SECRET"}, "sinks[1].secret_env (BAD_SECRET): secret 2 of 2"),

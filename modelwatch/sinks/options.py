@@ -105,6 +105,8 @@ class Values(Mapping[str, Any]):
         for suffix, source in (("_env", "variable"), ("_file", "path")):
             for entry, where in (self.entries.get(name + suffix) or {}).items():
                 key = f"{self.key}.{name}{suffix}.{entry}"
+                if entry in found:
+                    raise ConfigError(f"{key}: also in {name}_env; give it in one of them")
                 found[entry] = read_secret(key, **{source: where})
                 self.scrub.add(found[entry])
         return found
