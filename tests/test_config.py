@@ -837,7 +837,7 @@ headers = { Authorization = "Bearer t-999", X-Team = "ml" }
     assert config.sinks[0].options["api_key"] == "k-123"  # the sink itself still sees the value
 
 
-def test_mask_secrets_leaves_ordinary_options_alone() -> None:
+def test_mask_options_leaves_ordinary_options_alone() -> None:
     """Options without secret-looking names or URL credentials are printed unchanged."""
     options = {"url": "https://example.com/a@b", "fsync": True, "argv": ["x", "y"], "n": 3}
     assert mask_options(options) == options
