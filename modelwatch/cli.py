@@ -33,6 +33,7 @@ from modelwatch.metadata import (
     validate_unit_metadata,
 )
 from modelwatch.scan_command import scan_once
+from modelwatch.sinks import shown_options
 from modelwatch.stages import build_sinks
 from modelwatch.state import StateDir, Store
 from modelwatch.status import render as render_status
@@ -148,11 +149,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
-    for sink in build_sinks(config):  # sinks validate their own keys
+    _configure_logging(config)  # warnings (a secret file others may read) go to stderr
+    for sink in build_sinks(config):  # sinks validate their own keys and read their secrets
         sink.close()
     if config.metadata.schema:
         SchemaValidator.from_file(config.metadata.schema)
-    sys.stdout.write(render_toml(config))
+    sys.stdout.write(render_toml(config, shown_options))
     return EXIT_OK
 
 

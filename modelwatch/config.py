@@ -17,10 +17,12 @@ Contract:
   An empty variable counts as unset.
 * Relative `daemon.state_dir` and `metadata.schema` are relative to the config file's directory.
 * Sink tables: only `type`, `name`, `event_types`, `max_attempts` are checked here; every other
-  key lands untouched in `SinkConfig.options` for the sink to validate. Keys named `secret`,
-  `token` or `password` are refused: secrets come from the environment or a file.
+  key lands untouched in `SinkConfig.options` for the sink to validate against its declaration
+  (`modelwatch.sinks.options`). Keys named `secret`, `token` or `password` are refused:
+  secrets come from the environment or a file.
 * `render_toml` prints the effective config as TOML that loads back to an equal `Config`, with
-  secret-looking sink options masked; `repr(SinkConfig)` masks them the same way.
+  secret-looking sink options masked (`credentials.mask_options`, as in `repr(SinkConfig)`);
+  `check-config` passes the sinks' declarations to show their defaults and mask what they say.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
+from modelwatch.credentials import mask_options
 from modelwatch.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -176,7 +179,7 @@ class SinkConfig:
         return (
             f"SinkConfig(type={self.type!r}, name={self.name!r}, "
             f"event_types={self.event_types!r}, max_attempts={self.max_attempts!r}, "
-            f"options={mask_secrets(self.options)!r}, key={self.key!r})"
+            f"options={mask_options(self.options)!r}, key={self.key!r})"
         )
 
 
@@ -758,6 +761,16 @@ def _event_type(key: str, value: Any) -> str:
     return _EVENT_NAMES[text.lower()]
 
 
+def describe_value(value: Any) -> str:
+    """A TOML value for an error message: `string 'fast'`, `integer 3`, `table`."""
+    return _describe(value)
+
+
+def toml_value(value: Any) -> str:
+    """`value` written as TOML (sink declarations show their defaults this way)."""
+    return _toml_value(value)
+
+
 def _sink_word(key: str, value: Any) -> str:
     text = _string(key, value)
     if not text.strip() or any(ord(char) < 32 or ord(char) == 127 for char in text):
@@ -852,36 +865,14 @@ def _cli_root(argument: str, policy: UnitPolicy) -> RootConfig:
 
 # --- rendering -----------------------------------------------------------------------------
 
-_SECRET_WORDS = ("secret", "token", "password", "passwd", "key", "credential", "authorization")
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
 
-
-def _looks_secret(name: str) -> bool:
-    lowered = name.lower()
-    if lowered.endswith(("_env", "_file")):  # these name where a secret lives
-        return False
-    return any(word in lowered for word in _SECRET_WORDS)
-
-
-def _mask_userinfo(match: re.Match[str]) -> str:
-    user, colon, _password = match["userinfo"].partition(":")
-    return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
-
-
-def mask_secrets(value: Any) -> Any:
-    """A copy of sink options fit to print: secret-looking keys (at any depth) become "***",
-    and credentials inside URLs ("redis://:pw@host") are hidden."""
-    if isinstance(value, Mapping):
-        return {k: "***" if _looks_secret(k) else mask_secrets(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [mask_secrets(item) for item in value]
-    if isinstance(value, str):
-        return _URL_USERINFO.sub(_mask_userinfo, value)
-    return value
-
-
-def render_toml(config: Config) -> str:
-    """The effective configuration as TOML; loading it again gives an equal `Config`."""
+def render_toml(
+    config: Config, sink_items: Callable[[SinkConfig], Mapping[str, Any]] | None = None
+) -> str:
+    """The effective configuration as TOML. `sink_items(sink)` gives a sink's own keys as they
+    are to be shown (`check-config` passes the sinks' declarations: defaults filled in,
+    secrets masked); by default they are shown as written, masked by `mask_options`, and the
+    text loads back to an equal `Config` unless something had to be masked."""
     source = "built-in defaults" if config.source is None else _toml_string(config.source)
     lines = [f"# modelwatch effective configuration (source: {source})", ""]
     if not config.roots:
@@ -896,14 +887,19 @@ def render_toml(config: Config) -> str:
         items["root_marker"] = root.root_marker
         lines += _section("[[roots]]", {**items, **_fields(root.policy)})
     for sink in config.sinks:
-        lines += _section("[[sinks]]", _sink_items(sink))
+        lines += _section("[[sinks]]", _sink_items(sink, sink_items or _masked_options))
     return "\n".join(lines)
 
 
-def _sink_items(sink: SinkConfig) -> dict[str, Any]:
+def _masked_options(sink: SinkConfig) -> Mapping[str, Any]:
+    shown: Mapping[str, Any] = mask_options(sink.options)
+    return shown
+
+
+def _sink_items(sink: SinkConfig, own: Callable[[SinkConfig], Mapping[str, Any]]) -> dict[str, Any]:
     items: dict[str, Any] = {"type": sink.type, "name": sink.name}
     items.update(event_types=sink.event_types, max_attempts=sink.max_attempts)
-    items.update(mask_secrets(sink.options))
+    items.update(own(sink))
     return items
 
 

@@ -2,8 +2,13 @@
 
 Processes started by the command sink may leave background children behind; when the command
 exits they are re-parented to PID 1, and someone must `wait()` for them or they stay zombies.
-Children the command sink is still waiting for itself are tracked here and left alone, so
-their exit status is never stolen from `subprocess`.
+
+The sink's own children are never reaped here: they are started through `spawn`, which holds
+the lock a reaping pass holds from start to end, and counts the child as owned before letting
+go. A pass therefore sees every child either owned (its exit status belongs to the `Popen`
+that waits for it) or an orphan; never a command that has started, and perhaps already exited,
+but is not owned yet. Reaping such a command would steal its exit status, and `subprocess`
+reports a stolen status as 0: a command that failed would count as delivered.
 """
 
 from __future__ import annotations
@@ -11,20 +16,37 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+
+class _Child(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+
+C = TypeVar("C", bound=_Child)
 
 _lock = threading.Lock()
-_active: set[int] = set()
+_owned: Counter[int] = Counter()
 
 
-def track(pid: int) -> None:
-    """A child whose exit status belongs to someone else (a `subprocess.Popen`)."""
+def spawn(start: Callable[[], C]) -> C:
+    """Run `start()` (which starts one child, e.g. `subprocess.Popen(...)`) so that no
+    reaping pass can see the child before it is owned; `release(child.pid)` once waited for."""
     with _lock:
-        _active.add(pid)
+        child = start()
+        _owned[child.pid] += 1
+        return child
 
 
-def untrack(pid: int) -> None:
+def release(pid: int) -> None:
+    """The owner has waited for `pid`: it is no business of the reaper's any more."""
     with _lock:
-        _active.discard(pid)
+        _owned[pid] -= 1
+        if _owned[pid] <= 0:
+            del _owned[pid]
 
 
 def _children() -> list[int]:
@@ -46,14 +68,12 @@ def _is_zombie(pid: int) -> bool:
 
 
 def reap_orphans() -> int:
-    """Wait for every zombie child nobody else is waiting for; returns how many."""
+    """Wait for every zombie child nobody owns; returns how many."""
     reaped = 0
-    for pid in _children():
-        with _lock:
-            if pid in _active:
-                continue
-        if _is_zombie(pid):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-                reaped += 1
+    with _lock:
+        for pid in _children():
+            if pid not in _owned and _is_zombie(pid):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                    reaped += 1
     return reaped

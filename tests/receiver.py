@@ -22,6 +22,7 @@ class Reply:
     body: bytes = b""
     delay: float = 0.0
     echo_credentials: bool = False  # answer with the request's signature and authorization
+    drip: float = 0.0  # seconds between the bytes of the answer (a slow, never silent server)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,9 @@ class _Handler(BaseHTTPRequestHandler):
             echoed = {k: headers.get(k, "") for k in ("webhook-signature", "authorization")}
             content = json.dumps(echoed).encode()
         try:
+            if reply.drip:
+                self._drip(reply, content)
+                return
             self.send_response(reply.status)
             for name, value in reply.headers.items():
                 self.send_header(name, value)
@@ -136,6 +140,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(content)
         except OSError:
             self.close_connection = True
+
+    def _drip(self, reply: Reply, content: bytes) -> None:
+        """Send the answer one byte per `reply.drip` seconds, until done or stopped."""
+        head = f"HTTP/1.1 {reply.status} OK\r\nContent-Length: {len(content)}\r\n\r\n"
+        self.close_connection = True
+        for byte in head.encode() + content:
+            if self.server.stopping.wait(reply.drip):
+                return
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
 
     do_GET = do_POST
 

@@ -248,7 +248,9 @@ def test_nats_wrong_token_is_permanent_and_never_shown(
         assert stream_messages(server.url.replace("//", "//right-token-123@"), "MW") == 1
 
 
-def test_nats_permission_violation_is_permanent(tmp_path: Path) -> None:
+def test_nats_permission_violation_is_permanent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A user not allowed to publish on the subject fails permanently, at once."""
     users = (
         'authorization { users = [{user: "app", password: "app-pass",'
@@ -258,9 +260,10 @@ def test_nats_permission_violation_is_permanent(tmp_path: Path) -> None:
     with running(nats_broker(tmp_path, "-c", str(tmp_path / "nats.conf"))) as server:
         url = server.url.replace("nats://", "nats://app:app-pass@")
         add_stream(url, "MW", [SUBJECT])
+        monkeypatch.setenv("NATS_URL", url)
         started = time.monotonic()
         with (
-            closing(nats_sink(servers=url, stream="MW")) as sink,
+            closing(nats_sink(url_env="NATS_URL", stream="MW")) as sink,
             pytest.raises(PermanentSinkError, match=r"(?i)permissions violation") as failure,
         ):
             sink.send(an_event())
@@ -268,11 +271,11 @@ def test_nats_permission_violation_is_permanent(tmp_path: Path) -> None:
     assert "app-pass" not in str(failure.value)
 
 
-def test_nats_credentials_in_server_urls_are_masked() -> None:
-    """A user and password inside a server URL never show in repr or in errors."""
+def test_nats_credentials_in_server_urls_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user and password inside a server URL (from url_env) never show in repr or errors."""
     port = free_port()
-    url = f"nats://alice:hunter2@127.0.0.1:{port}"
-    with closing(nats_sink(servers=[url], timeout_seconds=1)) as sink:
+    monkeypatch.setenv("NATS_URL", f"nats://alice:hunter2@127.0.0.1:{port}")
+    with closing(nats_sink(url_env="NATS_URL", timeout_seconds=1)) as sink:
         assert "hunter2" not in repr(sink)
         with pytest.raises(SinkError) as failure:
             sink.send(an_event())
@@ -283,11 +286,16 @@ def test_nats_credentials_in_server_urls_are_masked() -> None:
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({"servers": []}, r"sinks\[2\]\.servers: must name at least one server"),
-        ({"servers": "http://x:4222"}, r"sinks\[2\]\.servers: must be a nats://"),
-        ({"servers": ["nats://a:4222", 7]}, r"sinks\[2\]\.servers\[1\]: must be a nats://"),
-        ({"servers": "nats://a:99999"}, r"sinks\[2\]\.servers: .* valid port"),
-        ({"servers": 4222}, r"sinks\[2\]\.servers: must be a string or a list"),
+        ({"servers": []}, r"sinks\[2\]\.servers: must be a URL or a non-empty array"),
+        ({"servers": "http://x:4222"}, r"sinks\[2\]\.servers: must be a URL \(nats://"),
+        ({"servers": ["nats://a:4222", 7]}, r"sinks\[2\]\.servers\[1\]: must be a string"),
+        ({"servers": "nats://a:99999"}, r"sinks\[2\]\.servers: .* invalid port"),
+        ({"servers": 4222}, r"sinks\[2\]\.servers: must be a URL or a non-empty array"),
+        ({"servers": "nats://u:p@a:4222"}, r"sinks\[2\]\.servers: a user or password .* url_env"),
+        ({"servers": "nats://tok@a:4222"}, r"sinks\[2\]\.servers: a user or password"),
+        ({"url_env": "NATS_URL", "servers": "nats://a"}, r"sinks\[2\]\.url_env: give one of"),
+        ({"url_env": "MODELWATCH_UNSET_VARIABLE"}, r"sinks\[2\]\.url_env: .* not set"),
+        ({"token_file": "/nonexistent/token"}, r"sinks\[2\]\.token_file: cannot read"),
         ({"subject": "models.*"}, r"sinks\[2\]\.subject: must be dot-separated"),
         ({"subject": "a..b"}, r"sinks\[2\]\.subject"),
         ({"stream": "my.stream"}, r"sinks\[2\]\.stream: must be letters"),
@@ -417,11 +425,13 @@ def test_redis_server_stopped_is_retried_and_a_restart_delivers(
         assert client.xlen("modelwatch:events") == 1  # the restart lost the unsaved entry
 
 
-def test_redis_password_in_the_url_is_masked_in_repr_and_errors(tmp_path: Path) -> None:
-    """A wrong password in the URL: permanent failure; the password shows nowhere."""
+def test_redis_password_in_the_url_is_masked_in_repr_and_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong password in the URL (from url_env): permanent failure; it shows nowhere."""
     with running(redis_broker(tmp_path, "--requirepass", "right-pass")) as server:
-        url = server.url.replace("redis://", "redis://:wrong-pass@")
-        config = sink_config("redis", options={"url": url}, key="sinks[3]")
+        monkeypatch.setenv("REDIS_URL", server.url.replace("redis://", "redis://:wrong-pass@"))
+        config = sink_config("redis", options={"url_env": "REDIS_URL"}, key="sinks[3]")
         with closing(RedisSink(config)) as sink:
             with pytest.raises(PermanentSinkError) as failure:
                 sink.send(an_event())
@@ -450,8 +460,10 @@ def test_redis_password_env_authenticates_and_a_missing_password_is_permanent(
     ("options", "expected"),
     [
         ({}, r"sinks\[3\]\.url: required"),
-        ({"url": "http://127.0.0.1:6379"}, r"sinks\[3\]\.url: must be a redis://"),
-        ({"url": "redis://127.0.0.1:99999"}, r"sinks\[3\]\.url: invalid port"),
+        ({"url": "http://127.0.0.1:6379"}, r"sinks\[3\]\.url: must be a URL \(redis://"),
+        ({"url": "redis://127.0.0.1:99999"}, r"sinks\[3\]\.url: the URL has an invalid port"),
+        ({"url": "redis://:pw@127.0.0.1"}, r"sinks\[3\]\.url: a user or password .* url_env"),
+        ({"password_file": "/nonexistent"}, r"sinks\[3\]\.password_file: cannot read"),
         ({"url": "redis://127.0.0.1/name"}, r"sinks\[3\]\.url: the path must be a database"),
         ({"stream": ""}, r"sinks\[3\]\.stream: must not be empty"),
         ({"maxlen": -1}, r"sinks\[3\]\.maxlen: must be >= 0"),
@@ -474,7 +486,8 @@ def test_redis_password_in_url_and_password_env_are_exclusive(
 ) -> None:
     """A password in the URL and password_env at once is a ConfigError that shows neither."""
     monkeypatch.setenv(PASSWORD_VAR, "from-env")
-    options = {"url": "redis://:in-url@127.0.0.1:6379", "password_env": PASSWORD_VAR}
+    monkeypatch.setenv("REDIS_URL", "redis://:in-url@127.0.0.1:6379")
+    options = {"url_env": "REDIS_URL", "password_env": PASSWORD_VAR}
     with pytest.raises(ConfigError, match=r"sinks\[3\]\.password_env") as failure:
         RedisSink(sink_config("redis", options=options, key="sinks[3]"))
     assert "in-url" not in str(failure.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import structlog
 
+from modelwatch import reaper
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import REGISTERED, Event, make_event
 from modelwatch.sinks import build_sink
@@ -84,23 +86,90 @@ def background_pids() -> Iterator[list[int]]:
 def test_command_gets_the_event_on_stdin_and_its_ids_in_the_environment(
     script: ScriptMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The event JSON arrives on stdin; MODELWATCH_* variables join the daemon's environment."""
-    monkeypatch.setenv("DAEMON_SETTING", "inherited")
+    """The event JSON arrives on stdin; MODELWATCH_* variables and pass_env names are set."""
+    monkeypatch.setenv("DAEMON_SETTING", "passed on")
     copy = script(
         'cat > "$1/stdin.json"\n'
         'printf "%s\\n" "$MODELWATCH_EVENT_ID" "$MODELWATCH_EVENT_TYPE" '
         '"$MODELWATCH_UNIT_PATH" "$DAEMON_SETTING" > "$1/env.txt"\n'
     )
     event = an_event()
-    command_sink(copy, str(tmp_path)).send(event)
+    command_sink(copy, str(tmp_path), pass_env=["DAEMON_SETTING", "UNSET_SETTING"]).send(event)
     assert (tmp_path / "stdin.json").read_text() == event.to_json() + "\n"
     assert Event.from_json((tmp_path / "stdin.json").read_text()) == event
     assert (tmp_path / "env.txt").read_text().splitlines() == [
         event.id,
         REGISTERED,
         "/storage/models/resnet",
-        "inherited",
+        "passed on",
     ]
+
+
+def dumped_environment(path: Path) -> dict[str, str]:
+    """What `env -0 > path` wrote."""
+    pairs = path.read_bytes().split(b"\0")[:-1]
+    return dict(pair.decode().split("=", 1) for pair in pairs)
+
+
+def test_the_command_gets_nothing_else_from_the_daemons_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other sinks' secrets in the daemon's environment never reach the command: it gets PATH,
+    LANG, HOME, the event's variables and what pass_env names, nothing else."""
+    for name, value in {
+        "MODELWATCH_WEBHOOK_SECRET": "whsec_c2VjcmV0",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret",
+        "REDIS_URL": "redis://:pw@redis/0",
+        "LANG": "C.UTF-8",
+        "HOME": "/home/modelwatch",
+        "TEAM": "vision",
+    }.items():
+        monkeypatch.setenv(name, value)
+    dump = tmp_path / "env"
+    # the sink discards stdout: env's output goes to the file through a shell redirect
+    command_sink("/bin/sh", "-c", 'exec env -0 > "$1"', "sh", str(dump), pass_env=["TEAM"]).send(
+        an_event()
+    )
+    env = dumped_environment(dump)
+    shell = {"PWD", "OLDPWD", "SHLVL", "_"}  # what /bin/sh adds on its own
+    assert set(env) - shell == {
+        "PATH",
+        "LANG",
+        "HOME",
+        "TEAM",
+        "MODELWATCH_EVENT_ID",
+        "MODELWATCH_EVENT_TYPE",
+        "MODELWATCH_UNIT_PATH",
+    }
+    assert (env["LANG"], env["HOME"], env["TEAM"]) == ("C.UTF-8", "/home/modelwatch", "vision")
+    shown = dump.read_text(errors="replace")
+    assert [s for s in ("c2VjcmV0", "aws-secret", ":pw@") if s in shown] == []
+
+
+def test_reaping_orphans_never_takes_a_commands_exit_status() -> None:
+    """While orphans are reaped without pause (PID 1's job), commands that fail still fail:
+    none of their exit statuses is reaped away and read as 0 (delivered)."""
+    sink = command_sink("/bin/false")
+    stop = threading.Event()
+
+    def reap() -> None:
+        while not stop.is_set():
+            reaper.reap_orphans()
+
+    thread = threading.Thread(target=reap, name="reaper")
+    thread.start()
+    delivered = 0
+    try:
+        for _ in range(300):
+            try:
+                sink.send(an_event())
+            except PermanentSinkError:
+                continue
+            delivered += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert delivered == 0
 
 
 def test_exit_75_means_try_again_later(script: ScriptMaker) -> None:
@@ -194,7 +263,8 @@ def test_program_that_cannot_run_is_permanent(tmp_path: Path, mode: int | None) 
     [
         ({}, "sinks[0].argv: required"),
         ({"argv": []}, "sinks[0].argv: must not be empty"),
-        ({"argv": "/bin/true"}, "sinks[0].argv: must be a list"),
+        ({"argv": "/bin/true"}, "sinks[0].argv: must be an array"),
+        ({"argv": ["/bin/true"], "pass_env": ["A=B"]}, "sinks[0].pass_env[0]: must be the name"),
         ({"argv": ["/bin/echo", 3]}, "sinks[0].argv[1]: must be a string"),
         ({"argv": [""]}, "sinks[0].argv[0]: must name the program"),
         ({"argv": ["/bin/true"], "timeout_seconds": 0}, "sinks[0].timeout_seconds: must be > 0"),

@@ -29,11 +29,11 @@ from modelwatch.config import (
     default_state_dir,
     find_config_file,
     load_config,
-    mask_secrets,
     parse_config,
     render_toml,
     with_cli_roots,
 )
+from modelwatch.credentials import mask_options
 from modelwatch.errors import ConfigError
 from tests.conftest import examples
 
@@ -766,7 +766,7 @@ event_types = ["registered"]
 max_attempts = 3
 url = "https://example.com/x"
 secret_env = "HOOK_SECRET"
-headers = { "X-Team" = "ml", "odd name" = "v" }
+labels = { "X-Team" = "ml", "odd name" = "v" }
 when = 1979-05-27T07:32:00Z
 day = 1979-05-27
 weights = [1, 2.5, inf, true, [], {}]
@@ -804,7 +804,8 @@ def test_render_toml_prints_per_root_policies_in_full(tmp_path: Path) -> None:
 
 
 def test_render_toml_masks_secrets(tmp_path: Path) -> None:
-    """Secret-looking sink options are shown as *** in check-config output and in repr."""
+    """A sink that declares no options still has secret-looking ones, URL credentials and
+    header values shown as *** in check-config output and in repr."""
     config = load_text(
         tmp_path,
         """
@@ -832,14 +833,14 @@ headers = { Authorization = "Bearer t-999", X-Team = "ml" }
     assert sink["token_file"] == "/run/secrets/token"  # noqa: S105
     assert sink["url"] == "redis://:***@redis:6379/0"
     assert sink["servers"] == ["nats://user:***@nats:4222", "nats://***@nats2:4222"]
-    assert sink["headers"] == {"Authorization": "***", "X-Team": "ml"}
+    assert sink["headers"] == {"Authorization": "***", "X-Team": "***"}  # every header value
     assert config.sinks[0].options["api_key"] == "k-123"  # the sink itself still sees the value
 
 
-def test_mask_secrets_leaves_ordinary_options_alone() -> None:
+def test_mask_options_leaves_ordinary_options_alone() -> None:
     """Options without secret-looking names or URL credentials are printed unchanged."""
     options = {"url": "https://example.com/a@b", "fsync": True, "argv": ["x", "y"], "n": 3}
-    assert mask_secrets(options) == options
+    assert mask_options(options) == options
 
 
 # --- config.example.toml ----------------------------------------------------------------------
@@ -926,7 +927,7 @@ def test_any_document_loads_or_raises_config_error(document: dict[str, Any]) -> 
         config = parse_config(document, ENV)
     except ConfigError:
         return
-    if all(mask_secrets(sink.options) == dict(sink.options) for sink in config.sinks):
+    if all(mask_options(sink.options) == dict(sink.options) for sink in config.sinks):
         assert parse_config(tomllib.loads(render_toml(config)), ENV) == config
 
 
@@ -1002,7 +1003,7 @@ VALID_DOCUMENTS = st.fixed_dictionaries(
 def test_every_valid_document_loads_and_round_trips(document: dict[str, Any]) -> None:
     """Any document within the documented rules loads, and check-config output reloads equal."""
     config = parse_config(document, ENV)
-    if all(mask_secrets(sink.options) == dict(sink.options) for sink in config.sinks):
+    if all(mask_options(sink.options) == dict(sink.options) for sink in config.sinks):
         assert parse_config(tomllib.loads(render_toml(config)), ENV) == config
 
 

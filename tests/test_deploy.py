@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import pytest
 import yaml
 
 from modelwatch.config import load_config
+from modelwatch.health import HealthServer
+from modelwatch.metrics import Metrics
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "deploy" / "kubernetes.yaml"
@@ -73,30 +77,58 @@ def test_sidecar_is_locked_down() -> None:
     assert context["capabilities"]["drop"] == ["ALL"]
 
 
-def test_sidecar_probes_use_the_health_endpoints() -> None:
-    """Liveness on /healthz; readiness and startup on /readyz, all on the health port."""
-    container = sidecar()
-    paths = {kind: container[kind]["httpGet"]["path"] for kind in PROBES}
-    assert paths == {
-        "livenessProbe": "/healthz",
-        "readinessProbe": "/readyz",
-        "startupProbe": "/readyz",
+def probe_command(kind: str) -> list[str]:
+    """The sidecar's exec probe of `kind`."""
+    command: list[str] = sidecar()[kind]["exec"]["command"]
+    return command
+
+
+def test_sidecar_probes_ask_the_loopback_health_port() -> None:
+    """Liveness on /healthz; readiness and startup on /readyz: exec probes asking the
+    loopback port, so no port of the sidecar is open to the cluster."""
+    urls = {kind: probe_command(kind)[-1] for kind in PROBES}
+    assert {kind: re.findall(r"'(http://[^']+)'", text) for kind, text in urls.items()} == {
+        "livenessProbe": ["http://127.0.0.1:9464/healthz"],
+        "readinessProbe": ["http://127.0.0.1:9464/readyz"],
+        "startupProbe": ["http://127.0.0.1:9464/readyz"],
     }
-    ports = {container[kind]["httpGet"]["port"] for kind in PROBES}
-    assert ports == {"health"}
-    assert container["ports"] == [{"name": "health", "containerPort": 9464, "protocol": "TCP"}]
+    assert "ports" not in sidecar()
 
 
-def test_config_map_is_a_valid_config_listening_on_the_probe_port(tmp_path: Path) -> None:
-    """The ConfigMap's config.toml loads and, with the container's env, watches /artifacts."""
+def test_config_map_is_a_valid_config_listening_on_loopback_only(tmp_path: Path) -> None:
+    """The ConfigMap's config.toml loads and, with the container's env, watches /artifacts;
+    the health server listens on the loopback port the probes ask."""
     (config_map,) = [doc for doc in manifest() if doc["kind"] == "ConfigMap"]
     path = tmp_path / "config.toml"
     path.write_text(config_map["data"]["config.toml"])
     env = {e["name"]: e["value"] for e in sidecar()["env"] if "value" in e}
     config = load_config(str(path), env)
-    assert config.daemon.health_listen == "0.0.0.0:9464"
+    assert config.daemon.health_listen == "127.0.0.1:9464"
     assert config.daemon.state_dir == "/var/lib/modelwatch"
     assert [root.path for root in config.roots] == ["/artifacts"]
+
+
+def test_exec_probes_pass_when_healthy_and_fail_when_not() -> None:
+    """Each probe command, run against a real health server (on a free port instead of
+    9464), exits 0 while the answer is 200 and non-zero on 503."""
+    failing: list[str] = []
+    ready = threading.Event()
+    metrics = Metrics(sinks=[], outbox=list)
+    with HealthServer("127.0.0.1:0", alive=lambda: failing, ready=ready, metrics=metrics) as server:
+
+        def probe(kind: str) -> int:
+            python, *args = probe_command(kind)
+            assert python == "python"
+            args = [arg.replace(":9464/", f":{server.port}/") for arg in args]
+            return subprocess.run(
+                [sys.executable, *args], capture_output=True, check=False
+            ).returncode
+
+        assert [probe(kind) != 0 for kind in PROBES] == [False, True, True]  # not ready yet
+        ready.set()
+        assert [probe(kind) for kind in PROBES] == [0, 0, 0]
+        failing.append("delivery webhook")
+        assert probe("livenessProbe") != 0
 
 
 def unit_section(name: str) -> dict[str, list[str]]:

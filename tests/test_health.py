@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -16,6 +20,9 @@ from structlog.testing import capture_logs
 from modelwatch.errors import ModelwatchError
 from modelwatch.health import TEXT, HealthServer
 from modelwatch.metrics import Metrics
+from tests.brokers import free_port
+from tests.conftest import wait_until
+from tests.daemons import daemon_env, daemon_process, wait_ready_line
 
 FAST = 0.02  # the serving loop's poll interval: stop() returns quickly
 
@@ -276,3 +283,144 @@ def test_failing_checks_do_not_break_the_server() -> None:
     assert status == 200
     assert b'modelwatch_outbox_pending{sink="webhook"} 0.0' in body
     assert [entry["event"] for entry in logs] == ["metrics_outbox_failed"]
+
+
+# --- untrusted clients ------------------------------------------------------------------------
+
+
+class Dripper:
+    """A client sending `GET /healthz` one byte every `pause` seconds, for as long as the
+    server keeps the connection (`closed_after` says when it did not any more)."""
+
+    def __init__(self, port: int, pause: float) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.pause = pause
+        self.closed_after: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, name="dripper")
+        self._thread.start()
+
+    def _drip(self) -> None:
+        started = time.monotonic()
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"." * 4000
+        for byte in request:
+            if self._stop.wait(self.pause):
+                return
+            try:
+                self.sock.sendall(bytes([byte]))
+            except OSError:  # the server closed the connection (a reset, once it is gone)
+                self.closed_after = time.monotonic() - started
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def drippers() -> Iterator[list[Dripper]]:
+    """Slow clients a test starts; all stopped at the end."""
+    started: list[Dripper] = []
+    yield started
+    for dripper in started:
+        dripper.stop()
+
+
+def idle_connections(port: int, count: int) -> list[socket.socket]:
+    """`count` connections that never send a byte."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+
+
+def test_idle_and_trickling_clients_delay_neither_a_probe_nor_stop(
+    server: HealthServer, drippers: list[Dripper]
+) -> None:
+    """With 200 idle connections and a client trickling a request byte by byte, a new
+    /healthz is answered within 2 s, and stop() returns within 2 s."""
+    drippers.append(Dripper(server.port, pause=0.05))
+    idle = idle_connections(server.port, 200)
+    try:
+        started = time.monotonic()
+        assert request(url(server, "/healthz"))[0] == 200
+        assert time.monotonic() - started < 2.0  # the issue's bound for a probe
+        stopper = threading.Thread(target=server.stop, name="stopper")
+        started = time.monotonic()
+        stopper.start()
+        stopper.join(timeout=10)
+        assert not stopper.is_alive()
+        assert time.monotonic() - started < 2.0  # stop()'s promise, whatever clients do
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_connections_beyond_the_cap_close_the_oldest(
+    parts: Parts, ready: threading.Event, metrics: Metrics
+) -> None:
+    """At most max_connections stay open: each one beyond closes the oldest idle one."""
+    with HealthServer(
+        "127.0.0.1:0", alive=parts, ready=ready, metrics=metrics, max_connections=8
+    ) as server:
+        idle = idle_connections(server.port, 12)
+        try:
+            for sock in idle[:4]:  # the server closed these: reading gives end of file
+                assert sock.recv(1) == b""
+            newest = idle[-8:]
+            for sock in newest:
+                sock.setblocking(False)
+                with pytest.raises(BlockingIOError):  # open, nothing to read yet
+                    sock.recv(1)
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_a_request_that_does_not_arrive_in_time_is_cut_off(
+    parts: Parts, ready: threading.Event, metrics: Metrics, drippers: list[Dripper]
+) -> None:
+    """A client still sending its request when request_seconds have passed is disconnected,
+    however steadily it trickles bytes."""
+    with HealthServer(
+        "127.0.0.1:0", alive=parts, ready=ready, metrics=metrics, request_seconds=0.5
+    ) as server:
+        dripper = Dripper(server.port, pause=0.02)
+        drippers.append(dripper)
+        wait_until(lambda: dripper.closed_after is not None, timeout=10)
+    assert dripper.closed_after is not None and dripper.closed_after < 2.0
+
+
+def test_a_request_head_that_is_too_large_is_refused(server: HealthServer) -> None:
+    """A request head beyond 8 KiB gets 431 and the connection is closed."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * 9000)
+        assert raw.recv(100).startswith(b"HTTP/1.1 431 ")
+
+
+def test_sigterm_stops_a_daemon_held_by_idle_and_trickling_clients(
+    tmp_path: Path, drippers: list[Dripper]
+) -> None:
+    """A real daemon with 200 idle connections and a trickling client on its health port
+    answers a new /healthz within 2 s, and SIGTERM ends it within shutdown_timeout_seconds
+    (2 s here) + 3 s."""
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'roots = []\n[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'health_listen = "127.0.0.1:{port}"\nshutdown_timeout_seconds = 2\n'
+    )
+    env = daemon_env(MODELWATCH_LOG_FORMAT="json")
+    with daemon_process(config, env=env, stderr=subprocess.PIPE) as daemon:
+        wait_ready_line(daemon.stderr)
+        drippers.append(Dripper(port, pause=0.05))
+        idle = idle_connections(port, 200)
+        try:
+            started = time.monotonic()
+            assert request(f"http://127.0.0.1:{port}/healthz")[0] == 200
+            assert time.monotonic() - started < 2.0
+            started = time.monotonic()
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=30) == 0
+            assert time.monotonic() - started < 2.0 + 3.0  # the issue's bound
+        finally:
+            for sock in idle:
+                sock.close()

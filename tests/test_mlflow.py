@@ -26,7 +26,7 @@ from modelwatch.daemon import Daemon
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import REGISTERED, REJECTED, REMOVED, Event, make_event
 from modelwatch.sinks import build_sink
-from modelwatch.sinks.mlflow import EVENT_TAG, MlflowSink, classify
+from modelwatch.sinks.mlflow import EVENT_TAG, MlflowSink, artifact_name, classify
 from modelwatch.testing import sink_config
 from tests.brokers import free_port
 from tests.conftest import wait_until
@@ -332,8 +332,9 @@ URI = "http://mlflow.example:5000"
     ("options", "expected"),
     [
         ({}, r"sinks\[0\]\.tracking_uri: required"),
-        ({"tracking_uri": "file:///tmp/mlruns"}, r"tracking_uri: must be an http"),
-        ({"tracking_uri": "https://u:p@mlflow.example"}, r"tracking_uri: credentials"),
+        ({"tracking_uri": "file:///tmp/mlruns"}, r"tracking_uri: must be a URL \(http://"),
+        ({"tracking_uri": "https://u:p@mlflow.example"}, r"tracking_uri: a user or password"),
+        ({"tracking_uri": URI + "/?token=t"}, r"tracking_uri: a credential .* MLFLOW_TRACKING"),
         ({"tracking_uri": URI, "model_name": "{team}"}, r"model_name: unknown field \{team\}"),
         ({"tracking_uri": URI, "model_name": "{name.__class__}"}, r"model_name: unknown field"),
         ({"tracking_uri": URI, "model_name": "{name"}, r"model_name: not a valid template"),
@@ -377,6 +378,35 @@ def test_files_whose_names_are_not_utf8_are_uploaded(target: Target, tmp_path: P
     (version,) = target.server.versions(f"{target.prefix}-resnet")
     run = target.server.client.get_run(version.run_id)
     assert "extra-\\xff.bin" in target.server.artifacts_of(run.info.run_id)
+    assert "modelwatch.incomplete_artifacts" not in run.data.tags
+
+
+def test_a_name_too_long_to_stage_is_uploaded_shortened(target: Target, tmp_path: Path) -> None:
+    """A 255-byte name that is not UTF-8 shows as 1,020 characters, too long for any file name:
+    it is staged and uploaded as a shortened unique name the run's tag maps back, instead of
+    failing with ENAMETOOLONG on every attempt."""
+    path = unit(tmp_path / "models")
+    event = event_for(path)
+    with open(os.fsencode(path) + b"/" + b"\xff" * 255, "wb") as f:
+        f.write(b"x" * 7)
+    shown = "\\xff" * 255
+    files = [*event.data["files"], {"path": shown, "size": 7}]
+    event = make_event(
+        REGISTERED,
+        root=str(path.parent),
+        unit_path=str(path),
+        name=path.name,
+        when=time.time(),
+        data={**event.data, "files": files},
+    )
+    with closing(target.sink()) as sink:
+        sink.send(event)
+    (version,) = target.server.versions(f"{target.prefix}-resnet")
+    run = target.server.client.get_run(version.run_id)
+    uploaded = artifact_name(shown)
+    assert len(uploaded.encode()) <= 255 and uploaded.startswith("\\xff")
+    assert uploaded in target.server.artifacts_of(run.info.run_id)
+    assert run.data.tags["modelwatch.renamed_artifacts"] == f"{uploaded} <- {shown}"
     assert "modelwatch.incomplete_artifacts" not in run.data.tags
 
 

@@ -7,9 +7,14 @@ checked with the independent `standardwebhooks` package, not with our own code.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import json
+import shutil
 import socket
+import ssl
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -253,6 +258,70 @@ def test_a_slow_server_times_out_and_the_next_send_reconnects(
     assert receiver.connections_opened == 2
 
 
+def test_a_receiver_dripping_its_answer_cannot_stretch_an_attempt(
+    receiver: Receiver, make_sink: Callable[..., WebhookSink]
+) -> None:
+    """timeout_seconds bounds the whole attempt: an answer trickling in a byte every 0.1 s
+    (each read well within the timeout) still ends the attempt at its deadline."""
+    receiver.script(Reply(200, body=b"x" * 200, drip=0.1))
+    sink = make_sink(timeout_seconds=1.0)
+    started = time.monotonic()
+    with pytest.raises(SinkError, match=r"timed out after 1 s") as caught:
+        sink.send(an_event())
+    elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 1.5, elapsed  # the issue's bound: the attempt ends at its deadline
+    assert not isinstance(caught.value, PermanentSinkError)
+
+
+@pytest.fixture
+def tls_dripper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An HTTPS server on 127.0.0.1 (a self-signed certificate the client is told to trust)
+    that reads a request, then answers one byte every 0.1 s; yields its URL."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run([*request, *subject, *files], check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+                if stop.wait(0.1):
+                    return
+                tls.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=serve, name="tls-dripper")
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError):
+            socket.create_connection(listener.getsockname(), timeout=1).close()  # wake accept
+        thread.join()
+        listener.close()
+
+
+def test_the_deadline_holds_over_tls_too(
+    tls_dripper: str, make_sink: Callable[..., WebhookSink]
+) -> None:
+    """Over HTTPS (handshake included) a dripping answer also ends the attempt at its deadline."""
+    sink = make_sink(url=tls_dripper, timeout_seconds=1.0)
+    started = time.monotonic()
+    with pytest.raises(SinkError, match=r"timed out after 1 s"):
+        sink.send(an_event())
+    assert 1.0 <= time.monotonic() - started < 1.5
+
+
 def test_connection_refused_is_retryable(make_sink: Callable[..., WebhookSink]) -> None:
     """Nobody listening is a retryable failure, not a dead letter."""
     sink = make_sink(url=f"http://127.0.0.1:{refused_port()}/hook")
@@ -314,8 +383,21 @@ def test_a_connection_the_server_closed_while_idle_is_reopened(
     ("options", "expected"),
     [
         ({"url": None}, "sinks[1].url: required"),
-        ({"url": "ftp://example.com/x"}, "sinks[1].url: must be an http:// or https:// URL"),
-        ({"url": "https://user:pw@example.com/"}, "sinks[1].url: credentials"),
+        ({"url": "ftp://example.com/x"}, "sinks[1].url: must be a URL (http://, https://)"),
+        ({"url": "https://user:pw@example.com/"}, "sinks[1].url: a user or password"),
+        ({"url": "https://example.com/?token=t"}, "sinks[1].url: a credential in the URL query"),
+        ({"url": None, "url_env": "NO_SUCH_VARIABLE"}, "sinks[1].url_env: environment"),
+        ({"url_env": "HOOK_SECRET"}, "sinks[1].url_env: give one of url, url_env or url_file"),
+        ({"headers": {"X-Api-Key": "k"}}, "sinks[1].headers.X-Api-Key: a credential header"),
+        ({"headers_env": {"X-Api-Key": "NO_SUCH_VARIABLE"}}, "sinks[1].headers_env.X-Api-Key: "),
+        (
+            {"headers": {"X-Team": "a"}, "headers_env": {"x-team": "HOOK_SECRET"}},
+            "sinks[1].headers_env.x-team: this header is given twice",
+        ),
+        (
+            {"headers_env": {"A": "HOOK_SECRET"}, "headers_file": {"A": "/x"}},
+            "sinks[1].headers_file.A: also in headers_env",
+        ),
         ({"secret_env": "HOOK_SECRET", "secret_file": "/x"}, "sinks[1].secret_file: "),
         ({"secret_env": "NO_SUCH_VARIABLE"}, "sinks[1].secret_env: environment variable"),
         ({"secret_env": "BAD_SECRET"}, "sinks[1].secret_env (BAD_SECRET): secret 2 of 2"),
@@ -355,7 +437,8 @@ def test_secrets_and_signatures_never_show_in_repr_errors_or_logs(
     """Even a server echoing our headers back cannot get the secret or signature into a message."""
     monkeypatch.setenv(HOOK_VAR, f"{SECRET_A} {SECRET_B}")
     receiver.script(Reply(500, echo_credentials=True), Reply(400, echo_credentials=True))
-    sink = make_sink(secret_env=HOOK_VAR, headers={"Authorization": "Bearer hunter2"})
+    monkeypatch.setenv("HOOK_AUTHORIZATION", "Bearer hunter2")
+    sink = make_sink(secret_env=HOOK_VAR, headers_env={"Authorization": "HOOK_AUTHORIZATION"})
     messages = [repr(sink)]
     with structlog.testing.capture_logs() as logs:
         for _ in range(2):

@@ -1,11 +1,14 @@
 """The sink API: where events are delivered.
 
 A sink is any object with a `name`, a `send(event)` that returns only once the event is
-delivered, and a `close()`. `send` raises `SinkError` (retried later, optionally after
-`retry_after` seconds) or `PermanentSinkError` (dead letter). Anything else it raises is
-treated as a retryable failure. Sinks are constructed from their `[[sinks]]` table by a
-factory `factory(config: SinkConfig) -> Sink`, which validates `config.options` and raises
-`ConfigError` naming the key (`f"{config.key}.path: required"`).
+delivered, and a `close()` (the `Sink` protocol below says exactly what each promises). Sinks
+are constructed from their `[[sinks]]` table by a factory `factory(config: SinkConfig) -> Sink`
+(usually the sink class), which validates `config.options` and raises `ConfigError` naming the
+key (`f"{config.key}.path: required"`). A factory may declare its keys once as the class
+attribute `OPTIONS` (a `modelwatch.sinks.options.SinkOptions`): `OPTIONS.parse(config)` then
+validates them and reads secrets, and `check-config` shows them with defaults filled in and
+secrets masked. The built-in sinks all do; `check_options` is the short form for plugins
+that only need type checks.
 
 Factories are found through the entry-point group `modelwatch.sinks`; the entry-point name is
 the `type` in the config. The built-in sinks register themselves the same way (see
@@ -22,8 +25,10 @@ from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from modelwatch.config import SinkConfig
+from modelwatch.credentials import mask_options
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
+from modelwatch.sinks.options import SinkOptions
 
 __all__ = [
     "PermanentSinkError",
@@ -33,6 +38,7 @@ __all__ = [
     "build_sink",
     "check_options",
     "load_factories",
+    "shown_options",
 ]
 
 ENTRY_POINT_GROUP = "modelwatch.sinks"
@@ -40,6 +46,22 @@ ENTRY_POINT_GROUP = "modelwatch.sinks"
 
 @runtime_checkable
 class Sink(Protocol):
+    """Where events go. One delivery worker thread calls `send` for one event at a time, in
+    order, and finally `close`; a sink is never used from two threads at once.
+
+    `send` returns only once the event is delivered, and otherwise raises:
+
+    * `SinkError` for a failure of the transport that may pass (connection refused or lost,
+      a timeout, an HTTP 5xx or 429, a broker that is not ready): retried without limit by
+      default, after `retry_after` seconds when the receiver said so;
+    * `PermanentSinkError` when retrying cannot help (refused credentials, a request the
+      receiver rejects): the event goes to the dead letters at once.
+
+    Anything else it raises counts as a bug or a deterministic local error: retried, but
+    dead-lettered after `max_attempts` or 10 attempts, whichever comes first. Messages must
+    not contain secrets (`modelwatch.credentials.Scrubber`): they are logged and stored.
+    """
+
     name: str
 
     def send(self, event: Event) -> None:
@@ -75,6 +97,26 @@ def _lazy(name: str, load: Callable[[], Any]) -> SinkFactory:
         return sink
 
     return factory
+
+
+def shown_options(config: SinkConfig) -> dict[str, Any]:
+    """A sink's own keys as `check-config` prints them: from the type's `OPTIONS` when it
+    declares them (defaults filled in, secrets masked), else as written, masked."""
+    declared = _declared_options(config.type)
+    if declared is None:
+        return dict(mask_options(config.options))
+    return declared.shown(config)
+
+
+def _declared_options(sink_type: str) -> SinkOptions | None:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == sink_type:
+            try:
+                declared = getattr(ep.load(), "OPTIONS", None)
+            except ImportError:
+                return None
+            return declared if isinstance(declared, SinkOptions) else None
+    return None
 
 
 def build_sink(config: SinkConfig, factories: Mapping[str, SinkFactory] | None = None) -> Sink:

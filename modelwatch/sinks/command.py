@@ -1,29 +1,31 @@
 """`command` sink: runs a program per event, the event JSON on its stdin (SPEC §5b).
 
-Keys: `argv` (required: the program and its arguments; no shell), `timeout_seconds = 60`.
+Keys: `CommandSink.OPTIONS` (`argv`, `timeout_seconds`, `pass_env`).
 
-The command runs in its own session and process group, with the daemon's environment plus
-`MODELWATCH_EVENT_ID`, `MODELWATCH_EVENT_TYPE` and `MODELWATCH_UNIT_PATH`; stdin is the event
-as one JSON line, stdout is discarded, the last 8 KiB of stderr are kept. Exit status 0 =
-delivered; 75 (EX_TEMPFAIL) or death by a signal = `SinkError` (retried); any other status, or
-a program that cannot be started, = `PermanentSinkError`. At the timeout the whole process
-group is killed with SIGKILL and the attempt is retried. The command itself is always waited
-for; background processes it leaves behind after a normal exit are its own business, and
-`send` returns without waiting for them. Non-empty stderr is logged (`command_stderr`) and
-quoted, as one line, in error messages.
+The command runs in its own session and process group with a minimal environment: `PATH`,
+`LANG` and `HOME` from the daemon's, the event's `MODELWATCH_EVENT_ID`, `MODELWATCH_EVENT_TYPE`
+and `MODELWATCH_UNIT_PATH`, and the variables named in `pass_env`; nothing else, so no other
+sink's secret reaches it. Stdin is the event as one JSON line, stdout is discarded, the last
+8 KiB of stderr are kept. Exit status 0 = delivered; 75 (EX_TEMPFAIL) or death by a signal =
+`SinkError` (retried); any other status, or a program that cannot be started, =
+`PermanentSinkError`. At the timeout the whole process group is killed with SIGKILL and the
+attempt is retried. The command itself is always waited for by the sink (started through
+`reaper.spawn`, so that the PID-1 reaper never takes its exit status); background processes
+it leaves behind after a normal exit are its own business, and `send` returns without waiting
+for them. Non-empty stderr is logged (`command_stderr`) and quoted, as one line, in error
+messages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import selectors
 import signal
 import subprocess
 import time
-from typing import IO
+from typing import IO, Any, ClassVar
 
 import structlog
 
@@ -31,7 +33,16 @@ from modelwatch import reaper
 from modelwatch.config import SinkConfig
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
-from modelwatch.sinks import check_options
+from modelwatch.sinks.options import (
+    ENV_NAME,
+    REQUIRED,
+    SECONDS,
+    STRING,
+    Kind,
+    Option,
+    SinkOptions,
+    array,
+)
 
 log = structlog.get_logger("modelwatch.sinks.command")
 
@@ -52,14 +63,37 @@ class _TimedOut(Exception):
         self.stderr = stderr
 
 
+def _argv(key: str, value: Any) -> list[str]:
+    argv: list[str] = array(STRING, nonempty=True).check(key, value)
+    if not argv[0]:
+        raise ConfigError(f"{key}[0]: must name the program to run")
+    return argv
+
+
+# what the child inherits from the daemon's environment, besides `pass_env`
+INHERITED = ("PATH", "LANG", "HOME")
+
+
 class CommandSink:
     """Delivered when the command exits 0."""
 
+    OPTIONS: ClassVar[SinkOptions] = SinkOptions(
+        Option("argv", Kind("array of strings", _argv), "the program and its arguments", REQUIRED),
+        Option("timeout_seconds", SECONDS, "the command is killed after this long", 60.0),
+        Option(
+            "pass_env",
+            array(ENV_NAME),
+            "variables passed on from the daemon's environment, besides PATH, LANG and HOME",
+            [],
+        ),
+    )
+
     def __init__(self, config: SinkConfig) -> None:
-        check_options(config, {"argv": list, "timeout_seconds": (int, float)}, required=("argv",))
+        values = self.OPTIONS.parse(config)
         self.name = config.name
-        self.argv = _argv(config)
-        self.timeout = _timeout(config)
+        self.argv = tuple(values["argv"])
+        self.timeout: float = values["timeout_seconds"]
+        self.pass_env = tuple(values["pass_env"])
 
     def __repr__(self) -> str:
         return f"CommandSink(name={self.name!r}, argv={self.argv!r}, timeout={self.timeout!r})"
@@ -83,21 +117,29 @@ class CommandSink:
     def close(self) -> None:
         return None
 
+    def environment(self, event: Event) -> dict[str, str]:
+        """The command's whole environment for `event`."""
+        env = {"PATH": os.defpath}
+        env.update({n: os.environ[n] for n in (*INHERITED, *self.pass_env) if n in os.environ})
+        env.update(
+            MODELWATCH_EVENT_ID=event.id,
+            MODELWATCH_EVENT_TYPE=event.type,
+            MODELWATCH_UNIT_PATH=event.unit_path,
+        )
+        return env
+
     def _start(self, event: Event) -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "MODELWATCH_EVENT_ID": event.id,
-            "MODELWATCH_EVENT_TYPE": event.type,
-            "MODELWATCH_UNIT_PATH": event.unit_path,
-        }
+        env = self.environment(event)
         try:
-            proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env=env,
-                start_new_session=True,
+            return reaper.spawn(
+                lambda: subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    start_new_session=True,
+                )
             )
         except OSError as exc:
             message = f"command {self.argv[0]!r} cannot be started: {exc.strerror or exc}"
@@ -106,8 +148,6 @@ class CommandSink:
             raise SinkError(message) from exc  # out of processes or descriptors: transient
         except ValueError as exc:  # a value the environment cannot carry (NUL, bad encoding)
             raise PermanentSinkError(f"command {self.argv[0]!r}: {exc}") from exc
-        reaper.track(proc.pid)
-        return proc
 
     def _judge(self, event: Event, code: int | None, stderr: str) -> None:
         """Delivered on status 0; `code` None means the command timed out."""
@@ -190,7 +230,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the command and everything it started
         proc.wait()
-    reaper.untrack(proc.pid)
+    reaper.release(proc.pid)
     for pipe in (proc.stdin, proc.stderr):
         if pipe is not None:
             with contextlib.suppress(OSError):
@@ -211,24 +251,3 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def _argv(config: SinkConfig) -> tuple[str, ...]:
-    argv = config.options["argv"]
-    if not argv:
-        raise ConfigError(f"{config.key}.argv: must not be empty (the program to run comes first)")
-    for index, item in enumerate(argv):
-        if not isinstance(item, str) or "\x00" in item:
-            raise ConfigError(
-                f"{config.key}.argv[{index}]: must be a string without NUL, got {item!r}"
-            )
-    if not argv[0]:
-        raise ConfigError(f"{config.key}.argv[0]: must name the program to run")
-    return tuple(argv)
-
-
-def _timeout(config: SinkConfig) -> float:
-    value = config.options.get("timeout_seconds", 60)
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{config.key}.timeout_seconds: must be > 0, got {value!r}")
-    return float(value)

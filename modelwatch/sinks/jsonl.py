@@ -13,19 +13,25 @@ alone (also after a restart). The file is reopened when it is rotated away
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 from modelwatch.config import SinkConfig
 from modelwatch.errors import SinkError
 from modelwatch.events import Event
-from modelwatch.sinks import check_options
+from modelwatch.sinks.options import BOOLEAN, PATH, REQUIRED, Option, SinkOptions
 
 
 class JsonlSink:
+    OPTIONS: ClassVar[SinkOptions] = SinkOptions(
+        Option("path", PATH, "the file events are appended to", REQUIRED),
+        Option("fsync", BOOLEAN, "sync the file after each event, before it counts", True),
+    )
+
     def __init__(self, config: SinkConfig) -> None:
-        check_options(config, {"path": str, "fsync": bool}, required=("path",))
+        values = self.OPTIONS.parse(config)
         self.name = config.name
-        self.path = os.path.abspath(os.path.expanduser(str(config.options["path"])))
-        self.fsync = bool(config.options.get("fsync", True))
+        self.path = os.path.abspath(values["path"])
+        self.fsync: bool = values["fsync"]
         self._fd: int | None = None
         self._inode: tuple[int, int] | None = None
 

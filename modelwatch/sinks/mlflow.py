@@ -1,11 +1,11 @@
 """`mlflow` sink: registers each settled model as an MLflow model version (SPEC §5b).
 
-Keys: `tracking_uri` (required; the `http://` or `https://` URL of an MLflow server, also the
-registry URI), `model_name = "{name}"` (a template over the event's `name`, `experiment_id`,
-`host`, `format`, `model_type`, `version`, `fingerprint`, `path`, `root`) and
-`experiment_name = "modelwatch"`. Needs `pip install 'modelwatch[mlflow]'` (MLflow's client).
-Credentials come from MLflow's own environment variables, `MLFLOW_TRACKING_TOKEN` or
-`MLFLOW_TRACKING_USERNAME` + `MLFLOW_TRACKING_PASSWORD`; never from the URI.
+Keys: `MlflowSink.OPTIONS` (`tracking_uri`, also the registry URI; `model_name`, a template
+over the event's `name`, `experiment_id`, `host`, `format`, `model_type`, `version`,
+`fingerprint`, `path`, `root`; `experiment_name`). Needs `pip install 'modelwatch[mlflow]'`
+(MLflow's client). Credentials come from MLflow's own environment variables,
+`MLFLOW_TRACKING_TOKEN` or `MLFLOW_TRACKING_USERNAME` + `MLFLOW_TRACKING_PASSWORD`; a URI that
+carries one (`user:pass@`, a token in the query) is refused.
 
 A `registered` event is delivered when its model version exists. Each step first looks for
 the result of an earlier attempt, by the tag `modelwatch.event_id`:
@@ -25,8 +25,12 @@ acknowledged without contacting the server; leave it out with `event_types`.
 
 Files are opened without following any symlink on the way and uploaded from the open file via
 `/proc/self/fd` (Linux), so a directory swapped for a symlink cannot make the sink read outside
-the unit. A name that is not UTF-8 (shown as `\\xNN` in the event) is uploaded under its shown
-name, unless two files show as that name (which one is listed is then unknown). A listed file
+the unit. Each is staged as a link in a directory with a generated name, the link named as the
+artifact. A name that is not UTF-8 (shown as `\\xNN` in the event) is uploaded under its shown
+name, unless two files show as that name (which one is listed is then unknown). A shown name
+longer than a file name may be (255 bytes: only names that are not UTF-8 get there, each such
+byte being shown as four characters) is uploaded as its start, `~` and 16 hex digits of its
+SHA-256, and the run is tagged `modelwatch.renamed_artifacts` with what became what. A listed file
 that is gone, ambiguous or has changed size is skipped, as are metrics MLflow would refuse;
 the run is then tagged `modelwatch.incomplete_artifacts` or `modelwatch.skipped_metrics`
 (retrying would not help; a newer version has its own event).
@@ -42,14 +46,15 @@ telemetry unless `MLFLOW_DISABLE_TELEMETRY=true` is set in the daemon's environm
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import posixpath
 import re
 import string
 import tempfile
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 from mlflow.entities import Metric, Run, RunStatus
 from mlflow.entities.model_registry import ModelVersion
@@ -58,15 +63,11 @@ from mlflow.tracking import MlflowClient
 
 from modelwatch import beneath
 from modelwatch.config import SinkConfig
+from modelwatch.credentials import Scrubber
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import REGISTERED, REJECTED, REMOVED, Event, event_id
-from modelwatch.sinks import check_options
+from modelwatch.sinks.options import NONEMPTY, REQUIRED, STRING, Option, SinkOptions, url
 
-_OPTIONS: dict[str, type | tuple[type, ...]] = {
-    "tracking_uri": str,
-    "model_name": str,
-    "experiment_name": str,
-}
 _TEMPLATE_FIELDS: tuple[str, ...] = ("name", "experiment_id", "host", "format", "model_type")
 _TEMPLATE_FIELDS += ("version", "fingerprint", "path", "root")
 EVENT_TAG = "modelwatch.event_id"
@@ -77,6 +78,8 @@ _SECRET_VARIABLES = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 # name in untrusted metadata cannot turn the whole registration into a permanent failure.
 _METRIC_NAME = re.compile(r"[/\w.\- :]{1,250}")
 _METRIC_BATCH = 1000
+_NAME_MAX = 255  # bytes in one file name (Linux, and the artifact stores MLflow serves from)
+_TAG_CHARS = 5000
 
 
 class MlflowSink:
@@ -86,14 +89,31 @@ class MlflowSink:
     # check allows a send this long before calling the worker wedged.
     max_send_seconds = 3600.0
 
+    OPTIONS: ClassVar[SinkOptions] = SinkOptions(
+        Option(
+            "tracking_uri",
+            url(
+                "http",
+                "https",
+                alternative="MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and"
+                " MLFLOW_TRACKING_PASSWORD",
+            ),
+            "the MLflow server (also the model registry); credentials from MLflow's variables",
+            REQUIRED,
+            show="url",
+        ),
+        Option("model_name", STRING, "the registered model's name, a template", "{name}"),
+        Option("experiment_name", NONEMPTY, "the experiment runs are created in", "modelwatch"),
+    )
+
     def __init__(self, config: SinkConfig) -> None:
-        check_options(config, _OPTIONS, required=("tracking_uri",))
+        values = self.OPTIONS.parse(config)
         if not os.path.isdir("/proc/self/fd"):
             raise ConfigError(f"{config.key}.type: the mlflow sink needs Linux /proc")
         self.name = config.name
-        self._uri = _tracking_uri(config)
-        self._template, self._fields = _template(config)
-        self._experiment_name = _experiment_name(config)
+        self._uri = str(values["tracking_uri"]).rstrip("/")
+        self._template, self._fields = _template(config.key, values["model_name"])
+        self._experiment_name: str = values["experiment_name"]
         self._client = MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
         self._experiment_id: str | None = None
 
@@ -224,44 +244,63 @@ class MlflowSink:
     def _log_files(self, run_id: str, event: Event) -> bool:
         """Upload the unit's listed regular files; False if any was gone or had changed."""
         complete = True
+        renamed: list[str] = []
         unit = [] if event.data.get("name") in (None, ".") else str(event.data["name"]).split("/")
         with tempfile.TemporaryDirectory(prefix="modelwatch-mlflow-") as staging:
-            for entry in event.data.get("files") or ():
+            for index, entry in enumerate(event.data.get("files") or ()):
                 if "symlink" in entry:
                     continue
                 rel = str(entry["path"])
                 with _open_listed(str(event.data["root"]), [*unit, *rel.split("/")]) as fd:
-                    size = entry["size"]
-                    if fd is None or os.fstat(fd).st_size != size:
+                    if fd is None or os.fstat(fd).st_size != entry["size"]:
                         complete = False
                         continue
-                    # the name gives the artifact its file name; the open fd gives the content
-                    link = os.path.join(staging, posixpath.basename(rel))
-                    os.symlink(f"/proc/self/fd/{fd}", link)
-                    try:
-                        directory = posixpath.dirname(rel) or None
-                        self._client.log_artifact(run_id, link, artifact_path=directory)
-                    finally:
-                        os.unlink(link)
+                    name = artifact_name(posixpath.basename(rel))
+                    if name != posixpath.basename(rel):
+                        renamed.append(f"{posixpath.join(posixpath.dirname(rel), name)} <- {rel}")
+                    self._upload(run_id, fd, os.path.join(staging, str(index)), rel, name)
+        if renamed:
+            self._client.set_tag(run_id, "modelwatch.renamed_artifacts", _tag(renamed))
         return complete
+
+    def _upload(self, run_id: str, fd: int, folder: str, rel: str, name: str) -> None:
+        """Upload the open file `fd` as the artifact `rel`'s directory + `name`, through a link
+        named `name` in `folder` (a generated name: short, and unique per file)."""
+        os.mkdir(folder)
+        link = os.path.join(folder, name)  # the link's name becomes the artifact's file name
+        os.symlink(f"/proc/self/fd/{fd}", link)
+        try:
+            directory = posixpath.dirname(rel) or None
+            self._client.log_artifact(run_id, link, artifact_path=directory)
+        finally:
+            os.unlink(link)
+            os.rmdir(folder)
+
+
+def artifact_name(shown: str) -> str:
+    """The file name an artifact shown as `shown` is uploaded under: `shown` itself when it
+    fits in a file name, else its start, `~` and 16 hex digits of its SHA-256."""
+    encoded = os.fsencode(shown)
+    if len(encoded) <= _NAME_MAX:
+        return shown
+    suffix = "~" + hashlib.sha256(encoded).hexdigest()[:16]
+    start = encoded[: _NAME_MAX - len(suffix)].decode("utf-8", "ignore")  # whole characters
+    return start + suffix
+
+
+def _tag(items: list[str]) -> str:
+    text = ", ".join(items)
+    return text if len(text) <= _TAG_CHARS else text[: _TAG_CHARS - 3] + "..."
 
 
 def classify(exc: MlflowException) -> SinkError:
     """The modelwatch error for an MLflow failure: retried, or permanent."""
     status: int = exc.get_http_status_code()  # type: ignore[no-untyped-call]
-    message = f"MLflow {exc.error_code} (HTTP {status}): {_redact(exc.message)}"
+    scrub = Scrubber(os.environ.get(variable, "") for variable in _SECRET_VARIABLES)
+    message = f"MLflow {exc.error_code} (HTTP {status}): {scrub(exc.message)}"
     if status >= 500 or status in _RETRY_STATUSES:
         return SinkError(message)
     return PermanentSinkError(message)
-
-
-def _redact(text: str, limit: int = 500) -> str:
-    for variable in _SECRET_VARIABLES:
-        secret = os.environ.get(variable, "")
-        if secret:
-            text = text.replace(secret, "***")
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _metrics(event: Event) -> tuple[list[Metric], list[str]]:
@@ -342,26 +381,9 @@ def _undisplay(*parts: str) -> bytes:
 # --- configuration -----------------------------------------------------------------------
 
 
-def _tracking_uri(config: SinkConfig) -> str:
-    where = f"{config.key}.tracking_uri"
-    uri = str(config.options["tracking_uri"])
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: must be an http:// or https:// URL of an MLflow server")
-    if "@" in parts.netloc:
-        raise ConfigError(
-            f"{where}: credentials in the URI are not supported; use MLFLOW_TRACKING_TOKEN or"
-            " MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-        )
-    if any(c.isspace() or not c.isprintable() for c in uri):
-        raise ConfigError(f"{where}: must not contain spaces or control characters")
-    return uri.rstrip("/")
-
-
-def _template(config: SinkConfig) -> tuple[str, tuple[str, ...]]:
+def _template(key: str, template: str) -> tuple[str, tuple[str, ...]]:
     """The `model_name` template and the event fields it uses."""
-    where = f"{config.key}.model_name"
-    template = str(config.options.get("model_name", "{name}"))
+    where = f"{key}.model_name"
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
@@ -373,10 +395,3 @@ def _template(config: SinkConfig) -> tuple[str, tuple[str, ...]]:
     if not template.strip():
         raise ConfigError(f"{where}: must not be empty")
     return template, tuple(fields)
-
-
-def _experiment_name(config: SinkConfig) -> str:
-    name = str(config.options.get("experiment_name", "modelwatch"))
-    if not name.strip():
-        raise ConfigError(f"{config.key}.experiment_name: must not be empty")
-    return name

@@ -1,9 +1,10 @@
 """`nats` sink: publishes each event to NATS JetStream and waits for the ack (SPEC §5b).
 
-Keys: `servers` (a nats://, tls://, ws:// or wss:// URL, or a list of them; default
-`["nats://127.0.0.1:4222"]`), `subject = "modelwatch.events"`, `stream = ""`,
-`create_stream = false`, `timeout_seconds = 10`, and at most one of `credentials_file` (a
-`.creds` file; needs the `nkeys` package) and `token_env` (the variable holding a token).
+Keys: `NatsSink.OPTIONS`. Servers with credentials in their URLs (`user:pass@`, a token as
+`token@`) come from `url_env` / `url_file` (one URL, or several comma-separated, as in
+`NATS_URL`); `servers` in the TOML carry none (refused). A token comes from `token_env` /
+`token_file`, user credentials from `credentials_file` (a `.creds` file; needs the `nkeys`
+package).
 
 Each event is one message on `subject`: the structured CloudEvent JSON as payload, headers
 `Nats-Msg-Id` (the event id), `Content-Type: application/cloudevents+json`, `ce-id`, `ce-type`.
@@ -26,8 +27,9 @@ With `stream` set, the first connection checks that the stream exists and captur
 Failures: refused or lost connections, timeouts, "no responders" (JetStream down, or no stream
 captures the subject yet) and JetStream 5xx are `SinkError` (retried); authorization and
 permission violations, a missing or mismatched stream, an oversized message and other JetStream
-4xx answers are `PermanentSinkError`. Messages and `repr` mask credentials in server URLs and
-never contain the token.
+4xx answers are `PermanentSinkError`; anything else nats-py raises is left unclassified (a bug:
+dead-lettered after a few attempts). Messages and `repr` mask credentials in server URLs and
+never contain the token or a URL read from the environment or a file.
 
 nats-py is asyncio: the sink owns a private event loop, created in the thread that first calls
 `send` and run only inside `send` and `close` (both from that thread). The connection is kept
@@ -46,12 +48,13 @@ import os
 import re
 import urllib.parse
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from nats.aio.client import Client
 from nats.errors import (
     AuthorizationError,
     BadSubjectError,
+    Error,
     InvalidUserCredentialsError,
     MaxPayloadError,
     NoRespondersError,
@@ -61,23 +64,28 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from modelwatch.config import SinkConfig, mask_secrets
+from modelwatch.config import SinkConfig
+from modelwatch.credentials import mask_url, warn_if_shared
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
-from modelwatch.sinks import check_options
+from modelwatch.sinks.options import (
+    BOOLEAN,
+    PATH,
+    STRING,
+    Kind,
+    Option,
+    SinkOptions,
+    Values,
+    check_url,
+    network,
+    secret_sources,
+    url,
+)
 
 T = TypeVar("T")
 
-_OPTIONS: dict[str, type | tuple[type, ...]] = {
-    "servers": (str, list),
-    "subject": str,
-    "stream": str,
-    "create_stream": bool,
-    "timeout_seconds": (int, float),
-    "credentials_file": str,
-    "token_env": str,
-}
 _SCHEMES = ("nats", "tls", "ws", "wss")
+_SERVER = url(*_SCHEMES, alternative="url_env or url_file (or token_env, token_file)")
 _SUBJECT = re.compile(r"[!-~]+")  # printable ASCII, no spaces; wildcards are refused separately
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _DUPLICATE_WINDOW = 120.0
@@ -85,6 +93,16 @@ _WATCH_SECONDS = 0.02
 _STREAM_NAME_IN_USE = 10058  # a concurrent create_stream won the race: check that stream
 _REFUSED = ("authorization violation", "permissions violation", "user authentication")
 _PERMANENT = (AuthorizationError, InvalidUserCredentialsError, BadSubjectError, MaxPayloadError)
+# what nats-py raises for the transport and the server's answers; anything else is a bug
+_TRANSPORT = (OSError, asyncio.TimeoutError, Error)
+
+
+def _servers_option(key: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [_SERVER.check(key, value)]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: must be a URL or a non-empty array of URLs")
+    return [_SERVER.check(f"{key}[{index}]", item) for index, item in enumerate(value)]
 
 
 class _ConnectionLost(Exception):
@@ -94,15 +112,38 @@ class _ConnectionLost(Exception):
 class NatsSink:
     """Delivered when JetStream acknowledges the message (an ack for a duplicate included)."""
 
+    OPTIONS: ClassVar[SinkOptions] = SinkOptions(
+        Option(
+            "servers",
+            Kind("URL or array of URLs (nats, tls, ws, wss)", _servers_option),
+            "the servers; ones with credentials only from url_env / url_file",
+            ["nats://127.0.0.1:4222"],
+            show="url",
+        ),
+        *secret_sources("url", "the server URL(s), comma-separated"),
+        Option("subject", STRING, "the subject events are published on", "modelwatch.events"),
+        Option("stream", STRING, "the JetStream stream checked (or created) at connect", ""),
+        Option("create_stream", BOOLEAN, "create `stream` if it is missing", False),
+        *network(10.0),
+        Option("credentials_file", PATH, "a NATS .creds file (needs the nkeys package)"),
+        *secret_sources("token", "the token"),
+        exclusive=[
+            ("servers", "url_env", "url_file"),
+            ("credentials_file", "token_env", "token_file"),
+        ],
+    )
+
     def __init__(self, config: SinkConfig) -> None:
-        check_options(config, _OPTIONS)
+        values = self.OPTIONS.parse(config)
         self.name = config.name
-        self._servers = _servers(config)
-        self._subject = _subject(config)
-        self._stream, self._create_stream = _stream(config)
-        self._timeout = _timeout(config)
-        self._credentials, self._token = _auth(config)
-        self._shown = [str(mask_secrets(server)) for server in self._servers]
+        self._scrub = values.scrub
+        self._servers = _servers(values)
+        self._subject = _subject(values)
+        self._stream, self._create_stream = _stream(values)
+        self._timeout: float = values["timeout_seconds"]
+        self._credentials = _credentials_file(values)
+        self._token = values.secret("token")
+        self._shown = [mask_url(server) for server in self._servers]
         self._origin = ", ".join(self._shown)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Client | None = None
@@ -140,13 +181,13 @@ class NatsSink:
             except _ConnectionLost as lost:
                 await self._disconnect()
                 if str(lost):  # the server refused: reconnecting cannot help
-                    raise PermanentSinkError(self._scrub(f"{self._origin}: {lost}")) from None
+                    raise PermanentSinkError(f"{self._origin}: {self._scrub(str(lost))}") from None
                 if not reopen:
                     raise SinkError(f"{self._origin}: connection lost before the ack") from None
                 reopen = False
             except SinkError:
                 raise
-            except Exception as exc:
+            except _TRANSPORT as exc:
                 if self._client is not None and not self._client.is_connected:
                     await self._disconnect()
                 raise self._failure(exc) from exc
@@ -289,14 +330,10 @@ class NatsSink:
             text = f"{where}: JetStream refused: {exc.description} ({exc.err_code})"
             return SinkError(text) if (exc.code or 0) >= 500 else PermanentSinkError(text)
         cause = (self._last_error if isinstance(exc, NoServersError) else None) or exc
-        detail = " ".join(str(cause).split()) or type(cause).__name__
+        detail = self._scrub(str(cause)) or type(cause).__name__
         refused = isinstance(cause, _PERMANENT) or any(w in detail.lower() for w in _REFUSED)
-        text = self._scrub(f"{where}: {detail}")
+        text = f"{where}: {detail}"
         return PermanentSinkError(text) if refused else SinkError(text)
-
-    def _scrub(self, text: str) -> str:
-        text = str(mask_secrets(text))
-        return text.replace(self._token, "***") if self._token else text
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -330,75 +367,58 @@ async def _cancel_leftovers() -> None:
 # --- configuration -----------------------------------------------------------------------
 
 
-def _servers(config: SinkConfig) -> tuple[str, ...]:
-    value = config.options.get("servers", ["nats://127.0.0.1:4222"])
-    servers = [value] if isinstance(value, str) else value
-    if not servers:
-        raise ConfigError(f"{config.key}.servers: must name at least one server")
-    for index, server in enumerate(servers):
-        where = f"{config.key}.servers" + ("" if isinstance(value, str) else f"[{index}]")
-        parts = urllib.parse.urlsplit(server if isinstance(server, str) else "")
-        try:
-            valid = parts.scheme in _SCHEMES and bool(parts.hostname) and parts.port != 0
-        except ValueError:  # a port that is not a number or out of range
-            valid = False
-        if not valid:
-            raise ConfigError(
-                f"{where}: must be a nats://, tls://, ws:// or wss:// URL with a host and a"
-                f" valid port, got {mask_secrets(server)!r}"
-            )
-    return tuple(servers)
+def _servers(values: Values) -> tuple[str, ...]:
+    """`servers`, or the comma-separated URLs of `url_env` / `url_file` (which may carry
+    credentials: every part of them is scrubbed from messages)."""
+    text = values.secret("url")
+    if text is None:
+        return tuple(values["servers"])
+    key = f"{values.key}.url_{'env' if 'url_env' in values else 'file'}"
+    servers = tuple(server.strip() for server in text.split(",") if server.strip())
+    for server in servers:
+        parts = check_url(key, server, _SCHEMES)
+        # a user with a password is a name; a user alone is a token (nats://TOKEN@host)
+        secret = parts.password if parts.password is not None else parts.username
+        for part in (server, secret or ""):
+            values.scrub.add(part)
+            values.scrub.add(urllib.parse.unquote(part))
+    return servers
 
 
-def _subject(config: SinkConfig) -> str:
-    subject = str(config.options.get("subject", "modelwatch.events"))
+def _subject(values: Values) -> str:
+    subject: str = values["subject"]
     tokens = subject.split(".")
     if not _SUBJECT.fullmatch(subject) or "" in tokens or {"*", ">"} & set(tokens):
         raise ConfigError(
-            f"{config.key}.subject: must be dot-separated tokens of printable ASCII without"
+            f"{values.key}.subject: must be dot-separated tokens of printable ASCII without"
             f" spaces or wildcards, got {subject!r}"
         )
     return subject
 
 
-def _stream(config: SinkConfig) -> tuple[str, bool]:
-    stream = str(config.options.get("stream", ""))
-    create = bool(config.options.get("create_stream", False))
+def _stream(values: Values) -> tuple[str, bool]:
+    stream: str = values["stream"]
+    create: bool = values["create_stream"]
     if stream and not _STREAM_NAME.fullmatch(stream):
         raise ConfigError(
-            f"{config.key}.stream: must be letters, digits, '-' and '_', got {stream!r}"
+            f"{values.key}.stream: must be letters, digits, '-' and '_', got {stream!r}"
         )
     if create and not stream:
-        raise ConfigError(f"{config.key}.create_stream: needs `stream` (the name to create)")
+        raise ConfigError(f"{values.key}.create_stream: needs `stream` (the name to create)")
     return stream, create
 
 
-def _timeout(config: SinkConfig) -> float:
-    value = config.options.get("timeout_seconds", 10)
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{config.key}.timeout_seconds: must be > 0, got {value!r}")
-    return float(value)
-
-
-def _auth(config: SinkConfig) -> tuple[str | None, str | None]:
-    """(credentials file, token): what authenticates the connection, if anything."""
-    options = config.options
-    if "credentials_file" in options and "token_env" in options:
-        raise ConfigError(f"{config.key}.token_env: give credentials_file or token_env, not both")
-    if "credentials_file" in options:
-        where = f"{config.key}.credentials_file"
-        path = os.path.expanduser(str(options["credentials_file"]))
-        if not os.access(path, os.R_OK) or not os.path.isfile(path):
-            raise ConfigError(f"{where}: cannot read {path}")
-        if importlib.util.find_spec("nkeys") is None:
-            raise ConfigError(f"{where}: needs the nkeys package (pip install nkeys)")
-        return path, None
-    if "token_env" in options:
-        variable = str(options["token_env"])
-        token = os.environ.get(variable, "").strip() if variable else ""
-        if not token:
-            raise ConfigError(
-                f"{config.key}.token_env: environment variable {variable!r} is not set or empty"
-            )
-        return None, token
-    return None, None
+def _credentials_file(values: Values) -> str | None:
+    """The `.creds` file, checked readable (and private) now rather than at the first send."""
+    path = values.get("credentials_file")
+    if path is None:
+        return None
+    where = f"{values.key}.credentials_file"
+    try:
+        with open(path, "rb") as file:
+            warn_if_shared(where, path, os.fstat(file.fileno()))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    if importlib.util.find_spec("nkeys") is None:
+        raise ConfigError(f"{where}: needs the nkeys package (pip install nkeys)")
+    return str(path)

@@ -1,8 +1,7 @@
 """`redis` sink: appends each event to a Redis stream with XADD (SPEC §5b).
 
-Keys: `url` (required; `redis://` or `rediss://`, host, port and optional `/db`), `password_env`
-(the environment variable holding the password), `stream = "modelwatch:events"`, `maxlen = 0`,
-`timeout_seconds = 10`.
+Keys: `RedisSink.OPTIONS`. The password comes from `password_env` / `password_file`, or with
+the URL from `url_env` / `url_file`; a `url` in the TOML carries none (refused).
 
 Each event is one stream entry::
 
@@ -20,20 +19,20 @@ with the same `id` field: delivery is at-least-once, and consumers deduplicate b
 Failures: connection errors, timeouts and the replies BUSY, LOADING, READONLY (a replica),
 MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM, MISCONF and NOREPLICAS are `SinkError` (retried);
 authentication and ACL errors (NOAUTH, WRONGPASS, NOPERM), WRONGTYPE (the key holds something
-other than a stream) and every other error reply are `PermanentSinkError`. A connection that
-fails is reopened once, at once, inside the same send (a pooled connection may have been closed
-by the server or a proxy while idle); a timeout is not, since the command may have run.
+other than a stream), data the client refuses to send and every other error reply are
+`PermanentSinkError`. A connection that fails is reopened once, at once, inside the same send
+(a pooled connection may have been closed by the server or a proxy while idle); a timeout is
+not, since the command may have run.
 
-The sink keeps one connection pool, safe to use from any thread; `close()` disconnects it. A
-password may be given in the URL, but `password_env` keeps it out of the config file; either
-way it is masked in every message and in `repr`.
+The sink keeps one connection pool, safe to use from any thread; `close()` disconnects it. The
+password (and a URL read from the environment or a file) is scrubbed from every message, and
+`repr` shows the URL without it.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import urllib.parse
+from typing import ClassVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -42,6 +41,7 @@ from redis.exceptions import (
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
     ClusterDownError,
+    DataError,
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -54,15 +54,18 @@ from redis.typing import EncodableT, FieldT
 from modelwatch.config import SinkConfig
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
-from modelwatch.sinks import check_options
+from modelwatch.sinks.options import (
+    COUNT,
+    NONEMPTY,
+    Option,
+    SinkOptions,
+    Values,
+    check_url,
+    network,
+    secret_sources,
+    url,
+)
 
-_OPTIONS: dict[str, type | tuple[type, ...]] = {
-    "url": str,
-    "password_env": str,
-    "stream": str,
-    "maxlen": int,
-    "timeout_seconds": (int, float),
-}
 _SCHEMES = ("redis", "rediss")
 # error replies redis-py has no class for, by their first word
 _RETRY_REPLIES = (
@@ -81,6 +84,7 @@ _REFUSED = (
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
     NoPermissionError,
+    DataError,  # a value the client will not send: the same next time
 )
 # checked after _REFUSED: AuthenticationError is a ConnectionError too
 _TRANSIENT = (
@@ -97,20 +101,38 @@ _WRONGTYPE_HINT = "the key exists and is not a stream; delete it or choose anoth
 class RedisSink:
     """Delivered when XADD returns."""
 
+    OPTIONS: ClassVar[SinkOptions] = SinkOptions(
+        Option(
+            "url",
+            url(*_SCHEMES, alternative="url_env, url_file, password_env or password_file"),
+            "the server and database (`/0`); a password only from url_env / url_file",
+            show="url",
+        ),
+        *secret_sources("url", "the URL, password included"),
+        *secret_sources("password", "the password"),
+        Option("stream", NONEMPTY, "the stream key events are appended to", "modelwatch:events"),
+        Option("maxlen", COUNT, "trim the stream to about this many entries (0: never)", 0),
+        *network(10.0),
+        exclusive=[("password_env", "password_file")],
+        one_required=[("url", "url_env", "url_file")],
+    )
+
     def __init__(self, config: SinkConfig) -> None:
-        check_options(config, _OPTIONS, required=("url",))
+        values = self.OPTIONS.parse(config)
         self.name = config.name
-        url, self._origin, url_password = _url(config)
-        env_password = _password_from_env(config)
-        if url_password and env_password:
+        self._scrub = values.scrub
+        url, self._origin, url_password = _url(values)
+        password = values.secret("password")
+        if url_password and password:
+            source = "password_env" if "password_env" in values else "password_file"
             raise ConfigError(
-                f"{config.key}.password_env: the url has a password already; give one or the other"
+                f"{config.key}.{source}: the URL has a password already; give one or the other"
             )
-        self._password = url_password or env_password
-        self._stream = _stream(config)
-        self._maxlen = _maxlen(config)
-        timeout = _timeout(config)
-        extra = {"password": env_password} if env_password else {}
+        self._password = url_password or password
+        self._stream: str = values["stream"]
+        self._maxlen: int = values["maxlen"]
+        timeout: float = values["timeout_seconds"]
+        extra = {"password": password} if password else {}
         try:
             self._pool = redis.ConnectionPool.from_url(
                 url,
@@ -122,7 +144,7 @@ class RedisSink:
                 **extra,
             )
         except ValueError as exc:  # a bad query parameter; the message names it, not the URL
-            raise ConfigError(f"{config.key}.url: {exc}") from None
+            raise ConfigError(f"{config.key}.url: {self._scrub(str(exc))}") from None
         self._client = redis.Redis(connection_pool=self._pool)
 
     def __repr__(self) -> str:
@@ -148,14 +170,12 @@ class RedisSink:
         self._pool.disconnect()
 
     def _failure(self, exc: redis.RedisError) -> SinkError:
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        if self._password:
-            text = text.replace(self._password, "***")
+        text = self._scrub(str(exc)) or type(exc).__name__
         message = f"{self._origin} stream {self._stream!r}: {text}"
         unauthenticated = isinstance(exc, AuthenticationError) or "unauthenticated" in text
         if unauthenticated and not self._password:
             return PermanentSinkError(
-                f"{message} (the server requires a password: set password_env)"
+                f"{message} (the server requires a password: set password_env or password_file)"
             )
         if isinstance(exc, _REFUSED):
             return PermanentSinkError(message)
@@ -171,54 +191,20 @@ class RedisSink:
 # --- configuration -----------------------------------------------------------------------
 
 
-def _url(config: SinkConfig) -> tuple[str, str, str | None]:
-    """(url, what to show of it, the password from the URL or `password_env`)."""
-    where = f"{config.key}.url"
-    url = str(config.options["url"])
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ConfigError(f"{where}: invalid port") from None
-    if parts.scheme not in _SCHEMES or not parts.hostname:
-        raise ConfigError(f"{where}: must be a redis:// or rediss:// URL naming a host")
+def _url(values: Values) -> tuple[str, str, str | None]:
+    """(url, what to show of it, the password in it) from `url`, `url_env` or `url_file`."""
+    text = values.get("url")
+    key = f"{values.key}.url"
+    if text is None:
+        key += "_env" if "url_env" in values else "_file"
+        text = values.secret("url") or ""
+    parts = check_url(key, text, _SCHEMES)
     if parts.path.strip("/") and not parts.path.strip("/").isdigit():
-        raise ConfigError(f"{where}: the path must be a database number such as /0")
+        raise ConfigError(f"{key}: the path must be a database number such as /0")
     user = urllib.parse.unquote(parts.username or "")
     password = urllib.parse.unquote(parts.password) if parts.password else None
+    values.scrub.add(password or "")
+    values.scrub.add(parts.password or "")  # as written in the URL, percent-encoded
     shown = f"{user}:***@" if password else (f"{user}@" if user else "")
-    origin = f"{parts.scheme}://{shown}{parts.hostname}:{port}{parts.path}"
-    return url, origin, password
-
-
-def _password_from_env(config: SinkConfig) -> str | None:
-    if "password_env" not in config.options:
-        return None
-    variable = str(config.options["password_env"])
-    password = os.environ.get(variable, "") if variable else ""
-    if not password:
-        raise ConfigError(
-            f"{config.key}.password_env: environment variable {variable!r} is not set or empty"
-        )
-    return password
-
-
-def _stream(config: SinkConfig) -> str:
-    stream = str(config.options.get("stream", "modelwatch:events"))
-    if not stream:
-        raise ConfigError(f"{config.key}.stream: must not be empty")
-    return stream
-
-
-def _maxlen(config: SinkConfig) -> int:
-    value = int(config.options.get("maxlen", 0))
-    if value < 0:
-        raise ConfigError(f"{config.key}.maxlen: must be >= 0 (0 = no trimming), got {value}")
-    return value
-
-
-def _timeout(config: SinkConfig) -> float:
-    value = config.options.get("timeout_seconds", 10)
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{config.key}.timeout_seconds: must be > 0, got {value!r}")
-    return float(value)
+    origin = f"{parts.scheme}://{shown}{parts.hostname}:{parts.port or 6379}{parts.path}"
+    return text, origin, password

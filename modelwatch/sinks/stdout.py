@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import sys
+from typing import ClassVar
 
 from modelwatch.config import SinkConfig
 from modelwatch.errors import SinkError
 from modelwatch.events import Event
-from modelwatch.sinks import check_options
+from modelwatch.sinks.options import SinkOptions
 
 
 class StdoutSink:
     """Delivered when the line is written and flushed."""
 
+    OPTIONS: ClassVar[SinkOptions] = SinkOptions()
+
     def __init__(self, config: SinkConfig) -> None:
-        check_options(config, {})
+        self.OPTIONS.parse(config)
         self.name = config.name
 
     def send(self, event: Event) -> None:

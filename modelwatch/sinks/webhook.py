@@ -1,20 +1,27 @@
 """`webhook` sink: POSTs each event over HTTP(S), signed per Standard Webhooks (SPEC §5b).
 
-Keys: `url` (required, http or https), `secret_env` or `secret_file` (optional, not both),
-`timeout_seconds = 15`, `mode = "structured"` (CloudEvents JSON body) or `"binary"` (`data`
-as the body, attributes in `ce-*` headers), `headers = {}` (extra request headers).
+Keys: `WebhookSink.OPTIONS`. A URL that carries a credential (a token in its query, a secret
+path such as Slack's) comes from `url_env` or `url_file`; so do header values that are
+credentials (`headers_env = { Authorization = "VARIABLE" }` or `headers_file`): the TOML
+forms are refused. `secret_env` or `secret_file` hold the signing secrets.
 
 Every request carries `webhook-id` (the event id, the same on every attempt),
 `webhook-timestamp` (this attempt, in seconds) and, with a secret, `webhook-signature`: one
 `v1,<base64 HMAC-SHA256 of "id.timestamp.body">` per configured secret, so a secret can be
 rotated by listing the new and the old one, space-separated.
 
+Each attempt (connecting, the TLS handshake, sending the request, reading the whole answer)
+ends by `timeout_seconds`, whatever the receiver does: every socket operation gets only the
+time left, so a receiver dripping its answer a byte at a time cannot stretch it. (Resolving
+the host name is the resolver's business and not bounded by it.)
+
 Outcome of a request: 2xx = delivered; 408, 429, 5xx, timeouts and connection errors =
 `SinkError` (retried, honouring `Retry-After`); redirects are not followed and, like 410 and
 every other 4xx, are a `PermanentSinkError`. One keep-alive connection per sink is reused; a
-kept-alive connection the server closed while idle is reopened once, at once. Messages and
-`repr` name only the scheme, host and port of the URL (its path may itself be a credential)
-and never contain the secrets or signatures.
+kept-alive connection the server closed while idle is reopened once, at once, within the same
+deadline. Messages and `repr` name only the scheme, host and port of the URL, and never
+contain the secrets, the URL or header values read from the environment or files, or
+signatures (the sink's `Scrubber` removes them even from an answer that echoes them).
 """
 
 from __future__ import annotations
@@ -26,37 +33,40 @@ import hashlib
 import hmac
 import http.client
 import json
-import math
-import os
 import re
-import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from modelwatch import __version__
 from modelwatch.config import SinkConfig
+from modelwatch.credentials import credential_header
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
-from modelwatch.sinks import check_options
+from modelwatch.sinks.options import (
+    ENV_NAME,
+    PATH,
+    Kind,
+    Option,
+    SinkOptions,
+    Values,
+    check_url,
+    choice,
+    network,
+    secret_sources,
+    table,
+    url,
+)
+from modelwatch.sinks.transport import DeadlineConnection, tls_context
 
 Verdict = Literal["delivered", "retry", "redirect", "permanent"]
 
-_OPTIONS: dict[str, type | tuple[type, ...]] = {
-    "url": str,
-    "secret_env": str,
-    "secret_file": str,
-    "timeout_seconds": (int, float),
-    "mode": str,
-    "headers": dict,
-}
 _RESERVED_HEADERS = ("content-type", "content-length", "host", "user-agent", "transfer-encoding")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
-_SENSITIVE_HEADER = re.compile(r"auth|cookie|token|key|secret|pass", re.IGNORECASE)
 _BODY_LIMIT = 64 * 1024  # response bytes read to keep the connection reusable
 _EXCERPT_CHARS = 200
 # Resets on a reused connection usually mean the server closed it while it sat idle.
@@ -113,41 +123,108 @@ def percent_encode(value: str) -> str:
     )
 
 
-def _one_line(text: str, limit: int = _EXCERPT_CHARS) -> str:
-    """`text` with runs of blanks and control characters as one space, shortened."""
-    collapsed = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return collapsed if len(collapsed) <= limit else collapsed[:limit] + "..."
+# --- configuration -----------------------------------------------------------------------
+
+
+def _header_name(key: str, name: str) -> None:
+    if not _HEADER_NAME.fullmatch(name):
+        raise ConfigError(f"{key}: {name!r} is not a valid HTTP header name")
+    lowered = name.lower()
+    if lowered in _RESERVED_HEADERS or lowered.startswith(("webhook-", "ce-")):
+        raise ConfigError(f"{key}.{name}: set by the webhook sink itself; cannot be overridden")
+
+
+def _plain_header_name(key: str, name: str) -> None:
+    _header_name(key, name)
+    if credential_header(name):
+        raise ConfigError(
+            f"{key}.{name}: a credential header is not allowed in the config file; use"
+            f' headers_env = {{ "{name}" = "VARIABLE" }} or headers_file'
+        )
+
+
+def _header_value(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+        # the value is not shown: it may well be a credential
+        raise ConfigError(f"{key}: must be a string of printable ASCII characters")
+    return value
+
+
+_HEADER_TEXT = Kind("string", _header_value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where requests go; only `origin` (scheme, host, port) is ever shown."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str  # the request target: path and query, percent-encoded ASCII
+    origin: str
 
 
 @dataclass(frozen=True, slots=True)
 class _Reply:
     status: int
-    reason: str
+    reason: str  # scrubbed, like excerpt and location
     headers: Message
     excerpt: str
+    location: str
 
 
 class WebhookSink:
     """Delivered when the server answers 2xx."""
 
+    OPTIONS: ClassVar[SinkOptions] = SinkOptions(
+        Option(
+            "url",
+            url("http", "https", alternative="url_env or url_file"),
+            "where events are POSTed; one with a credential in it only from url_env / url_file",
+            show="url",
+        ),
+        *secret_sources("url", "the URL"),
+        *secret_sources("secret", "the signing secret (`whsec_...`; several, space-separated)"),
+        *network(15.0, "one attempt's deadline: connecting, sending and the whole answer"),
+        Option("mode", choice("structured", "binary"), "the CloudEvents HTTP mode", "structured"),
+        Option(
+            "headers",
+            table(_HEADER_TEXT, _plain_header_name),
+            "extra request headers; credentials only from headers_env / headers_file",
+            {},
+            show="values",
+        ),
+        Option(
+            "headers_env",
+            table(ENV_NAME, _header_name),
+            "request headers whose values come from environment variables",
+            {},
+        ),
+        Option(
+            "headers_file",
+            table(PATH, _header_name),
+            "request headers whose values come from files",
+            {},
+        ),
+        exclusive=[("secret_env", "secret_file")],
+        one_required=[("url", "url_env", "url_file")],
+    )
+
     def __init__(self, config: SinkConfig) -> None:
-        check_options(config, _OPTIONS, required=("url",))
+        values = self.OPTIONS.parse(config)
         self.name = config.name
-        self._scheme, self._host, self._port, self._target, self._origin = _parse_url(config)
-        self._timeout = _timeout(config)
-        self._mode = _mode(config)
-        self._headers = _extra_headers(config)
-        self._secrets = _read_secrets(config)
-        self._keys = tuple(filter(None, map(_decode_secret, self._secrets)))
-        self._redacted = self._secrets + tuple(
-            value for name, value in self._headers.items() if _SENSITIVE_HEADER.search(name)
-        )
-        self._tls = ssl.create_default_context() if self._scheme == "https" else None
-        self._conn: http.client.HTTPConnection | None = None
+        self._scrub = values.scrub
+        self._target = _target(values)
+        self._timeout: float = values["timeout_seconds"]
+        self._mode: str = values["mode"]
+        self._headers = _headers(values)
+        self._keys = _signing_keys(values)
+        self._tls = tls_context() if self._target.scheme == "https" else None
+        self._conn: DeadlineConnection | None = None
 
     def __repr__(self) -> str:
         return (
-            f"WebhookSink(name={self.name!r}, url={self._origin + '/...'!r}, "
+            f"WebhookSink(name={self.name!r}, url={self._target.origin + '/...'!r}, "
             f"mode={self._mode!r}, secrets={len(self._keys)})"
         )
 
@@ -176,38 +253,49 @@ class WebhookSink:
         return json.dumps(dict(event.data), separators=(",", ":")).encode(), headers
 
     def _exchange(self, event_id: str, body: bytes, headers: dict[str, str]) -> _Reply:
+        deadline = time.monotonic() + self._timeout
+        origin = self._target.origin
         try:
-            return self._attempt(event_id, body, headers, reopen=self._conn is not None)
+            return self._attempt(event_id, body, headers, deadline, self._conn is not None)
         except TimeoutError as exc:
             self._disconnect()
-            raise SinkError(f"{self._origin}: timed out after {self._timeout:g} s") from exc
+            raise SinkError(
+                f"{origin}: timed out after {self._timeout:g} s (connecting, sending and the"
+                " whole answer)"
+            ) from exc
         except (OSError, http.client.HTTPException) as exc:
             self._disconnect()
-            detail = _one_line(str(exc)) or type(exc).__name__
-            raise SinkError(f"{self._origin}: {detail}") from exc
+            raise SinkError(f"{origin}: {self._scrub(str(exc)) or type(exc).__name__}") from exc
 
-    def _attempt(self, event_id: str, body: bytes, headers: dict[str, str], reopen: bool) -> _Reply:
+    def _attempt(
+        self, event_id: str, body: bytes, headers: dict[str, str], deadline: float, reopen: bool
+    ) -> _Reply:
         try:
-            return self._round_trip(event_id, body, headers)
+            return self._round_trip(event_id, body, headers, deadline)
         except _STALE_CONNECTION:
             if not reopen:
                 raise
             self._disconnect()
-            return self._round_trip(event_id, body, headers)
+            return self._round_trip(event_id, body, headers, deadline)
 
-    def _round_trip(self, event_id: str, body: bytes, headers: dict[str, str]) -> _Reply:
+    def _round_trip(
+        self, event_id: str, body: bytes, headers: dict[str, str], deadline: float
+    ) -> _Reply:
         timestamp = str(int(time.time()))
         signed = {**headers, "webhook-id": event_id, "webhook-timestamp": timestamp}
-        signature = ""
+        digests: list[str] = []
         if self._keys:
-            signature = signature_header(self._keys, event_id, timestamp, body)
-            signed["webhook-signature"] = signature
+            signed["webhook-signature"] = signature_header(self._keys, event_id, timestamp, body)
+            digests = [part.partition(",")[2] for part in signed["webhook-signature"].split()]
         conn = self._connection()
-        conn.request("POST", self._target, body=body, headers=signed)
+        conn.set_deadline(deadline)
+        conn.request("POST", self._target.path, body=body, headers=signed)
         with conn.getresponse() as response:
             raw = self._drain(response)
-            excerpt = _one_line(self._redact(raw.decode("utf-8", "replace"), signature))
-            return _Reply(response.status, response.reason, response.headers, excerpt)
+            excerpt = self._scrub(raw.decode("utf-8", "replace"), *digests, limit=_EXCERPT_CHARS)
+            reason = self._scrub(response.reason, *digests, limit=_EXCERPT_CHARS)
+            location = self._scrub(response.headers.get("Location", ""), limit=_EXCERPT_CHARS)
+            return _Reply(response.status, reason, response.headers, excerpt, location)
 
     def _drain(self, response: http.client.HTTPResponse) -> bytes:
         """The body's first bytes; the rest is read too, unless too large to be worth it."""
@@ -217,25 +305,9 @@ class WebhookSink:
             self._disconnect()
         return head
 
-    def _redact(self, text: str, signature: str) -> str:
-        """`text` (an answer, which may echo the request) without secrets or signatures."""
-        digests = [part.partition(",")[2] for part in signature.split()]
-        for secret in (*self._redacted, *digests):
-            # also as JSON with escaped slashes, the way some servers echo base64
-            for form in (secret, secret.replace("/", "\\/")):
-                text = text.replace(form, "***")
-        return text
-
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> DeadlineConnection:
         if self._conn is None:
-            if self._tls is not None:
-                self._conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self._timeout, context=self._tls
-                )
-            else:
-                self._conn = http.client.HTTPConnection(
-                    self._host, self._port, timeout=self._timeout
-                )
+            self._conn = DeadlineConnection(self._target.host, self._target.port, self._tls)
         return self._conn
 
     def _disconnect(self) -> None:
@@ -247,9 +319,9 @@ class WebhookSink:
         verdict = classify(reply.status)
         if verdict == "delivered":
             return
-        what = f"{self._origin}: HTTP {reply.status} {_one_line(reply.reason)}".rstrip()
+        what = f"{self._target.origin}: HTTP {reply.status} {reply.reason}".rstrip()
         if verdict == "redirect":
-            location = _one_line(reply.headers.get("Location", "")) or "none given"
+            location = reply.location or "none given"
             raise PermanentSinkError(f"{what}: redirects are not followed (Location: {location})")
         if reply.excerpt:
             what = f"{what}: {reply.excerpt}"
@@ -259,103 +331,60 @@ class WebhookSink:
         raise SinkError(what, retry_after=retry_after)
 
 
-# --- configuration -----------------------------------------------------------------------
-
-
-def _parse_url(config: SinkConfig) -> tuple[str, str, int, str, str]:
-    """(scheme, host, port, request target, origin) from `url`.
-
-    Only the origin (scheme, host, port) is ever shown: the path may itself be a credential.
-    """
-    where = f"{config.key}.url"
-    parts = urllib.parse.urlsplit(str(config.options["url"]))
+def _target(values: Values) -> _Target:
+    """Where requests go, from `url` or the URL in `url_env` / `url_file`."""
+    key = f"{values.key}.url"
+    text = values.get("url")
+    if text is None:
+        text = values.secret("url") or ""
+        key += "_env" if "url_env" in values else "_file"
+    parts = check_url(key, text, ("http", "https"))
+    if text != values.get("url"):  # from the environment or a file: every part may be secret
+        values.scrub.add(parts.path if len(parts.path) > 1 else "")
+        for _name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+            values.scrub.add(value)
+        values.scrub.add(parts.password or "")
     scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise ConfigError(f"{where}: must be an http:// or https:// URL")
-    if "@" in parts.netloc:
-        raise ConfigError(f"{where}: credentials in the URL are not supported; use headers")
-    try:
-        port = parts.port or (443 if scheme == "https" else 80)
-    except ValueError:
-        raise ConfigError(f"{where}: invalid port") from None
-    if not parts.hostname or any(ord(c) <= 32 or ord(c) == 127 for c in parts.geturl()):
-        raise ConfigError(f"{where}: must name a host and contain no spaces or control characters")
+    port = parts.port or (443 if scheme == "https" else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     # the request line must be ASCII: percent-encode anything else, keep existing escapes
     target = urllib.parse.quote(target, safe="!#$%&'()*+,/:;=?@[]~")
-    return scheme, parts.hostname, port, target, f"{scheme}://{parts.netloc}"
+    host = parts.hostname or ""
+    shown_host = f"[{host}]" if ":" in host else host
+    return _Target(scheme, host, port, target, f"{scheme}://{shown_host}:{port}")
 
 
-def _timeout(config: SinkConfig) -> float:
-    value = config.options.get("timeout_seconds", 15)
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{config.key}.timeout_seconds: must be > 0, got {value!r}")
-    return float(value)
+def _headers(values: Values) -> dict[str, str]:
+    """`headers`, plus those from `headers_env` / `headers_file`; one source per header."""
+    headers: dict[str, str] = dict(values["headers"])
+    for name, value in values.secret_table("headers").items():
+        source = "headers_env" if name in values["headers_env"] else "headers_file"
+        where = f"{values.key}.{source}.{name}"
+        if name.lower() in {other.lower() for other in headers}:
+            raise ConfigError(f"{where}: this header is given twice")
+        headers[name] = _header_value(where, value)
+    return headers
 
 
-def _mode(config: SinkConfig) -> str:
-    mode = config.options.get("mode", "structured")
-    if mode not in _CONTENT_TYPES:
-        raise ConfigError(f'{config.key}.mode: must be "structured" or "binary", got {mode!r}')
-    return str(mode)
-
-
-def _extra_headers(config: SinkConfig) -> dict[str, str]:
-    headers: dict[str, Any] = config.options.get("headers", {})
-    for name, value in headers.items():
-        where = f"{config.key}.headers.{name}"
-        if not _HEADER_NAME.fullmatch(name):
-            raise ConfigError(f"{config.key}.headers: {name!r} is not a valid HTTP header name")
-        lowered = name.lower()
-        if lowered in _RESERVED_HEADERS or lowered.startswith(("webhook-", "ce-")):
-            raise ConfigError(f"{where}: set by the webhook sink itself; cannot be overridden")
-        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
-            # the value is not shown: it may well be a credential
-            raise ConfigError(f"{where}: must be a string of printable ASCII characters")
-    return dict(headers)
-
-
-def _read_secrets(config: SinkConfig) -> tuple[str, ...]:
-    """The configured `whsec_` secrets (none without `secret_env`/`secret_file`)."""
-    options = config.options
-    if "secret_env" in options and "secret_file" in options:
-        raise ConfigError(f"{config.key}.secret_file: give secret_env or secret_file, not both")
-    if "secret_env" in options:
-        return _secrets_from_env(f"{config.key}.secret_env", str(options["secret_env"]))
-    if "secret_file" in options:
-        return _secrets_from_file(f"{config.key}.secret_file", str(options["secret_file"]))
-    return ()
-
-
-def _secrets_from_env(where: str, variable: str) -> tuple[str, ...]:
-    text = os.environ.get(variable, "") if variable else ""
-    if not text.strip():
-        raise ConfigError(f"{where}: environment variable {variable!r} is not set or empty")
-    return _check_secrets(text, f"{where} ({variable})")
-
-
-def _secrets_from_file(where: str, path: str) -> tuple[str, ...]:
-    path = os.path.expanduser(path)
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-        raise ConfigError(f"{where}: cannot read {path}: {reason}") from None
-    if not text.strip():
-        raise ConfigError(f"{where}: {path} is empty")
-    return _check_secrets(text, f"{where} ({path})")
-
-
-def _check_secrets(text: str, where: str) -> tuple[str, ...]:
-    secrets = tuple(text.split())
+def _signing_keys(values: Values) -> tuple[bytes, ...]:
+    """The HMAC keys of the `whsec_` secrets (none without `secret_env`/`secret_file`)."""
+    text = values.secret("secret")
+    if text is None:
+        return ()
+    source = "secret_env" if "secret_env" in values else "secret_file"
+    where = f"{values.key}.{source} ({values[source]})"
+    secrets = text.split()
+    keys = []
     for index, secret in enumerate(secrets, 1):
-        if _decode_secret(secret) is None:
+        values.scrub.add(secret)
+        key = _decode_secret(secret)
+        if key is None:
             raise ConfigError(
                 f"{where}: secret {index} of {len(secrets)} is not a Standard Webhooks secret"
                 " (whsec_ followed by base64); the value is not shown"
             )
-    return secrets
+        keys.append(key)
+    return tuple(keys)
 
 
 def _decode_secret(secret: str) -> bytes | None:
