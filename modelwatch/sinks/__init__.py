@@ -60,6 +60,12 @@ class Sink(Protocol):
     Anything else it raises counts as a bug or a deterministic local error: retried, but
     dead-lettered after `max_attempts` or 10 attempts, whichever comes first. Messages must
     not contain secrets (`modelwatch.credentials.Scrubber`): they are logged and stored.
+
+    Liveness: a send that takes long (uploading a large model) calls
+    `modelwatch.progress.progress()` as it goes (per file, per chunk); the worker is wedged
+    only after 180 s without progress. A sink whose single steps can take longer without a
+    chance to report (one huge file handed to a client library) may declare the optional
+    class attribute `max_send_seconds`: a send is then wedged only past that.
     """
 
     name: str

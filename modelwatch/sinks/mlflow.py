@@ -66,6 +66,7 @@ from modelwatch.config import SinkConfig
 from modelwatch.credentials import Scrubber
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import REGISTERED, REJECTED, REMOVED, Event, event_id
+from modelwatch.progress import progress
 from modelwatch.sinks.options import NONEMPTY, REQUIRED, STRING, Option, SinkOptions, url
 
 _TEMPLATE_FIELDS: tuple[str, ...] = ("name", "experiment_id", "host", "format", "model_type")
@@ -85,8 +86,8 @@ _TAG_CHARS = 5000
 class MlflowSink:
     """Delivered when the model version tagged with the event id exists."""
 
-    # Uploading a multi-GB model (and MLflow's own retries) can take long: the daemon's health
-    # check allows a send this long before calling the worker wedged.
+    # Progress is reported per file uploaded; one multi-GB file (and MLflow's own retries) is
+    # a single call without progress: the daemon's health check allows a send this long.
     max_send_seconds = 3600.0
 
     OPTIONS: ClassVar[SinkOptions] = SinkOptions(
@@ -259,6 +260,7 @@ class MlflowSink:
                     if name != posixpath.basename(rel):
                         renamed.append(f"{posixpath.join(posixpath.dirname(rel), name)} <- {rel}")
                     self._upload(run_id, fd, os.path.join(staging, str(index)), rel, name)
+                progress()  # a model of a thousand files uploads for long: that is progress
         if renamed:
             self._client.set_tag(run_id, "modelwatch.renamed_artifacts", _tag(renamed))
         return complete
