@@ -424,3 +424,23 @@ def test_two_files_behind_one_shown_name_are_neither_uploaded(tmp_path: Path) ->
         f.write(b"raw-bytes")
     with _open_listed(str(tmp_path / "models"), ["exp", "x\\xff"]) as fd:
         assert fd is None
+
+
+def test_the_default_model_name_works_for_a_depth_zero_root(
+    target: Target,
+    tmp_path: Path,
+    make_config: Callable[..., Config],
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    """/artifacts and $PS_MODEL_PATH are depth-0 roots: with the default model_name "{name}",
+    the model is registered under the root directory's name (it used to be ".", refused)."""
+    root = tmp_path / f"artifacts-{target.prefix}"
+    config = make_config(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nshutdown_timeout_seconds = 2\n'
+        f'[defaults]\nsettle_seconds = 0.3\n[[roots]]\npath = "{root}"\nunit_depth = 0\n'
+        f'[[sinks]]\ntype = "mlflow"\ntracking_uri = "{target.server.uri}"\n'
+        f'experiment_name = "{target.experiment}"\n'
+    )
+    run_daemon(config, [build_sink(config.sinks[0])])
+    write_safetensors(unit(tmp_path, root.name) / "model.safetensors", {"w": 10})
+    wait_until(lambda: len(target.server.versions(root.name)) == 1, timeout=30)
