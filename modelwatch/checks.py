@@ -29,6 +29,7 @@ from modelwatch.inspection import Inspection, inspect_unit, readiness, unfinishe
 from modelwatch.manifest import Manifest, fingerprint
 from modelwatch.metadata import SchemaValidator
 from modelwatch.progress import OverBudget
+from modelwatch.reasons import Reason
 from modelwatch.roots import Availability, check_root
 from modelwatch.rules import RootRules
 from modelwatch.state import Store, UnitRecord
@@ -66,7 +67,7 @@ class Settled:
 
 @dataclass(frozen=True, slots=True)
 class NotReady:
-    reason: str
+    reasons: tuple[Reason, ...]
     key: object
 
 
@@ -96,7 +97,7 @@ class Overdue:
     unit: Unit
     token: int
     found: Inspection | None  # None: nothing to report (gone, empty, unreadable)
-    reason: str
+    reasons: tuple[Reason, ...]  # (): the files kept changing
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +144,14 @@ def _examine(ctx: Context, unit: Unit, manifest: Manifest) -> Outcome:
         # found available (a mount coming back between the scan and the check).
         again = ctx.rules.scan(unit)
         if again.exists and not again.empty:
-            return NotReady("reappeared", again.stat_key)
+            back = Reason("quiet_period", "the unit reappeared while it was checked")
+            return NotReady((back,), again.stat_key)
         return Settled(None)
     policy = ctx.rules.config.policy
     try:
-        reason = readiness(unit.path, manifest, policy)
-        if reason is not None:
-            return NotReady(reason, manifest.stat_key)
+        reasons = readiness(unit.path, manifest, policy)
+        if reasons:
+            return NotReady(reasons, manifest.stat_key)
         found = inspect_unit(unit.path, manifest, policy, ctx.metadata, ctx.schema)
     except UnitUnavailable as exc:  # gone or swapped since the scan, or ESTALE: later
         return Retry(str(exc))
@@ -172,16 +174,16 @@ def overdue(ctx: Context, unit: Unit, token: int) -> Overdue:
     """What a unit pending past `max_wait` holds now, for its `not_settled` event."""
     manifest = ctx.rules.scan(unit)
     if not manifest.exists or manifest.empty:
-        return Overdue(unit, token, None, "")
+        return Overdue(unit, token, None, ())
     policy = ctx.rules.config.policy
-    reason = readiness(unit.path, manifest, policy) or "files still changing"
+    reasons = readiness(unit.path, manifest, policy)
     try:
         found = inspect_unit(unit.path, manifest, policy, ctx.metadata, ctx.schema)
     except UnitUnavailable:  # reported at its next overdue check
-        return Overdue(unit, token, None, "")
+        return Overdue(unit, token, None, ())
     except OverBudget as exc:
         found = _timed_out(manifest, ctx, exc)
-    return Overdue(unit, token, found, reason)
+    return Overdue(unit, token, found, reasons)
 
 
 def reconcile(

@@ -201,10 +201,7 @@ def _validate_path(
             in_progress=PatternSet(policy.in_progress),
             max_files=policy.max_files_per_unit,
         )
-        problems: list[Problem] = []
-        reason = readiness(path, manifest, policy)
-        if reason is not None:
-            problems.append(Problem("incomplete", reason))
+        problems = [Problem("incomplete", r.message) for r in readiness(path, manifest, policy)]
         result = validate_unit_metadata(
             path, meta.filename, max_bytes=meta.max_bytes, max_depth=meta.max_depth, schema=schema
         )

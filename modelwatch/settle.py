@@ -50,6 +50,19 @@ class Timing:
     max_wait_seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class Timers:
+    """What a pending unit waits for, in the owner's monotonic time (see `Settler.timers`)."""
+
+    first_change: float
+    last_change: float  # or the last check that found it not ready: the quiet period restarts
+    next_check: float  # when its next scan is due
+    settle_seconds: float
+    checking: bool  # being checked elsewhere now (busy)
+    overdue: bool  # past max_wait: its `not_settled` was reported
+    last_chance: bool  # the owner is stopping: this is its last check
+
+
 @dataclass(slots=True)
 class _Pending:
     first_change: float
@@ -91,6 +104,19 @@ class Settler(Generic[K]):
 
     def first_change(self, unit: K) -> float:
         return self._pending[unit].first_change
+
+    def timers(self, unit: K) -> Timers:
+        """The pending `unit`'s times and flags, as `due` and `overdue` see them."""
+        p = self._pending[unit]
+        return Timers(
+            first_change=p.first_change,
+            last_change=p.last_change,
+            next_check=self._next_scan(unit, p),
+            settle_seconds=self._timing_for(unit).settle_seconds,
+            checking=p.busy,
+            overdue=p.overdue_reported,
+            last_chance=p.final_gap is not None,
+        )
 
     def _next_scan(self, unit: K, p: _Pending) -> float:
         if p.final_gap is not None:
