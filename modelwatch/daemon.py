@@ -1,7 +1,8 @@
 """Wiring the stages into a running daemon.
 
 Threads: one observer per root (enqueue only), the settle loop, the inspection pool, one
-delivery worker per sink, an optional health server, and the caller's thread running the
+delivery worker per sink, an optional health server, the control socket (`explain` asks
+there), and the caller's thread running the
 lifecycle loop (`Daemon.serve`): it (re)starts watchers as roots come and go, schedules the
 periodic reconcile, pings the systemd watchdog while every part makes progress, applies
 reloads, and stops everything on request. Signal handlers (in `cli`) only set the flags this
@@ -15,20 +16,22 @@ import random
 import socket
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 
-from modelwatch import reaper
+from modelwatch import explain, reaper
 from modelwatch.clock import Clock, SystemClock
 from modelwatch.config import Config, RootConfig, SinkConfig
+from modelwatch.control import ControlServer
 from modelwatch.delivery import DeliveryWorker
 from modelwatch.errors import ModelwatchError
 from modelwatch.events import Event
 from modelwatch.health import HealthServer
 from modelwatch.metrics import REJECTION_CODES, Metrics
 from modelwatch.notify import Notifier
+from modelwatch.pending import Snapshot
 from modelwatch.pool import InspectionPool
 from modelwatch.progress import Heartbeat, wedged
 from modelwatch.settle_loop import Flush, Inbox, Reconfigure, SettleLoop, Stop
@@ -95,6 +98,7 @@ class Daemon:
                 metrics=self.metrics,
             )
         self._metrics_store: Store | None = None
+        self.control: ControlServer | None = None
         self._alarm = OverflowAlarm(self._on_overflow)
         self._rng = random.Random()
         self._last_ping: float | None = None
@@ -130,6 +134,7 @@ class Daemon:
         )
         if isinstance(self.stages.pool, InspectionPool):
             self.stages.pool.start()
+        self._start_control()
         for sink in self.sinks:
             self._start_worker(sink)
         self._alarm.install()
@@ -146,6 +151,25 @@ class Daemon:
             self.ready.set()
             log.info("ready", roots=len(self.watchers), sinks=[s.name for s in self.sinks])
             self.notifier.ready(self._status())
+
+    def _start_control(self) -> None:
+        """The control socket `explain` asks; without it `explain` answers from the store."""
+        control = ControlServer(self.state.path, self.state.db_path, self.answer)
+        try:
+            control.start()
+        except OSError as exc:
+            log.warning("control_socket_failed", path=control.path, error=str(exc))
+            return
+        self.control = control
+
+    def answer(self, request: Mapping[str, Any], store: Store) -> Any:
+        """A control-socket request, `{"explain": PATH}`: the report on PATH (None when it is
+        under no root), from the settle loop's snapshot and `store`."""
+        path = request.get("explain")
+        if not isinstance(path, str):
+            raise ValueError('expected {"explain": "/absolute/path"}')  # noqa: TRY004
+        snapshot = self.loop.snapshot if self.loop is not None else Snapshot()
+        return explain.answer_live(self.config, store, snapshot, path, self.clock)
 
     def _wait_initial_reconcile(self, initial: Flush) -> None:
         """Wait for the initial reconcile, asking systemd for more start time meanwhile (a
@@ -392,6 +416,8 @@ class Daemon:
                 )
         if self.health is not None:
             self.health.stop()
+        if self.control is not None:
+            self.control.stop()
         if self.stages is not None:
             self.stages.store.close()
         if self._metrics_store is not None:

@@ -57,13 +57,17 @@ def reasons(waiting: Waiting, roots: Mapping[str, RootStatus], now: float) -> tu
     timers, found = waiting.timers, list(waiting.findings)
     out: list[Reason] = []
     root = roots.get(waiting.unit.root)
-    if root is not None and not root.available and all(r.code != "root_unavailable" for r in found):
+    if root is not None and root.available:  # back since the last check found it down
+        found = [r for r in found if r.code != "root_unavailable"]
+    elif root is not None and all(r.code != "root_unavailable" for r in found):
         out.append(root_unavailable(waiting.unit.root, root.reason))
+    out += found  # what the last check found is the most telling, so it comes first
+    down = any(r.code == "root_unavailable" for r in out)  # then nothing else counts yet
+    if not down and (waiting.checked_at is None or timers.last_change > waiting.checked_at):
+        out.append(quiet_period(timers, now))
     if timers.checking:
         out.append(Reason("checking", "being scanned or checked now"))
-    if waiting.checked_at is None or timers.last_change > waiting.checked_at:
-        out.append(quiet_period(timers, now))
-    return (*out, *found)
+    return tuple(out)
 
 
 def quiet_period(timers: Timers, now: float) -> Reason:

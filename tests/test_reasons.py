@@ -11,7 +11,7 @@ import pytest
 
 from modelwatch.config import Config
 from modelwatch.pending import Snapshot, reasons
-from modelwatch.reasons import Reason
+from modelwatch.reasons import CODES, Reason
 from modelwatch.units import Unit
 from tests.harness import Harness
 from tests.writers import write_hf_sharded, write_safetensors, write_tf_checkpoint
@@ -137,7 +137,7 @@ def test_a_change_after_a_check_adds_the_quiet_period_to_what_the_check_found(
     (unit / "x.part").write_bytes(b"12")
     h.touch(unit / "x.part")
     h.advance(1)
-    assert [r.code for r in why(h, "exp-1")] == ["quiet_period", "in_progress"]
+    assert [r.code for r in why(h, "exp-1")] == ["in_progress", "quiet_period"]
 
 
 def test_an_unavailable_root_is_the_reason(loop: Callable[..., Harness]) -> None:
@@ -201,3 +201,11 @@ def test_a_reader_thread_sees_whole_snapshots_only(loop: Callable[..., Harness])
         reader.join()
     assert failures == []
     assert len(h.loop.snapshot.pending) == 50
+
+
+def test_the_readme_lists_every_reason_code() -> None:
+    """The README's table of reason codes is exactly the set `explain` can print."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("| reason code |", 1)[1].split("\n\n", 1)[0]
+    listed = {line.split("`")[1] for line in table.splitlines()[2:] if line.startswith("| `")}
+    assert listed == set(CODES)
