@@ -16,12 +16,12 @@ import random
 import socket
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
-from modelwatch import explain, reaper
+from modelwatch import reaper
 from modelwatch.clock import Clock, SystemClock
 from modelwatch.config import Config, RootConfig, SinkConfig
 from modelwatch.control import ControlServer
@@ -39,6 +39,7 @@ from modelwatch.sinks import Sink, build_sink
 from modelwatch.stages import Stages, build_stages, routes_for, schema_for
 from modelwatch.state import StateDir, Store
 from modelwatch.units import describe
+from modelwatch.views import Views
 from modelwatch.watch import ObserverFactory, OverflowAlarm, Rescan, RootWatcher, make_observer
 
 log = structlog.get_logger("modelwatch.daemon")
@@ -99,6 +100,13 @@ class Daemon:
             )
         self._metrics_store: Store | None = None
         self.control: ControlServer | None = None
+        self.views = Views(
+            config=lambda: self.config,
+            snapshot=self._snapshot,
+            observers=lambda: {w.root.path: w.kind for w in list(self.watchers)},
+            clock=self.clock,
+            host=self.host,
+        )
         self._alarm = OverflowAlarm(self._on_overflow)
         self._rng = random.Random()
         self._last_ping: float | None = None
@@ -154,7 +162,7 @@ class Daemon:
 
     def _start_control(self) -> None:
         """The control socket `explain` asks; without it `explain` answers from the store."""
-        control = ControlServer(self.state.path, self.state.db_path, self.answer)
+        control = ControlServer(self.state.path, self.state.db_path, self.views.answer)
         try:
             control.start()
         except OSError as exc:
@@ -162,14 +170,8 @@ class Daemon:
             return
         self.control = control
 
-    def answer(self, request: Mapping[str, Any], store: Store) -> Any:
-        """A control-socket request, `{"explain": PATH}`: the report on PATH (None when it is
-        under no root), from the settle loop's snapshot and `store`."""
-        path = request.get("explain")
-        if not isinstance(path, str):
-            raise ValueError('expected {"explain": "/absolute/path"}')  # noqa: TRY004
-        snapshot = self.loop.snapshot if self.loop is not None else Snapshot()
-        return explain.answer_live(self.config, store, snapshot, path, self.clock)
+    def _snapshot(self) -> Snapshot:
+        return self.loop.snapshot if self.loop is not None else Snapshot()
 
     def _wait_initial_reconcile(self, initial: Flush) -> None:
         """Wait for the initial reconcile, asking systemd for more start time meanwhile (a
@@ -208,6 +210,7 @@ class Daemon:
     def _on_event(self, event: Event) -> None:
         """Called by the settle thread after an event was committed to the outbox."""
         self.metrics.event(event.short_type)
+        self.views.record(event)
         if event.short_type == "rejected":
             codes = [str(e.get("code")) for e in event.data.get("errors") or ()]
             self.metrics.rejected(c if c in REJECTION_CODES else "other" for c in codes)
