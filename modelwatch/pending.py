@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 from modelwatch.reasons import Reason
 from modelwatch.settle import Settler, Timers
@@ -29,9 +30,9 @@ class RootStatus:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """One pending unit as the settle loop last saw it."""
+class Waiting(NamedTuple):
+    """One pending unit as the settle loop last saw it (a tuple: made by the thousand in a
+    burst of changes)."""
 
     unit: Unit
     timers: Timers

@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -50,9 +50,10 @@ class Timing:
     max_wait_seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class Timers:
-    """What a pending unit waits for, in the owner's monotonic time (see `Settler.timers`)."""
+class Timers(NamedTuple):
+    """What a pending unit waits for, in the owner's monotonic time (see `Settler.timers`).
+
+    A tuple: one is made for every unit that changed in a turn of the settle loop."""
 
     first_change: float
     last_change: float  # or the last check that found it not ready: the quiet period restarts
