@@ -209,3 +209,19 @@ def test_the_readme_lists_every_reason_code() -> None:
     table = readme.split("| reason code |", 1)[1].split("\n\n", 1)[0]
     listed = {line.split("`")[1] for line in table.splitlines()[2:] if line.startswith("| `")}
     assert listed == set(CODES)
+
+
+def test_a_not_settled_event_names_every_reason(loop: Callable[..., Harness]) -> None:
+    """Past max_wait_seconds the `not_settled` error says all that holds the unit back: the
+    in-progress file and the missing marker."""
+    h = loop(defaults='max_wait_seconds = 30\nrequire_marker = "_SUCCESS"')
+    unit = Path(h.root) / "exp-1"
+    unit.mkdir()
+    write_safetensors(unit / "model.safetensors", {"w": 10})
+    (unit / "optimizer.pt.part").touch()
+    h.rescan()
+    (event,) = h.advance(31)
+    (error,) = event.data["errors"]
+    assert error["code"] == "not_settled"
+    assert "in-progress files present: optimizer.pt.part" in error["message"]
+    assert "marker file _SUCCESS not present" in error["message"]
