@@ -97,6 +97,7 @@ class Daemon:
                 alive=self.stale_parts,
                 ready=self.ready,
                 metrics=self.metrics,
+                pages=self._pages,
             )
         self._metrics_store: Store | None = None
         self.control: ControlServer | None = None
@@ -172,6 +173,12 @@ class Daemon:
 
     def _snapshot(self) -> Snapshot:
         return self.loop.snapshot if self.loop is not None else Snapshot()
+
+    def _pages(self, path: str) -> tuple[int, str, bytes] | None:
+        """The status page and its JSON, on the health server's thread: it owns the metrics
+        store (both read the store between requests, never at once)."""
+        store = self._metrics_store
+        return None if store is None else self.views.web(path, store)
 
     def _wait_initial_reconcile(self, initial: Flush) -> None:
         """Wait for the initial reconcile, asking systemd for more start time meanwhile (a

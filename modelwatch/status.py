@@ -88,6 +88,12 @@ def live_status(
             row["state"] = "available" if live.available else "unavailable"
             row["reason"] = live.reason or None
         row["observer"] = observers.get(root.path, row["observer"])
+    listed = {row["sink"] for row in report["sinks"]}
+    report["sinks"] += [  # configured sinks with nothing in the outbox: all delivered
+        {"sink": s.name, "pending": 0, "dead": 0, "discarded": 0, "oldest_pending_seconds": None}
+        for s in config.sinks
+        if s.name not in listed
+    ]
     waiting = sorted(snapshot.pending.values(), key=lambda w: w.timers.first_change)
     report["pending"] = [_pending_row(w, snapshot, monotonic) for w in waiting]
     report["recent_events"] = [dict(event) for event in recent]
