@@ -270,3 +270,60 @@ def test_the_control_socket_is_owner_only_and_refuses_bad_requests(tmp_path: Pat
             assert reply["ok"] is False and reply["error"]
         answer = control.ask(str(tmp_path / "state"), {"explain": str(tmp_path / "models" / "x")})
         assert answer["state"] == "unknown"
+
+
+def test_a_sink_that_refuses_an_event_is_named_with_its_error(tmp_path: Path) -> None:
+    """A registered model whose event one sink refused for good shows, per sink, delivered on
+    the one and dead with the command's error on the other, while the daemon runs and once
+    it has stopped."""
+    root = tmp_path / "models"
+    (root / "exp-1").mkdir(parents=True)
+    write_onnx(root / "exp-1" / "model.onnx")
+    events = tmp_path / "events.jsonl"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[[roots]]\npath = "{root}"\nunit_depth = 1\nsettle_seconds = 0.5\n'
+        f'[[sinks]]\ntype = "jsonl"\npath = "{events}"\n'
+        '[[sinks]]\ntype = "command"\nname = "refuser"\n'
+        'argv = ["sh", "-c", "echo no such model registry >&2; exit 3"]\n'
+    )
+    command = [*CLI, "explain", "--config", str(config), str(root / "exp-1")]
+
+    def refused() -> bool:
+        report = daemon_report(tmp_path, "models/exp-1")
+        sinks = {s["sink"]: s for s in report.get("delivery", [])}
+        return (
+            "refuser" in sinks
+            and bool(sinks["refuser"]["events"])
+            and (sinks["refuser"]["events"][0]["state"] == "dead")
+        )
+
+    outputs = []
+    with daemon_process(config, env=daemon_env(), stderr=subprocess.PIPE) as proc:
+        wait_ready_line(proc.stderr)
+        wait_until(refused, timeout=30)
+        outputs.append(subprocess.run(command, capture_output=True, text=True, env=daemon_env()))
+        outputs.append(
+            subprocess.run(
+                [*command, "--format", "json"], capture_output=True, text=True, env=daemon_env()
+            )
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    outputs.append(subprocess.run(command, capture_output=True, text=True, env=daemon_env()))
+    outputs.append(
+        subprocess.run(
+            [*command, "--format", "json"], capture_output=True, text=True, env=daemon_env()
+        )
+    )
+    for text, as_json in (outputs[0:2], outputs[2:4]):
+        assert text.returncode == 0 and as_json.returncode == 0
+        assert "jsonl: delivered" in text.stdout
+        assert "refuser: dead registered" in text.stdout
+        assert "exited with status 3" in text.stdout and "no such model registry" in text.stdout
+        sinks = {s["sink"]: s for s in json.loads(as_json.stdout)["delivery"]}
+        assert sinks["jsonl"] == {"sink": "jsonl", "delivered": True, "events": []}
+        (dead,) = sinks["refuser"]["events"]
+        assert (dead["state"], dead["type"], dead["attempts"]) == ("dead", "registered", 1)
+        assert "no such model registry" in dead["last_error"]
