@@ -327,3 +327,24 @@ def test_a_sink_that_refuses_an_event_is_named_with_its_error(tmp_path: Path) ->
         (dead,) = sinks["refuser"]["events"]
         assert (dead["state"], dead["type"], dead["attempts"]) == ("dead", "registered", 1)
         assert "no such model registry" in dead["last_error"]
+
+
+def test_the_control_socket_works_in_a_state_dir_too_long_for_a_socket_address(
+    tmp_path: Path,
+) -> None:
+    """A state_dir whose socket path is longer than a Unix socket address (108 bytes) still
+    gets its control socket, reached through the directory; stop() removes it."""
+    state = tmp_path / ("deep-" * 12) / "state"
+    state.mkdir(parents=True)
+    assert len(os.fsencode(control.socket_path(str(state)))) > 108
+    server = control.ControlServer(
+        str(state), str(state / "state.db"), lambda request, _store: {"echo": request}
+    )
+    server.start()
+    try:
+        assert control.ask(str(state), {"explain": "/x"}) == {"echo": {"explain": "/x"}}
+    finally:
+        server.stop()
+    assert not os.path.exists(control.socket_path(str(state)))
+    with pytest.raises(NoAnswer, match="no daemon is running"):
+        control.ask(str(state), {"explain": "/x"})
