@@ -31,7 +31,8 @@ target = sys.argv[1]
 started = time.perf_counter()
 if os.path.isdir(target):
     sizes = {n: os.path.getsize(os.path.join(target, n)) for n in os.listdir(target)}
-    outcome = check_complete(target, detect_format(sizes), sizes)
+    found = check_complete(target, detect_format(sizes), sizes)
+    outcome = found and found.message
 else:
     data = open(target, "rb").read()
     started = time.perf_counter()

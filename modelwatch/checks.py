@@ -10,6 +10,8 @@ units and writes outcomes, feeds the results to its `Settler` and the registry:
   error), `RootDown` (its root is unavailable: nothing is removed) or `Retry`.
 * `overdue`: a unit past `max_wait` -> `Overdue` (what its `not_settled` event says).
 * `reconcile`: a root (or part of it) compared with the store -> `Reconciled`.
+* `diagnose`: one look at a unit, without waiting (for `explain` when no daemon runs) ->
+  `Diagnosis`: the root's availability and readiness, the same checks `examine` makes.
 
 Jobs run under a time budget (`inspect_timeout_seconds`): an inspection that runs past it
 (hashing a sparse 1 TB file, say) ends as `Settled` with an `inspection_timeout` problem, so
@@ -28,7 +30,9 @@ from modelwatch.errors import Problem, UnitUnavailable
 from modelwatch.inspection import Inspection, inspect_unit, readiness, unfinished
 from modelwatch.manifest import Manifest, fingerprint
 from modelwatch.metadata import SchemaValidator
+from modelwatch.pending import root_unavailable
 from modelwatch.progress import OverBudget
+from modelwatch.reasons import Reason
 from modelwatch.roots import Availability, check_root
 from modelwatch.rules import RootRules
 from modelwatch.state import Store, UnitRecord
@@ -66,7 +70,7 @@ class Settled:
 
 @dataclass(frozen=True, slots=True)
 class NotReady:
-    reason: str
+    reasons: tuple[Reason, ...]
     key: object
 
 
@@ -96,7 +100,7 @@ class Overdue:
     unit: Unit
     token: int
     found: Inspection | None  # None: nothing to report (gone, empty, unreadable)
-    reason: str
+    reasons: tuple[Reason, ...]  # (): the files kept changing
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +147,14 @@ def _examine(ctx: Context, unit: Unit, manifest: Manifest) -> Outcome:
         # found available (a mount coming back between the scan and the check).
         again = ctx.rules.scan(unit)
         if again.exists and not again.empty:
-            return NotReady("reappeared", again.stat_key)
+            back = Reason("quiet_period", "the unit reappeared while it was checked")
+            return NotReady((back,), again.stat_key)
         return Settled(None)
     policy = ctx.rules.config.policy
     try:
-        reason = readiness(unit.path, manifest, policy)
-        if reason is not None:
-            return NotReady(reason, manifest.stat_key)
+        reasons = readiness(unit.path, manifest, policy)
+        if reasons:
+            return NotReady(reasons, manifest.stat_key)
         found = inspect_unit(unit.path, manifest, policy, ctx.metadata, ctx.schema)
     except UnitUnavailable as exc:  # gone or swapped since the scan, or ESTALE: later
         return Retry(str(exc))
@@ -172,16 +177,44 @@ def overdue(ctx: Context, unit: Unit, token: int) -> Overdue:
     """What a unit pending past `max_wait` holds now, for its `not_settled` event."""
     manifest = ctx.rules.scan(unit)
     if not manifest.exists or manifest.empty:
-        return Overdue(unit, token, None, "")
+        return Overdue(unit, token, None, ())
     policy = ctx.rules.config.policy
-    reason = readiness(unit.path, manifest, policy) or "files still changing"
+    reasons = readiness(unit.path, manifest, policy)
     try:
         found = inspect_unit(unit.path, manifest, policy, ctx.metadata, ctx.schema)
     except UnitUnavailable:  # reported at its next overdue check
-        return Overdue(unit, token, None, "")
+        return Overdue(unit, token, None, ())
     except OverBudget as exc:
         found = _timed_out(manifest, ctx, exc)
-    return Overdue(unit, token, found, reason)
+    return Overdue(unit, token, found, reasons)
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """What one look at a unit found: its root's availability, its scan (None when the root
+    is unavailable) and every reason it may not settle (a file changed less than
+    `settle_seconds` ago is one)."""
+
+    availability: Availability
+    manifest: Manifest | None
+    reasons: tuple[Reason, ...]
+
+
+def diagnose(ctx: Context, unit: Unit) -> Diagnosis:
+    """The checks `examine` makes, once, without the two scans a quiet period takes."""
+    availability = check_root(ctx.rules.config, ctx.known_device)
+    if not availability.available:
+        return Diagnosis(availability, None, (root_unavailable(unit.root, availability.reason),))
+    manifest = ctx.rules.scan(unit)
+    if not manifest.exists or manifest.empty:
+        return Diagnosis(availability, manifest, ())
+    reasons = readiness(unit.path, manifest, ctx.rules.config.policy)
+    newest = max((e.mtime_ns for e in manifest.entries), default=0) / 1e9
+    settle, ago = ctx.rules.timing.settle_seconds, ctx.clock.time() - newest
+    if ago < settle:
+        recent = f"a file changed {max(0.0, ago):.1f} s ago (settle_seconds {settle:g} s)"
+        reasons = (Reason("quiet_period", recent), *reasons)
+    return Diagnosis(availability, manifest, reasons)
 
 
 def reconcile(

@@ -14,7 +14,8 @@ from types import FrameType
 
 import structlog
 
-from modelwatch import __version__, log
+from modelwatch import __version__, control, explain, log
+from modelwatch.clock import SystemClock
 from modelwatch.config import (
     Config,
     MetadataConfig,
@@ -24,7 +25,8 @@ from modelwatch.config import (
     with_cli_roots,
 )
 from modelwatch.daemon import Daemon
-from modelwatch.errors import ConfigError, ModelwatchError, Problem
+from modelwatch.errors import ConfigError, ModelwatchError, NoAnswer, Problem
+from modelwatch.explain_text import render as render_explain
 from modelwatch.inspection import readiness
 from modelwatch.manifest import PatternSet, scan_unit
 from modelwatch.metadata import (
@@ -70,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     command("check-config", "print the effective configuration")
     status = command("status", "units, versions and undelivered events from the state store")
     status.add_argument("--format", choices=("text", "json"), default="text")
+    why = command("explain", "why a model is or is not registered (asks the running daemon)")
+    why.add_argument("path", metavar="PATH", help="a model directory, or a file in one")
+    why.add_argument("--format", choices=("text", "json"), default="text")
     redeliver = command("redeliver", "put dead-lettered events back in the delivery queue")
     redeliver.add_argument("--sink", metavar="NAME")
     redeliver.add_argument("--event", metavar="ID")
@@ -98,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validate": cmd_validate,
         "check-config": cmd_check_config,
         "status": cmd_status,
+        "explain": cmd_explain,
         "redeliver": cmd_redeliver,
         "discard": cmd_discard,
     }
@@ -201,10 +207,7 @@ def _validate_path(
             in_progress=PatternSet(policy.in_progress),
             max_files=policy.max_files_per_unit,
         )
-        problems: list[Problem] = []
-        reason = readiness(path, manifest, policy)
-        if reason is not None:
-            problems.append(Problem("incomplete", reason))
+        problems = [Problem("incomplete", r.message) for r in readiness(path, manifest, policy)]
         result = validate_unit_metadata(
             path, meta.filename, max_bytes=meta.max_bytes, max_depth=meta.max_depth, schema=schema
         )
@@ -238,6 +241,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(render_status(report))
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Ask the running daemon; without one, answer from the store and a fresh check."""
+    config = _load(args)
+    path = os.path.abspath(args.path)
+    try:
+        report = control.ask(StateDir(config.daemon.state_dir).path, {"explain": path})
+    except NoAnswer as exc:
+        store = _open_existing_store(config)
+        try:
+            report = explain.answer_fresh(config, store, path, SystemClock())
+        finally:
+            store.close()
+        if report is not None:
+            report["no_answer"] = str(exc)
+    if report is None:
+        roots = ", ".join(describe(r.path) for r in config.roots) or "none"
+        print(
+            f"modelwatch: {describe(path)} is under no watched root (roots: {roots})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if args.format == "json":
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print(render_explain(report))
     return EXIT_OK
 
 

@@ -1,7 +1,8 @@
 """Wiring the stages into a running daemon.
 
 Threads: one observer per root (enqueue only), the settle loop, the inspection pool, one
-delivery worker per sink, an optional health server, and the caller's thread running the
+delivery worker per sink, an optional health server, the control socket (`explain` asks
+there), and the caller's thread running the
 lifecycle loop (`Daemon.serve`): it (re)starts watchers as roots come and go, schedules the
 periodic reconcile, pings the systemd watchdog while every part makes progress, applies
 reloads, and stops everything on request. Signal handlers (in `cli`) only set the flags this
@@ -23,12 +24,14 @@ import structlog
 from modelwatch import reaper
 from modelwatch.clock import Clock, SystemClock
 from modelwatch.config import Config, RootConfig, SinkConfig
+from modelwatch.control import ControlServer
 from modelwatch.delivery import DeliveryWorker
 from modelwatch.errors import ModelwatchError
 from modelwatch.events import Event
 from modelwatch.health import HealthServer
 from modelwatch.metrics import REJECTION_CODES, Metrics
 from modelwatch.notify import Notifier
+from modelwatch.pending import Snapshot
 from modelwatch.pool import InspectionPool
 from modelwatch.progress import Heartbeat, wedged
 from modelwatch.settle_loop import Flush, Inbox, Reconfigure, SettleLoop, Stop
@@ -36,6 +39,7 @@ from modelwatch.sinks import Sink, build_sink
 from modelwatch.stages import Stages, build_stages, routes_for, schema_for
 from modelwatch.state import StateDir, Store
 from modelwatch.units import describe
+from modelwatch.views import Views
 from modelwatch.watch import ObserverFactory, OverflowAlarm, Rescan, RootWatcher, make_observer
 
 log = structlog.get_logger("modelwatch.daemon")
@@ -93,8 +97,17 @@ class Daemon:
                 alive=self.stale_parts,
                 ready=self.ready,
                 metrics=self.metrics,
+                pages=self._pages,
             )
         self._metrics_store: Store | None = None
+        self.control: ControlServer | None = None
+        self.views = Views(
+            config=lambda: self.config,
+            snapshot=self._snapshot,
+            observers=lambda: {w.root.path: w.kind for w in list(self.watchers)},
+            clock=self.clock,
+            host=self.host,
+        )
         self._alarm = OverflowAlarm(self._on_overflow)
         self._rng = random.Random()
         self._last_ping: float | None = None
@@ -130,6 +143,7 @@ class Daemon:
         )
         if isinstance(self.stages.pool, InspectionPool):
             self.stages.pool.start()
+        self._start_control()
         for sink in self.sinks:
             self._start_worker(sink)
         self._alarm.install()
@@ -146,6 +160,25 @@ class Daemon:
             self.ready.set()
             log.info("ready", roots=len(self.watchers), sinks=[s.name for s in self.sinks])
             self.notifier.ready(self._status())
+
+    def _start_control(self) -> None:
+        """The control socket `explain` asks; without it `explain` answers from the store."""
+        control = ControlServer(self.state.path, self.state.db_path, self.views.answer)
+        try:
+            control.start()
+        except OSError as exc:
+            log.warning("control_socket_failed", path=control.path, error=str(exc))
+            return
+        self.control = control
+
+    def _snapshot(self) -> Snapshot:
+        return self.loop.snapshot if self.loop is not None else Snapshot()
+
+    def _pages(self, path: str) -> tuple[int, str, bytes] | None:
+        """The status page and its JSON, on the health server's thread: it owns the metrics
+        store (both read the store between requests, never at once)."""
+        store = self._metrics_store
+        return None if store is None else self.views.web(path, store)
 
     def _wait_initial_reconcile(self, initial: Flush) -> None:
         """Wait for the initial reconcile, asking systemd for more start time meanwhile (a
@@ -184,6 +217,7 @@ class Daemon:
     def _on_event(self, event: Event) -> None:
         """Called by the settle thread after an event was committed to the outbox."""
         self.metrics.event(event.short_type)
+        self.views.record(event)
         if event.short_type == "rejected":
             codes = [str(e.get("code")) for e in event.data.get("errors") or ()]
             self.metrics.rejected(c if c in REJECTION_CODES else "other" for c in codes)
@@ -392,6 +426,8 @@ class Daemon:
                 )
         if self.health is not None:
             self.health.stop()
+        if self.control is not None:
+            self.control.stop()
         if self.stages is not None:
             self.stages.store.close()
         if self._metrics_store is not None:

@@ -5,6 +5,7 @@ Exception hierarchy (only `cli.py` turns these into exit codes)::
     ModelwatchError
     ├── ConfigError          bad configuration; names the key (exit 2)
     ├── StateError           the state store cannot be used (locked, corrupt, unwritable)
+    ├── NoAnswer             no daemon answered on the control socket (`explain` falls back)
     └── SinkError            a delivery attempt failed; retried (optionally after `retry_after`)
         └── PermanentSinkError   retrying cannot help; the event goes to the dead letters
 
@@ -28,6 +29,10 @@ class ConfigError(ModelwatchError):
 
 class StateError(ModelwatchError):
     """The state store cannot be opened or written."""
+
+
+class NoAnswer(ModelwatchError):
+    """No daemon answered on the control socket (none runs, or it did not answer in time)."""
 
 
 class UnitUnavailable(ModelwatchError):

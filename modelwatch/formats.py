@@ -7,7 +7,9 @@ Contract:
   at. Paired rules (`checkpoint` + `*.index`, `config.json` + weights) need both files in the
   same directory; when several formats match, the first of `_PRIORITY` wins.
 - `check_complete(unit_dir, fmt, sizes)` returns None when every instance of `fmt` in the
-  unit is completely written, else one short reason naming the file. `sizes` is the caller's
+  unit is completely written, else one `Reason` (code `incomplete`, or `unit_unavailable`
+  when the unit directory cannot be opened) whose message names the file and whose `files`
+  hold it first (then the file that named it: a shard index, `checkpoint`). `sizes` is the caller's
   listing (relative path -> size); existence rules are answered from it, and the files whose
   content matters are opened and read with bounded reads.
 - `model_type_for(fmt)` maps a format to Gradient's model type vocabulary.
@@ -35,6 +37,7 @@ from typing import Any
 
 from modelwatch import beneath, jsonscan, zipdir
 from modelwatch.progress import progress
+from modelwatch.reasons import Reason
 
 FORMATS: tuple[str, ...] = (
     "saved_model",
@@ -113,7 +116,7 @@ def check_complete(
     *,
     follow_top: bool = True,
     identity: tuple[int, int] | None = None,
-) -> str | None:
+) -> Reason | None:
     """None when the unit's `fmt` files are completely written, else one reason naming a file.
 
     `follow_top` and `identity` say how the unit directory is opened (`beneath.open_unit`):
@@ -127,13 +130,13 @@ def check_complete(
     try:
         unit_fd = beneath.open_unit(unit_dir, follow_top=follow_top, identity=identity)
     except OSError as exc:
-        return f"unit directory cannot be opened ({exc.strerror})"
+        return Reason("unit_unavailable", f"unit directory cannot be opened ({exc.strerror})")
     try:
         unit = _Unit(unit_fd, sizes)
         for check in checks:
             check(unit)
     except _Incomplete as exc:
-        return str(exc)
+        return Reason("incomplete", str(exc), exc.files)
     finally:
         os.close(unit_fd)
     return None
@@ -188,7 +191,12 @@ _FileCheck = Callable[[str, int, int], None]  # (path, fd, size) of an open regu
 
 
 class _Incomplete(Exception):
-    """The unit is not complete; the message is the reason. Carried out of nested checks."""
+    """The unit is not complete; the message is the reason, `files` the files it is about.
+    Carried out of nested checks."""
+
+    def __init__(self, message: str, files: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.files = files
 
 
 @dataclass(frozen=True)
@@ -203,7 +211,8 @@ class _Unit:
     def require(self, path: str, named_in: str | None = None) -> None:
         if path not in self.sizes:
             where = f" (named in {_show(named_in)})" if named_in else ""
-            raise _Incomplete(f"{_show(path)} missing{where}")
+            files = (path, named_in) if named_in else (path,)
+            raise _Incomplete(f"{_show(path)} missing{where}", files)
 
 
 def _components(path: str) -> list[str]:
@@ -239,7 +248,18 @@ _KINDS |= {stat.S_IFCHR: "a device, not opened", stat.S_IFBLK: "a device, not op
 
 @contextmanager
 def _open_regular(unit: _Unit, path: str) -> Iterator[tuple[int, int]]:
-    """Yield (fd, size) of the listed regular file `path`; every failure is `_Incomplete`."""
+    """Yield (fd, size) of the listed regular file `path`; every failure is `_Incomplete`,
+    about `path` unless it names other files."""
+    try:
+        with _opened_regular(unit, path) as opened:
+            yield opened
+    except _Incomplete as exc:
+        exc.files = exc.files or (path,)
+        raise
+
+
+@contextmanager
+def _opened_regular(unit: _Unit, path: str) -> Iterator[tuple[int, int]]:
     parts = _components(path)
     try:
         # lstat first so FIFOs and devices are never opened at all; fstat below catches a swap.
@@ -322,9 +342,10 @@ def _check_saved_models(unit: _Unit) -> None:
             _check_bundle(unit, variables_dir + "variables")
 
 
-def _check_bundle(unit: _Unit, prefix: str) -> None:
-    """A TF tensor bundle: `<prefix>.index` and every `<prefix>.data-i-of-M` shard."""
-    unit.require(prefix + ".index")
+def _check_bundle(unit: _Unit, prefix: str, named_in: str | None = None) -> None:
+    """A TF tensor bundle: `<prefix>.index` and every `<prefix>.data-i-of-M` shard (`named_in`:
+    the file that names the prefix)."""
+    unit.require(prefix + ".index", named_in)
     totals = set()
     for path in unit.sizes:
         match = _SHARD_SUFFIX.fullmatch(path, len(prefix)) if path.startswith(prefix) else None
@@ -332,12 +353,15 @@ def _check_bundle(unit: _Unit, prefix: str) -> None:
             totals.add(int(match.group(2)))
     if not totals:
         # A bundle always has at least one data file, even with no variables.
-        raise _Incomplete(f"{_show(prefix)}.data-00000-of-* missing")
+        where = f" (named in {_show(named_in)})" if named_in else ""
+        first = f"{prefix}.data-00000-of-*"
+        raise _Incomplete(f"{_show(first)} missing{where}", (first, prefix + ".index"))
     for total in sorted(totals):
         if total == 0:
-            raise _Incomplete(f"{_show(prefix)}.data-*-of-00000: impossible shard count")
+            impossible = f"{_show(prefix)}.data-*-of-00000: impossible shard count"
+            raise _Incomplete(impossible, (prefix + ".index",))
         for index in range(total):
-            unit.require(f"{prefix}.data-{index:05d}-of-{total:05d}")
+            unit.require(f"{prefix}.data-{index:05d}-of-{total:05d}", named_in)
 
 
 def _check_tf_checkpoints(unit: _Unit) -> None:
@@ -347,12 +371,12 @@ def _check_tf_checkpoints(unit: _Unit) -> None:
         try:
             named = _checkpoint_prefix(_read_small(unit, state))
         except ValueError as exc:
-            raise _Incomplete(f"{_show(state)}: unparseable ({exc})") from None
+            raise _Incomplete(f"{_show(state)}: unparseable ({exc})", (state,)) from None
         # TF records absolute paths when saving to one; the files sit beside `checkpoint`.
         prefix = _resolve(directory, posixpath.basename(named) if named.startswith("/") else named)
         if prefix is None:
-            raise _Incomplete(f"{_show(state)}: model_checkpoint_path leaves the unit")
-        _check_bundle(unit, prefix)
+            raise _Incomplete(f"{_show(state)}: model_checkpoint_path leaves the unit", (state,))
+        _check_bundle(unit, prefix, state)
 
 
 # TF's CheckpointState text proto, one field per line. Every pattern below is anchored at a
@@ -487,17 +511,17 @@ def _check_hf_indexes(unit: _Unit) -> None:
                 problem = _shard_index_problem(unit, index, _chunks(fd, 0, size, index))
             except jsonscan.JsonError:
                 raise _Incomplete(f"{_show(index)}: not valid JSON") from None
-        if problem:
-            raise _Incomplete(problem)
+        if problem is not None:
+            raise problem
     # Shards that exist are checked by the safetensors and pytorch checks that follow.
 
 
-def _shard_index_problem(unit: _Unit, index: str, text: Iterable[bytes]) -> str:
-    """What keeps a shard index's checkpoint incomplete ("" for nothing, or when the JSON is
-    not a shard index: some other file). Streamed: one weight_map entry at a time; of the
+def _shard_index_problem(unit: _Unit, index: str, text: Iterable[bytes]) -> _Incomplete | None:
+    """What keeps a shard index's checkpoint incomplete (None for nothing, or when the JSON
+    is not a shard index: some other file). Streamed: one weight_map entry at a time; of the
     shards that are missing, the one first by name is reported."""
     is_object = has_map = not_names = False
-    first_bad: tuple[str, str] | None = None
+    first_bad: tuple[str, _Incomplete] | None = None
     for path, value in jsonscan.scan(text, build_depth=2, max_value=_MAX_JSON_VALUE):
         if not path:
             is_object = value is jsonscan.OBJECT
@@ -509,24 +533,24 @@ def _shard_index_problem(unit: _Unit, index: str, text: Iterable[bytes]) -> str:
                 not_names = True
             elif first_bad is None or value < first_bad[0]:
                 problem = _missing_shard(unit, index, value)
-                first_bad = (value, problem) if problem else first_bad
+                first_bad = (value, problem) if problem is not None else first_bad
     if not (is_object and has_map):
-        return ""  # some other JSON file; a partly written shard index is never valid JSON
+        return None  # some other JSON file; a partly written shard index is never valid JSON
     if not_names:
-        return f"{_show(index)}: weight_map is not an object of file names"
-    return first_bad[1] if first_bad else ""
+        return _Incomplete(f"{_show(index)}: weight_map is not an object of file names", (index,))
+    return first_bad[1] if first_bad else None
 
 
-def _missing_shard(unit: _Unit, index: str, shard: str) -> str:
+def _missing_shard(unit: _Unit, index: str, shard: str) -> _Incomplete | None:
     path = _resolve(posixpath.dirname(index), shard)
     if path is None:
         outside = f"weight_map names {_show(shard) or repr(shard)} outside the unit"
-        return f"{_show(index)}: {outside}"
+        return _Incomplete(f"{_show(index)}: {outside}", (index,))
     try:
         unit.require(path, named_in=index)
     except _Incomplete as exc:
-        return str(exc)
-    return ""
+        return exc
+    return None
 
 
 def _check_torch_file(path: str, fd: int, size: int) -> None:

@@ -9,8 +9,10 @@ Contract:
   idempotent.
 * `GET /healthz`: 200 `ok\\n` while `alive()` returns [], else 503 with each dead or stale part
   on a line of its own. `GET /readyz`: 200 once `ready` is set, else 503. `GET /metrics`:
-  `metrics.render()` as `CONTENT_TYPE_LATEST`. Other paths 404; only GET and HEAD (others
-  501); a request that is not HTTP is 400. Query strings are ignored. Requests are not logged.
+  `metrics.render()` as `CONTENT_TYPE_LATEST`. Any other path is offered to `pages(path)`
+  (the status page and its JSON, SPEC §9), which answers (status, content type, body) or
+  None; None, or no `pages`, is 404. Only GET and HEAD (others 501); a request that is not
+  HTTP is 400. Query strings are ignored. Requests are not logged.
 
 Clients are untrusted (in a pod every container shares the network namespace, so the
 training code can reach this port). The server never waits for one: a single thread runs
@@ -114,6 +116,7 @@ class HealthServer:
         alive: Callable[[], Sequence[str]],
         ready: threading.Event,
         metrics: Metrics,
+        pages: Callable[[str], tuple[int, str, bytes] | None] | None = None,
         poll_interval: float = 0.5,
         request_seconds: float = REQUEST_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
@@ -122,6 +125,7 @@ class HealthServer:
         self._address = self._listener.getsockname()  # also known once the socket is closed
         self.listen = listen
         self._alive, self._ready, self._metrics = alive, ready, metrics
+        self._pages = pages
         self._poll_interval = poll_interval  # the longest the loop sleeps without a wake-up
         self._request_seconds = request_seconds
         self._max_connections = max_connections
@@ -285,7 +289,8 @@ class HealthServer:
             return 503, TEXT, b"starting\n"
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, self._metrics.render()
-        return 404, TEXT, b"not found\n"
+        page = self._pages(path) if self._pages is not None else None
+        return page if page is not None else (404, TEXT, b"not found\n")
 
 
 def _healthz(alive: Callable[[], Sequence[str]]) -> tuple[int, str, bytes]:

@@ -14,7 +14,7 @@ nothing is recorded from what could not be read.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from modelwatch.beneath import open_unit
@@ -24,26 +24,50 @@ from modelwatch.formats import check_complete, detect_format, model_type_for
 from modelwatch.manifest import Manifest, fingerprint, sha256_file
 from modelwatch.metadata import SchemaValidator, validate_unit_metadata
 from modelwatch.progress import progress
+from modelwatch.reasons import Reason, naming
 
 
-def readiness(unit_dir: str, manifest: Manifest, policy: UnitPolicy) -> str | None:
-    """None when the unit may settle, else the reason it may not (for logs)."""
+def readiness(unit_dir: str, manifest: Manifest, policy: UnitPolicy) -> tuple[Reason, ...]:
+    """Every reason a stable unit may not settle yet (SPEC §2 rules 3-5); () when it may.
+
+    All of them, not the first: whoever asks why a model waits (`explain`) learns at once
+    that the in-progress file is gone but the marker is still missing.
+    """
+    if manifest.too_many_files and not manifest.unreadable:
+        return ()  # settles, then is rejected with a precise problem
+    reasons: list[Reason] = []
     if manifest.unreadable:
-        return f"cannot read {manifest.unreadable[0]}"
-    if manifest.too_many_files:
-        return None  # settles, then is rejected with a precise problem
+        reasons.append(_unreadable(manifest.unreadable))
     if manifest.in_progress:
-        return f"in-progress file present: {manifest.in_progress[0]}"
-    if policy.require_marker and policy.require_marker not in manifest.sizes:
-        return f"marker {policy.require_marker} not present"
+        reasons.append(naming("in_progress", "in-progress files present", manifest.in_progress))
+    marker = policy.require_marker
+    if marker and marker not in manifest.sizes:
+        missing = f"marker file {marker} not present (require_marker)"
+        reasons.append(Reason("missing_marker", missing, (marker,)))
+    # Completeness is judged on a full listing only: what could not be read may hold the
+    # very files the check would call missing.
+    incomplete = None if manifest.unreadable else _completeness(unit_dir, manifest)
+    if incomplete is not None:
+        reasons.append(incomplete)
+    return tuple(reasons)
+
+
+def _unreadable(entries: tuple[str, ...]) -> Reason:
+    reason = naming("unreadable", "cannot read", entries)
+    # The scan lists each as "path (strerror)": `files` holds the paths alone.
+    return replace(reason, files=tuple(e.rpartition(" (")[0] or e for e in reason.files))
+
+
+def _completeness(unit_dir: str, manifest: Manifest) -> Reason | None:
+    """The format's completeness check (SPEC §6), its reason prefixed with the format."""
     sizes = manifest.sizes
-    return check_complete(
-        unit_dir,
-        detect_format(sizes),
-        sizes,
-        follow_top=manifest.follow_top,
-        identity=manifest.identity,
+    fmt = detect_format(sizes)
+    reason = check_complete(
+        unit_dir, fmt, sizes, follow_top=manifest.follow_top, identity=manifest.identity
     )
+    if reason is None or reason.code != "incomplete":
+        return reason
+    return replace(reason, message=f"{fmt} incomplete: {reason.message}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,7 @@ class Registry:
                 format=found.format,
                 model_type=found.model_type,
                 scan_digest=scan_digest,
+                errors=data.get("errors", ()),
             )
             self.store.outbox.enqueue(event, self._sinks_for(event_type))
         return event

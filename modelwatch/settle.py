@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -48,6 +48,20 @@ class Verdict(enum.Enum):
 class Timing:
     settle_seconds: float
     max_wait_seconds: float
+
+
+class Timers(NamedTuple):
+    """What a pending unit waits for, in the owner's monotonic time (see `Settler.timers`).
+
+    A tuple: one is made for every unit that changed in a turn of the settle loop."""
+
+    first_change: float
+    last_change: float  # or the last check that found it not ready: the quiet period restarts
+    next_check: float  # when its next scan is due
+    settle_seconds: float
+    checking: bool  # being checked elsewhere now (busy)
+    overdue: bool  # past max_wait: its `not_settled` was reported
+    last_chance: bool  # the owner is stopping: this is its last check
 
 
 @dataclass(slots=True)
@@ -91,6 +105,19 @@ class Settler(Generic[K]):
 
     def first_change(self, unit: K) -> float:
         return self._pending[unit].first_change
+
+    def timers(self, unit: K) -> Timers:
+        """The pending `unit`'s times and flags, as `due` and `overdue` see them."""
+        p = self._pending[unit]
+        return Timers(
+            first_change=p.first_change,
+            last_change=p.last_change,
+            next_check=self._next_scan(unit, p),
+            settle_seconds=self._timing_for(unit).settle_seconds,
+            checking=p.busy,
+            overdue=p.overdue_reported,
+            last_chance=p.final_gap is not None,
+        )
 
     def _next_scan(self, unit: K, p: _Pending) -> float:
         if p.final_gap is not None:

@@ -31,8 +31,10 @@ from modelwatch.config import Config
 from modelwatch.errors import StateError
 from modelwatch.events import Event
 from modelwatch.metadata import SchemaValidator
+from modelwatch.pending import Board, RootStatus, Snapshot, root_unavailable
 from modelwatch.pool import Pool
 from modelwatch.progress import Cancelled, Heartbeat
+from modelwatch.reasons import Reason, summary
 from modelwatch.registry import Registry, Route
 from modelwatch.roots import Availability
 from modelwatch.rules import RootRules
@@ -90,12 +92,6 @@ Message = (
 Inbox = queue.Queue[Message | None]
 
 
-@dataclass(frozen=True, slots=True)
-class RootStatus:
-    available: bool
-    reason: str = ""
-
-
 @dataclass(slots=True)
 class _Done:
     """A unit settled this turn, waiting for the turn's commit."""
@@ -130,7 +126,7 @@ class SettleLoop(threading.Thread):
         self.settler: Settler[Unit] = Settler(lambda u: self.rules[u.root].timing)
         self.heartbeat = Heartbeat("settle", clock)
         self.roots: dict[str, RootStatus] = {}  # replaced whole, read by other threads
-        self.reasons: dict[Unit, str] = {}  # why each pending unit is not settled yet
+        self.board = Board()  # why each pending unit waits; publishes `snapshot`
         self._tokens: dict[Unit, int] = {}
         self._counter = itertools.count(1)
         self._reconciling: dict[int, str] = {}  # token -> root of reconciles in flight
@@ -144,6 +140,11 @@ class SettleLoop(threading.Thread):
     @property
     def store(self) -> Store:
         return self.registry.store
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """Pending units and roots as of the end of the last turn (immutable; any thread)."""
+        return self.board.snapshot
 
     # -- the thread ----------------------------------------------------------------------------
 
@@ -164,6 +165,7 @@ class SettleLoop(threading.Thread):
         now = self.clock.monotonic()
         self._schedule(now)
         self._commit(now)
+        self.board.publish(self.settler, self.roots, now)
         if self._stopping is not None:
             self._maybe_finish(self._stopping, now)
 
@@ -233,10 +235,12 @@ class SettleLoop(threading.Thread):
         under way are stale."""
         self.settler.observe(unit, at)
         self._tokens[unit] = next(self._counter)
+        self.board.touch(unit)
 
     def _current(self, unit: Unit, token: int) -> bool:
         """Finish a job's bookkeeping; True when its result still counts."""
         self.settler.set_busy(unit, False)
+        self.board.touch(unit)
         return unit in self.settler and self._tokens.get(unit) == token
 
     def _scanned(self, result: Scanned) -> None:
@@ -248,7 +252,8 @@ class SettleLoop(threading.Thread):
         if verdict is Verdict.STABLE:
             self._submit_unit(unit, checks.examine, result.manifest)
         elif verdict is Verdict.CHANGED:
-            self.reasons[unit] = "files changed during the last check at stop"
+            changed = Reason("changed_at_stop", "files changed during the last check at stop")
+            self.board.found(unit, (changed,), now)
 
     def _examined(self, result: Examined) -> None:
         unit, outcome = result.unit, result.outcome
@@ -261,21 +266,30 @@ class SettleLoop(threading.Thread):
             self._forget(unit)
             self._done.append(_Done(unit, outcome, settled_after))
             return
+        reasons: tuple[Reason, ...]
         if isinstance(outcome, checks.RootDown):
-            reason = f"root unavailable: {outcome.reason}"
+            reasons = (root_unavailable(unit.root, outcome.reason),)
+            self.settler.not_ready(unit, None, now)
+        elif isinstance(outcome, checks.Retry):
+            reasons = (Reason("unit_unavailable", outcome.reason),)
             self.settler.not_ready(unit, None, now)
         else:
-            reason = outcome.reason
-            key = outcome.key if isinstance(outcome, checks.NotReady) else None
-            self.settler.not_ready(unit, key, now)
-        self.reasons[unit] = reason
-        log.info("unit_not_ready", unit=unit.display, reason=reason)
+            reasons = outcome.reasons
+            self.settler.not_ready(unit, outcome.key, now)
+        self.board.found(unit, reasons, now)
+        log.info(
+            "unit_not_ready",
+            unit=unit.display,
+            reason=summary(reasons),
+            codes=[r.code for r in reasons],
+        )
 
     def _overdue_checked(self, result: Overdue) -> None:
         unit = result.unit
         if not self._current(unit, result.token) or result.found is None:
             return
         waited = self.clock.monotonic() - self.settler.first_change(unit)
+        reason = summary(result.reasons) or "files still changing"
         try:
             event = self.registry.not_settled(
                 unit,
@@ -283,12 +297,12 @@ class SettleLoop(threading.Thread):
                 result.found,
                 when=self.clock.time(),
                 waited=waited,
-                reason=result.reason,
+                reason=reason,
             )
         except StateError as exc:
             log.error("state_write_failed", unit=unit.display, error=str(exc))
             return
-        log.warning("unit_not_settled", unit=unit.display, event_id=event.id, reason=result.reason)
+        log.warning("unit_not_settled", unit=unit.display, event_id=event.id, reason=reason)
         self.on_event(event)
 
     def _crashed(self, result: Crashed) -> None:
@@ -302,8 +316,10 @@ class SettleLoop(threading.Thread):
             return
         if not isinstance(result.error, Cancelled):
             log.error("unit_failed", unit=unit.display, exc_info=result.error)
-        self.reasons[unit] = f"checking it failed: {result.error!r}"
-        self.settler.not_ready(unit, None, self.clock.monotonic())  # retried, episode kept
+        now = self.clock.monotonic()
+        failed = Reason("check_failed", f"checking it failed: {result.error!r}")
+        self.board.found(unit, (failed,), now)
+        self.settler.not_ready(unit, None, now)  # retried, episode kept
 
     # -- reconcile -------------------------------------------------------------------------------
 
@@ -403,6 +419,7 @@ class SettleLoop(threading.Thread):
         """Run `job(ctx, unit, token, *args)` on the pool; the unit is busy until it returns."""
         token, ctx = self._tokens[unit], self._context(unit.root)
         self.settler.set_busy(unit, True)
+        self.board.touch(unit)
 
         def run(_store: Store) -> Any:
             return job(ctx, unit, token, *args)
@@ -418,7 +435,10 @@ class SettleLoop(threading.Thread):
         if self._stopping is not None and now >= self._stopping.deadline:
             return
         capacity = self.pool.capacity()
-        self._overdue.extend(self.settler.overdue(now))
+        overdue = self.settler.overdue(now)
+        for unit in overdue:
+            self.board.touch(unit)
+        self._overdue.extend(overdue)
         while self._overdue and capacity > 0:
             unit = self._overdue.pop(0)
             if unit in self.settler:
@@ -491,7 +511,7 @@ class SettleLoop(threading.Thread):
 
     def _forget(self, unit: Unit) -> None:
         self._tokens.pop(unit, None)
-        self.reasons.pop(unit, None)
+        self.board.forget(unit)
 
     # -- reload and stop -----------------------------------------------------------------------
 
@@ -508,6 +528,7 @@ class SettleLoop(threading.Thread):
                 self.settler.forget(unit)
                 self._forget(unit)
         self.roots = {root: s for root, s in self.roots.items() if root in self.rules}
+        self.board.touch_all()  # settle_seconds may have changed
         change.done.set()
 
     def _begin_stop(self, stop: Stop) -> None:
@@ -517,6 +538,7 @@ class SettleLoop(threading.Thread):
             log.info("last_chance", units=len(pending), note="checking pending units once more")
         gap = self.config.daemon.stop_settle_seconds if stop.gap is None else stop.gap
         self.settler.last_chance(self.clock.monotonic(), gap)
+        self.board.touch_all()
 
     def abandon(self) -> None:
         """End the loop at its next turn, last chances or not (a stop past its deadline)."""
@@ -531,7 +553,8 @@ class SettleLoop(threading.Thread):
         if self.settler.in_last_chance() and now < stop.deadline:
             return
         for unit in self.settler.pending():
-            reason = self.reasons.get(unit) or "still being checked at the shutdown deadline"
+            found = summary(self.board.findings(unit))
+            reason = found or "still being checked at the shutdown deadline"
             log.warning(stop.log_as, unit=unit.display, reason=reason)
         self._finished.set()
         stop.done.set()

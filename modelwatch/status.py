@@ -1,17 +1,20 @@
 """`modelwatch status`: what the state store says, as data and as text (SPEC §3).
 
-`status_report` builds the JSON form (`status --format json`, and later `/api/status`):
-roots and their availability, units with their latest version and state, per-sink pending /
-dead / discarded counts with the oldest pending age, and every dead letter. `render` prints
-the same as tables a person reads at a glance. Both only read the store.
+`status_report` builds the JSON form (`status --format json`): roots and their
+availability, units with their latest version and state, per-sink pending / dead / discarded
+counts with the oldest pending age, and every dead letter. `render` prints the same as tables
+a person reads at a glance. Both only read the store. `live_status` is the running daemon's
+`/api/status`: the same, plus what only the daemon knows (each root's observer and state now,
+every pending unit with its reasons, the latest events).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from modelwatch.config import Config
+from modelwatch.pending import Snapshot, Waiting, reasons
 from modelwatch.state import Store
 from modelwatch.units import describe
 
@@ -63,6 +66,49 @@ def status_report(config: Config, store: Store, now: float) -> dict[str, Any]:
         for d in store.outbox.dead_letters()
     ]
     return {"roots": roots, "units": units, "sinks": sinks, "dead_letters": dead}
+
+
+def live_status(
+    config: Config,
+    store: Store,
+    snapshot: Snapshot,
+    *,
+    observers: Mapping[str, str],
+    recent: Sequence[Mapping[str, Any]],
+    now: float,
+    monotonic: float,
+) -> dict[str, Any]:
+    """`status_report` (`now`: wall time) with the daemon's own view: `observers` (root path
+    -> inotify | polling | missing), the settle loop's `snapshot` of roots and pending units
+    (its times are `monotonic`), and the `recent` events, oldest first."""
+    report = status_report(config, store, now)
+    for row, root in zip(report["roots"], config.roots, strict=True):
+        live = snapshot.roots.get(root.path)
+        if live is not None:
+            row["state"] = "available" if live.available else "unavailable"
+            row["reason"] = live.reason or None
+        row["observer"] = observers.get(root.path, row["observer"])
+    listed = {row["sink"] for row in report["sinks"]}
+    report["sinks"] += [  # configured sinks with nothing in the outbox: all delivered
+        {"sink": s.name, "pending": 0, "dead": 0, "discarded": 0, "oldest_pending_seconds": None}
+        for s in config.sinks
+        if s.name not in listed
+    ]
+    waiting = sorted(snapshot.pending.values(), key=lambda w: w.timers.first_change)
+    report["pending"] = [_pending_row(w, snapshot, monotonic) for w in waiting]
+    report["recent_events"] = [dict(event) for event in recent]
+    return report
+
+
+def _pending_row(waiting: Waiting, snapshot: Snapshot, monotonic: float) -> dict[str, Any]:
+    why = reasons(waiting, snapshot.roots, monotonic)
+    return {
+        "path": waiting.unit.display,
+        "root": describe(waiting.unit.root),
+        "pending_seconds": round(max(0.0, monotonic - waiting.timers.first_change), 1),
+        "summary": why[0].message if why else "",
+        "reasons": [r.to_dict() for r in why],
+    }
 
 
 def render(report: dict[str, Any]) -> str:

@@ -93,13 +93,17 @@ def test_unit_directory_swapped_after_the_scan_is_not_read(tmp_path: Path, name:
     unit = Unit(str(root), name)
     fill(Path(unit.path), "inside")
     manifest = scan(unit)
-    assert readiness(unit.path, manifest, SHA256) is None  # complete before the swap
+    assert readiness(unit.path, manifest, SHA256) == ()  # complete before the swap
     outside = tmp_path / "outside"
     outside_copy(Path(unit.path), outside / "exp-1")
     swap_for_symlink(root / name.split("/")[0], outside if "/" in name else outside / "exp-1")
 
     why = "replaced since it was scanned" if "/" in name else "is a symbolic link, not followed"
-    assert readiness(unit.path, manifest, SHA256) == f"unit directory cannot be opened ({why})"
+    (reason,) = readiness(unit.path, manifest, SHA256)
+    assert (reason.code, reason.message) == (
+        "unit_unavailable",
+        f"unit directory cannot be opened ({why})",
+    )
     with pytest.raises(UnitUnavailable, match=re.escape(f"cannot be opened ({why})")):
         inspect_unit(unit.path, manifest, SHA256, MetadataConfig())
 
@@ -136,7 +140,7 @@ def test_subdirectory_swapped_after_the_scan_is_not_read(tmp_path: Path, sub: by
     assert problem.code == "metadata_not_regular_file" and "symbolic link" in problem.message
     sizes = {**manifest.sizes, os.fsdecode(sub + b"/x.safetensors"): weights}
     reason = check_complete(unit.path, "safetensors", sizes, follow_top=False)
-    assert reason is not None and "not followed" in reason
+    assert reason is not None and "not followed" in reason.message
     found = inspect_unit(unit.path, manifest, SHA256, MetadataConfig())
     rows = {row["path"]: row for row in found.files}
     assert rows[shard.path]["sha256"] == "unreadable"
@@ -164,7 +168,7 @@ def test_the_pipeline_records_nothing_for_a_unit_swapped_after_its_scan(
         manifest = rules.scan(unit)
         outside_copy(Path(unit.path), tmp_path / "outside")
         swap_for_symlink(Path(unit.path), tmp_path / "outside")
-        assert readiness(unit.path, manifest, rules.config.policy) is not None
+        assert readiness(unit.path, manifest, rules.config.policy) != ()
         result = examine(ctx, unit, 1, manifest)
         assert isinstance(result.outcome, NotReady | Retry)
         assert store.units.all() == []
@@ -181,7 +185,7 @@ def test_depth_zero_root_given_as_a_symlink_is_read(tmp_path: Path) -> None:
     link.symlink_to(real)
     unit = Unit(str(link), ".")
     manifest = scan(unit)
-    assert readiness(unit.path, manifest, SHA256) is None
+    assert readiness(unit.path, manifest, SHA256) == ()
     found = inspect_unit(unit.path, manifest, SHA256, MetadataConfig())
     assert found.problems == () and found.metadata == {"description": "inside"}
     expected = hashlib.sha256((real / "model.safetensors").read_bytes()).hexdigest()

@@ -12,6 +12,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -47,10 +48,16 @@ def listing(unit: Path) -> dict[str, int]:
     return sizes
 
 
+def complete(unit_dir: str, fmt: str, sizes: dict[str, int], **how: Any) -> str | None:
+    """`check_complete`'s reason as its message; None when complete."""
+    reason = check_complete(unit_dir, fmt, sizes, **how)
+    return None if reason is None else reason.message
+
+
 def check(unit: Path, fmt: str | None = None) -> str | None:
     """`check_complete` on the unit's current listing, with the detected format by default."""
     sizes = listing(unit)
-    return check_complete(str(unit), fmt or detect_format(sizes), sizes)
+    return complete(str(unit), fmt or detect_format(sizes), sizes)
 
 
 WRITERS: dict[str, Callable[[Path], object]] = {
@@ -184,7 +191,7 @@ def test_tf_checkpoint_prefix_missing_a_shard(tmp_path: Path) -> None:
     """The prefix `checkpoint` names must have every data shard."""
     write_tf_checkpoint(tmp_path, "ckpt-7", shards=3)
     (tmp_path / "ckpt-7.data-00001-of-00003").unlink()
-    assert check(tmp_path) == "ckpt-7.data-00001-of-00003 missing"
+    assert check(tmp_path) == "ckpt-7.data-00001-of-00003 missing (named in checkpoint)"
 
 
 def test_tf_checkpoint_prefix_missing_its_index(tmp_path: Path) -> None:
@@ -192,13 +199,13 @@ def test_tf_checkpoint_prefix_missing_its_index(tmp_path: Path) -> None:
     write_tf_checkpoint(tmp_path, "ckpt-2")
     (tmp_path / "ckpt-2.index").unlink()
     assert detect_format(listing(tmp_path)) == "tf_checkpoint"
-    assert check(tmp_path) == "ckpt-2.index missing"
+    assert check(tmp_path) == "ckpt-2.index missing (named in checkpoint)"
 
 
 def test_tf_checkpoint_checks_the_prefix_named_not_older_ones(tmp_path: Path) -> None:
     """Only the prefix `checkpoint` names counts: older ones may be pruned, newer awaited."""
     write_tf_checkpoint(tmp_path, "ckpt-1", listed_prefix="ckpt-2")
-    assert check(tmp_path) == "ckpt-2.index missing"
+    assert check(tmp_path) == "ckpt-2.index missing (named in checkpoint)"
     write_tf_checkpoint(tmp_path, "ckpt-2")
     (tmp_path / "ckpt-1.data-00000-of-00001").unlink()
     assert check(tmp_path) is None
@@ -259,11 +266,11 @@ def test_safetensors_cut_inside_its_header(tmp_path: Path) -> None:
     write_safetensors(tmp_path / "a.safetensors", {"w": 10}, truncate_to=20)
     write_safetensors(tmp_path / "b.safetensors", {"w": 10}, truncate_to=5)
     sizes = listing(tmp_path)
-    reason = check_complete(str(tmp_path), "safetensors", sizes)
+    reason = complete(str(tmp_path), "safetensors", sizes)
     assert reason is not None
     assert reason.startswith("a.safetensors: truncated (header ends at")
     del sizes["a.safetensors"]
-    assert check_complete(str(tmp_path), "safetensors", sizes) == (
+    assert complete(str(tmp_path), "safetensors", sizes) == (
         "b.safetensors: truncated (5 bytes, no header length)"
     )
 
@@ -321,6 +328,39 @@ def test_hf_index_naming_a_missing_shard(tmp_path: Path) -> None:
     assert check(tmp_path) == (
         "model-00002-of-00003.safetensors missing (named in model.safetensors.index.json)"
     )
+
+
+@pytest.mark.parametrize(
+    ("write", "files"),
+    [
+        (
+            lambda d: write_hf_sharded(d, skip_shard=2),
+            ("model-00002-of-00003.safetensors", "model.safetensors.index.json"),
+        ),
+        (
+            lambda d: (
+                write_tf_checkpoint(d, "ckpt-3"),
+                (d / "ckpt-3.data-00000-of-00001").unlink(),
+            ),
+            ("ckpt-3.data-00000-of-*", "ckpt-3.index"),
+        ),
+        (
+            lambda d: write_safetensors(d / "m.safetensors", {"w": 64}, truncate_to=40),
+            ("m.safetensors",),
+        ),
+    ],
+    ids=["hf-shard", "tf-data-shard", "truncated"],
+)
+def test_the_reason_names_its_files_as_data(
+    tmp_path: Path, write: Callable[[Path], object], files: tuple[str, ...]
+) -> None:
+    """An incomplete unit's reason says which file is missing or incomplete (then the file
+    that listed it), as data for `explain`, not only inside the message."""
+    write(tmp_path)
+    sizes = listing(tmp_path)
+    reason = check_complete(str(tmp_path), detect_format(sizes), sizes)
+    assert reason is not None
+    assert (reason.code, reason.files) == ("incomplete", files)
 
 
 def test_hf_truncated_shard(tmp_path: Path) -> None:
@@ -468,7 +508,7 @@ def test_settle_only_formats_are_always_complete(tmp_path: Path, fmt: str) -> No
 def test_unknown_format_name_is_a_bug() -> None:
     """Passing a format outside FORMATS is a programming error."""
     with pytest.raises(ValueError, match="unknown format"):
-        check_complete("/", "tflite", {})
+        complete("/", "tflite", {})
 
 
 # --- untrusted directories ---------------------------------------------------------------
@@ -482,7 +522,7 @@ def test_symlinked_file_is_never_followed(tmp_path: Path, target: str) -> None:
     write_safetensors(tmp_path / "big.safetensors", {"w": 10}, truncate_to=12)
     os.symlink(target if target.startswith("/") else tmp_path / target, unit / "a.safetensors")
     sizes = {"a.safetensors": 12}
-    reason = check_complete(str(unit), "safetensors", sizes)
+    reason = complete(str(unit), "safetensors", sizes)
     assert reason == "a.safetensors: is a symlink, not followed"
 
 
@@ -495,7 +535,7 @@ def test_symlinked_parent_directory_is_never_followed(tmp_path: Path) -> None:
     unit.mkdir()
     os.symlink(outside, unit / "sub")
     sizes = {"sub/m.pt": (outside / "m.pt").stat().st_size}
-    reason = check_complete(str(unit), "pytorch", sizes)
+    reason = complete(str(unit), "pytorch", sizes)
     assert reason == "sub/m.pt: a symlink or non-directory on the path, not followed"
 
 
@@ -504,9 +544,7 @@ def test_fifo_named_like_weights_does_not_block(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "x.safetensors")
     result: list[str | None] = []
     worker = threading.Thread(
-        target=lambda: result.append(
-            check_complete(str(tmp_path), "safetensors", {"x.safetensors": 0})
-        ),
+        target=lambda: result.append(complete(str(tmp_path), "safetensors", {"x.safetensors": 0})),
         daemon=True,
     )
     worker.start()
@@ -521,7 +559,7 @@ def test_file_deleted_after_listing(tmp_path: Path) -> None:
     write_safetensors(tmp_path / "m.safetensors", {"w": 10})
     sizes = listing(tmp_path)
     (tmp_path / "m.safetensors").unlink()
-    assert check_complete(str(tmp_path), "safetensors", sizes) == "m.safetensors missing"
+    assert complete(str(tmp_path), "safetensors", sizes) == "m.safetensors missing"
 
 
 def test_file_grown_or_replaced_after_listing(tmp_path: Path) -> None:
@@ -530,11 +568,11 @@ def test_file_grown_or_replaced_after_listing(tmp_path: Path) -> None:
     sizes = listing(tmp_path)
     with open(tmp_path / "m.pt", "ab") as out:
         out.write(b"more")
-    reason = check_complete(str(tmp_path), "pytorch", sizes)
+    reason = complete(str(tmp_path), "pytorch", sizes)
     assert reason == f"m.pt: changed since listed ({sizes['m.pt']} bytes, now {sizes['m.pt'] + 4})"
     (tmp_path / "m.pt").unlink()
     (tmp_path / "m.pt").mkdir()
-    assert check_complete(str(tmp_path), "pytorch", sizes) == "m.pt: is a directory"
+    assert complete(str(tmp_path), "pytorch", sizes) == "m.pt: is a directory"
 
 
 def test_reasons_stay_on_one_line(tmp_path: Path) -> None:
@@ -556,13 +594,14 @@ def test_paths_no_file_in_the_unit_can_have_are_refused(
     tmp_path: Path, bad: str, shown: str
 ) -> None:
     """A listing naming `..`, an absolute path or an impossible name is a reason, not opened."""
-    assert check_complete(str(tmp_path), "onnx", {bad: 1}) == f"{shown}: not a path inside the unit"
+    assert complete(str(tmp_path), "onnx", {bad: 1}) == f"{shown}: not a path inside the unit"
 
 
 def test_missing_unit_directory(tmp_path: Path) -> None:
     """A unit that disappeared is a reason, not an exception."""
     reason = check_complete(str(tmp_path / "gone"), "onnx", {"m.onnx": 1})
-    assert reason == "unit directory cannot be opened (No such file or directory)"
+    assert reason is not None and reason.code == "unit_unavailable"
+    assert reason.message == "unit directory cannot be opened (No such file or directory)"
 
 
 def test_copy_tree_chunked_reproduces_a_model(tmp_path: Path) -> None:
@@ -667,7 +706,7 @@ def test_arbitrary_content_never_raises(
     sizes = listing(unit)
     fmt = detect_format(sizes)
     assert fmt != "unknown"
-    result = check_complete(str(unit), fmt, sizes)
+    result = complete(str(unit), fmt, sizes)
     assert result is None or (isinstance(result, str) and "\n" not in result)
 
 

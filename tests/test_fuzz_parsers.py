@@ -79,7 +79,8 @@ def completeness_in_subprocess(unit: Path) -> tuple[str | None, int]:
         "from modelwatch.formats import check_complete, detect_format\n"
         "unit = sys.argv[1]\n"
         "sizes = {n: os.path.getsize(os.path.join(unit, n)) for n in os.listdir(unit)}\n"
-        "reason = check_complete(unit, detect_format(sizes), sizes)\n"
+        "found = check_complete(unit, detect_format(sizes), sizes)\n"
+        "reason = found and found.message\n"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent.
         "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
         "rss = int(status.split()[0]) * 1024\n"
@@ -539,7 +540,8 @@ def test_shard_indexes_are_bounded(tmp_path_factory: pytest.TempPathFactory, ind
 
 def check_unit(unit: Path) -> str | None:
     sizes = {p.name: p.stat().st_size for p in unit.iterdir()}
-    return formats.check_complete(str(unit), formats.detect_format(sizes), sizes)
+    reason = formats.check_complete(str(unit), formats.detect_format(sizes), sizes)
+    return None if reason is None else reason.message
 
 
 # --- metadata (gradient-model-metadata.json): strict parser and C fast path ---------------

@@ -424,3 +424,26 @@ def test_sigterm_stops_a_daemon_held_by_idle_and_trickling_clients(
         finally:
             for sock in idle:
                 sock.close()
+
+
+def test_other_paths_are_offered_to_the_pages(
+    parts: Parts, ready: threading.Event, metrics: Metrics
+) -> None:
+    """A path the server does not own goes to `pages` (the status page): its answer is
+    served, HEAD without a body; a path `pages` declines is 404, and /healthz stays the
+    server's own."""
+    asked: list[str] = []
+
+    def pages(path: str) -> tuple[int, str, bytes] | None:
+        asked.append(path)
+        return (200, "text/html; charset=utf-8", b"<p>status</p>") if path == "/" else None
+
+    server = HealthServer(
+        "127.0.0.1:0", alive=parts, ready=ready, metrics=metrics, pages=pages, poll_interval=FAST
+    )
+    with server:
+        assert request(url(server, "/?x=1")) == (200, "text/html; charset=utf-8", b"<p>status</p>")
+        assert request(url(server, "/"), method="HEAD")[::2] == (200, b"")
+        assert request(url(server, "/nowhere"))[0] == 404
+        assert request(url(server, "/healthz"))[0] == 200
+    assert asked == ["/", "/", "/nowhere"]

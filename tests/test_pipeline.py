@@ -16,6 +16,7 @@ import pytest
 
 from modelwatch.config import Config
 from modelwatch.events import Event
+from modelwatch.reasons import Reason
 from modelwatch.state import StateDir
 from modelwatch.watch import Change
 from tests.harness import SCHEMA_1_AGAIN, Harness
@@ -538,7 +539,7 @@ def test_a_bug_in_one_units_check_strands_no_other_unit(
     real = modelwatch.checks.readiness
     calls: list[str] = []
 
-    def flaky(unit_dir: str, *args: Any) -> str | None:
+    def flaky(unit_dir: str, *args: Any) -> tuple[Reason, ...]:
         calls.append(unit_dir)
         if len(calls) == 2:
             raise RuntimeError("a bug")

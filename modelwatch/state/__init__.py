@@ -17,8 +17,14 @@ import sqlite3
 from collections.abc import Iterator
 
 from modelwatch.state.database import SCHEMA_VERSION, Database, StateDir
-from modelwatch.state.outbox import DeadLetter, Outbox, OutboxRow, SinkStats
-from modelwatch.state.units import KnownFingerprint, RootRecord, UnitRecord, UnitTable
+from modelwatch.state.outbox import DeadLetter, Outbox, OutboxRow, SinkStats, UnitDelivery
+from modelwatch.state.units import (
+    KnownFingerprint,
+    RootRecord,
+    Settlement,
+    UnitRecord,
+    UnitTable,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -28,9 +34,11 @@ __all__ = [
     "Outbox",
     "OutboxRow",
     "RootRecord",
+    "Settlement",
     "SinkStats",
     "StateDir",
     "Store",
+    "UnitDelivery",
     "UnitRecord",
     "UnitTable",
 ]

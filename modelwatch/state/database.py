@@ -19,7 +19,7 @@ from typing import Any
 
 from modelwatch.errors import StateError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE units (
@@ -87,10 +87,18 @@ UPDATE outbox SET unit = (SELECT e.unit FROM events e WHERE e.seq = outbox.seq);
 CREATE INDEX outbox_unit ON outbox(sink, unit, seq);
 """
 
+# 4: when each fingerprint settled and, for a rejected one, its errors (JSON): `explain` names
+#    the rule a rejected unit broke after its event left the outbox.
+_SCHEMA_V4 = """
+ALTER TABLE fingerprints ADD COLUMN settled_at REAL;
+ALTER TABLE fingerprints ADD COLUMN errors TEXT;
+"""
+
 _MIGRATIONS = {
     1: _SCHEMA_V1,
     2: "ALTER TABLE units ADD COLUMN scan_digest BLOB",
     3: _SCHEMA_V3,
+    4: _SCHEMA_V4,
 }
 
 

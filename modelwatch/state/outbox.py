@@ -67,6 +67,20 @@ class DeadLetter:
     state: str = "dead"  # or "pending", for rows listed by `discard`
 
 
+@dataclass(frozen=True, slots=True)
+class UnitDelivery:
+    """One undelivered (or discarded) event of a unit on one sink, for `explain`."""
+
+    sink: str
+    event_id: str
+    type: str
+    state: str  # pending | dead | discarded
+    attempts: int
+    next_attempt: float  # wall time of the next attempt (pending)
+    last_error: str | None
+    created: float  # wall time the event was committed
+
+
 class Outbox:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -185,6 +199,17 @@ class Outbox:
             args,
         )
         return [DeadLetter(*row) for row in rows]
+
+    def for_unit(self, unit: str) -> list[UnitDelivery]:
+        """Every event of `unit` not delivered to some sink (and every one discarded), by sink
+        and then in commit order. Delivered events leave no row: absence means delivered."""
+        rows = self.db.query(
+            "SELECT o.sink, e.id, e.type, o.state, o.attempts, o.next_attempt, o.last_error,"
+            " e.created FROM outbox o JOIN events e ON e.seq = o.seq WHERE e.unit = ?"
+            " ORDER BY o.sink, o.seq",
+            (unit,),
+        )
+        return [UnitDelivery(*row) for row in rows]
 
     def sinks(self) -> list[str]:
         """Every sink name that has rows (any state)."""

@@ -11,8 +11,9 @@ removed") and the availability the daemon last saw.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,19 @@ class KnownFingerprint:
     version: int | None
     epoch: int  # the unit's removals when this fingerprint was last emitted
     event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One fingerprint a unit settled with: its outcome, version, and when (wall time; None
+    for one recorded before schema 4), with the errors of a rejection."""
+
+    fingerprint: str
+    outcome: str  # registered | rejected
+    version: int | None
+    event_id: str
+    settled_at: float | None
+    errors: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +100,20 @@ class UnitTable:
         )
         return KnownFingerprint(*rows[0]) if rows else None
 
+    def history(self, unit: str) -> list[Settlement]:
+        """Every fingerprint `unit` settled with, oldest first (the last is its latest)."""
+        when, errors = ("settled_at", "errors") if self.db.version >= 4 else ("NULL", "NULL")
+        rows = self.db.query(
+            f"SELECT fingerprint, outcome, version, event_id, {when}, {errors}"  # noqa: S608
+            " FROM fingerprints WHERE unit = ? ORDER BY settled_at IS NOT NULL, settled_at,"
+            " version, rowid",
+            (unit,),
+        )
+        return [
+            Settlement(fp, outcome, version, event_id, at, _errors(errors))
+            for fp, outcome, version, event_id, at, errors in rows
+        ]
+
     def is_current(self, unit: str, fp: str) -> bool:
         """True when `fp` was emitted since the unit's last removal: settling with it again
         emits nothing."""
@@ -109,8 +137,10 @@ class UnitTable:
         format: str | None = None,
         model_type: str | None = None,
         scan_digest: bytes | None = None,
+        errors: Sequence[Mapping[str, Any]] = (),
     ) -> None:
-        """Record a settled fingerprint (registered or rejected); the unit is present."""
+        """Record a settled fingerprint (registered or rejected, with its `errors`); the unit
+        is present."""
         with self.db.transaction() as db:
             db.execute(
                 "INSERT INTO units(path, root, updated, scan_digest) VALUES(?, ?, ?, ?)"
@@ -126,11 +156,13 @@ class UnitTable:
                     (version, fp, version, format, model_type, unit),
                 )
             db.execute(
-                "INSERT INTO fingerprints(unit, fingerprint, outcome, version, event_id, epoch)"
-                " VALUES(?, ?, ?, ?, ?, ?) ON CONFLICT(unit, fingerprint) DO UPDATE SET"
+                "INSERT INTO fingerprints(unit, fingerprint, outcome, version, event_id, epoch,"
+                " settled_at, errors) VALUES(?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(unit, fingerprint) DO UPDATE SET"
                 " outcome = excluded.outcome, version = excluded.version,"
-                " event_id = excluded.event_id, epoch = excluded.epoch",
-                (unit, fp, outcome, version, event_id, epoch),
+                " event_id = excluded.event_id, epoch = excluded.epoch,"
+                " settled_at = excluded.settled_at, errors = excluded.errors",
+                (unit, fp, outcome, version, event_id, epoch, time.time(), _json(errors)),
             )
 
     def record_removed(self, unit: str) -> None:
@@ -193,6 +225,20 @@ class UnitTable:
             " observer = COALESCE(excluded.observer, observer), updated = excluded.updated",
             (path, device, state, reason, observer, now, now),
         )
+
+
+def _json(errors: Sequence[Mapping[str, Any]]) -> str | None:
+    return json.dumps(list(errors), ensure_ascii=False) if errors else None
+
+
+def _errors(text: str | None) -> tuple[Mapping[str, Any], ...]:
+    if not text:
+        return ()
+    try:
+        loaded = json.loads(text)
+    except ValueError:  # written by this module; a damaged row is shown as no errors
+        return ()
+    return tuple(e for e in loaded if isinstance(e, dict)) if isinstance(loaded, list) else ()
 
 
 def _unit_record(row: Sequence[Any]) -> UnitRecord:
