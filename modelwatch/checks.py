@@ -93,6 +93,7 @@ class Examined:
     token: int
     outcome: Outcome
     availability: Availability  # of the unit's root, checked first
+    key: object = None  # from `final_check`: the final scan's stat key (equal to the probe's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +130,25 @@ def scan(ctx: Context, unit: Unit, token: int) -> Scanned:
     return Scanned(unit, token, ctx.rules.scan(unit))
 
 
+def final_check(ctx: Context, unit: Unit, token: int, probe: object) -> Scanned | Examined:
+    """The final scan of a unit whose probe scan gave `probe`: when nothing changed, the unit
+    is examined in the same job (one trip through the pool instead of two); otherwise the
+    scan goes back to the settle loop, which restarts the quiet period."""
+    manifest = ctx.rules.scan(unit)
+    if manifest.stat_key != probe:
+        return Scanned(unit, token, manifest)
+    examined = examine(ctx, unit, token, manifest)
+    return Examined(unit, token, examined.outcome, examined.availability, manifest.stat_key)
+
+
 def examine(ctx: Context, unit: Unit, token: int, manifest: Manifest) -> Examined:
     """Root availability, then readiness, then inspection, of a unit whose scans were stable.
 
     Nothing of an unavailable root settles: not a removal (its files may be on a mount that
     went away), and not a registration either (its `root_marker` says it is not complete).
     """
-    availability = check_root(ctx.rules.config, ctx.known_device)
+    present = manifest.exists and not manifest.empty
+    availability = check_root(ctx.rules.config, ctx.known_device, holds_units=present or None)
     if not availability.available:
         return Examined(unit, token, RootDown(availability.reason), availability)
     return Examined(unit, token, _examine(ctx, unit, manifest), availability)

@@ -23,12 +23,17 @@ the stat key of a "probe" scan. The protocol with its owner (the pipeline thread
    that differs answers `CHANGED`, and `not_ready` ends the unit's last chance: it is `done`
    and left pending for the next start.
 
-No clocks, threads or I/O here: times are plain floats from a monotonic clock.
+No clocks, threads or I/O here: times are plain floats from a monotonic clock. Each unit's
+next scan and its max-wait deadline sit in heaps (stale entries dropped as they surface), so a
+turn of the owner's loop costs O(k log n) for the k units due, not O(n): a burst of a
+thousand pending units must not make every turn walk all of them.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
@@ -77,6 +82,7 @@ class _Pending:
     final_gap: float | None = None  # last chance (stopping): final scan this long after probe
     final_from: float = 0.0  # last chance: the probe is due from here
     done: bool = False  # last chance over; left pending
+    stamp: int = 0  # which entry of the scan heap is this unit's current one
 
 
 class Settler(Generic[K]):
@@ -85,6 +91,43 @@ class Settler(Generic[K]):
     def __init__(self, timing_for: Callable[[K], Timing]) -> None:
         self._timing_for = timing_for
         self._pending: dict[K, _Pending] = {}
+        self._order = itertools.count()  # heap tie-breaker: units need not be comparable
+        # (next scan, order, stamp, unit) and (max-wait deadline, order, first change, unit)
+        self._scans: list[tuple[float, int, int, K]] = []
+        self._waits: list[tuple[float, int, float, K]] = []
+
+    def _schedule(self, unit: K, p: _Pending) -> None:
+        """(Re)enter the unit's next scan; older entries of it go stale."""
+        p.stamp += 1
+        if not p.busy and not p.done:
+            at = self._next_scan(unit, p)
+            heapq.heappush(self._scans, (at, next(self._order), p.stamp, unit))
+
+    def _schedule_wait(self, unit: K, p: _Pending) -> None:
+        at = self._overdue_at(unit, p)
+        if at is not None:
+            heapq.heappush(self._waits, (at, next(self._order), p.first_change, unit))
+
+    def _scan_entry_live(self, entry: tuple[float, int, int, K]) -> bool:
+        p = self._pending.get(entry[3])
+        return p is not None and p.stamp == entry[2] and not p.busy and not p.done
+
+    def _wait_entry_live(self, entry: tuple[float, int, float, K]) -> bool:
+        p = self._pending.get(entry[3])
+        return (
+            p is not None
+            and p.first_change == entry[2]
+            and not p.overdue_reported
+            and p.final_gap is None
+            and not p.busy
+        )
+
+    def retime(self) -> None:
+        """Timings changed (a reload): enter every unit's times again."""
+        self._scans, self._waits = [], []
+        for unit, p in self._pending.items():
+            self._schedule(unit, p)
+            self._schedule_wait(unit, p)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -96,12 +139,15 @@ class Settler(Generic[K]):
         """A change happened inside `unit` at time `t`."""
         p = self._pending.get(unit)
         if p is None:
-            self._pending[unit] = _Pending(first_change=t, last_change=t)
+            p = self._pending[unit] = _Pending(first_change=t, last_change=t)
+            self._schedule(unit, p)
+            self._schedule_wait(unit, p)
             return
         p.last_change = max(p.last_change, t)
         p.has_probe = False
         p.probe = None
         p.backoff = 0.0
+        self._schedule(unit, p)
 
     def first_change(self, unit: K) -> float:
         return self._pending[unit].first_change
@@ -134,36 +180,50 @@ class Settler(Generic[K]):
 
     def next_deadline(self) -> float | None:
         """The earliest time at which `due` or `overdue` will return something."""
-        times: list[float] = []
-        for unit, p in self._pending.items():
-            if p.busy or p.done:
-                continue
-            times.append(self._next_scan(unit, p))
-            overdue = self._overdue_at(unit, p)
-            if overdue is not None:
-                times.append(overdue)
+        while self._scans and not self._scan_entry_live(self._scans[0]):
+            heapq.heappop(self._scans)
+        while self._waits and not self._wait_entry_live(self._waits[0]):
+            heapq.heappop(self._waits)
+        times = [heap[0][0] for heap in (self._scans, self._waits) if heap]
         return min(times, default=None)
 
-    def due(self, now: float) -> list[K]:
-        """Units that need a scan now, oldest deadline first."""
-        ready = [
-            (self._next_scan(u, p), u)
-            for u, p in self._pending.items()
-            if not p.busy and not p.done
-        ]
-        return [u for at, u in sorted(ready, key=lambda x: x[0]) if at <= now]
+    def due(self, now: float, limit: int | None = None) -> list[K]:
+        """Units that need a scan now, oldest deadline first (at most `limit` of them: the
+        owner asks only for as many as it can check, so a turn stays cheap however many
+        units are due)."""
+        live: list[tuple[float, int, int, K]] = []
+        while self._scans and self._scans[0][0] <= now and (limit is None or len(live) < limit):
+            entry = heapq.heappop(self._scans)
+            if self._scan_entry_live(entry):
+                live.append(entry)
+        for entry in live:  # still due until checked (busy) or changed
+            heapq.heappush(self._scans, entry)
+        return [entry[3] for entry in live]
 
     def set_busy(self, unit: K, busy: bool) -> None:
         """The owner started (True) or finished (False) checking `unit` elsewhere."""
         p = self._pending.get(unit)
-        if p is not None:
+        if p is not None and p.busy != busy:
             p.busy = busy
+            if not busy:
+                self._schedule(unit, p)
+                self._schedule_wait(unit, p)
+
+    def probe(self, unit: K) -> object | None:
+        """The stat key of the unit's probe scan, when its next scan is the final one."""
+        p = self._pending[unit]
+        return p.probe if p.has_probe else None
+
+    def is_busy(self, unit: K) -> bool:
+        p = self._pending.get(unit)
+        return p is not None and p.busy
 
     def last_chance(self, now: float, gap: float) -> None:
         """Stopping: every pending unit gets a probe scan now and a final one `gap` later."""
-        for p in self._pending.values():
+        for unit, p in self._pending.items():
             p.final_gap, p.final_from = gap, now
             p.has_probe, p.probe, p.backoff = False, None, 0.0
+            self._schedule(unit, p)
 
     def in_last_chance(self) -> list[K]:
         """Pending units whose last chance is not over yet."""
@@ -172,6 +232,11 @@ class Settler(Generic[K]):
     def scanned(self, unit: K, key: object, now: float) -> Verdict:
         """Feed the stat key of a scan taken at `now`."""
         p = self._pending[unit]
+        verdict = self._verdict(unit, p, key, now)
+        self._schedule(unit, p)
+        return verdict
+
+    def _verdict(self, unit: K, p: _Pending, key: object, now: float) -> Verdict:
         if not p.has_probe:
             p.probe, p.probe_at, p.has_probe = key, now, True
             return Verdict.WAIT
@@ -195,12 +260,14 @@ class Settler(Generic[K]):
         p = self._pending[unit]
         if p.final_gap is not None:
             p.done = True
+            self._schedule(unit, p)
             return
         p.last_change = now
         p.probe, p.probe_at, p.has_probe = key, now, True
         if p.overdue_reported:
             settle = self._timing_for(unit).settle_seconds
             p.backoff = min(MAX_BACKOFF, max(settle, 2 * p.backoff))
+        self._schedule(unit, p)
 
     def settled(self, unit: K, now: float) -> float:
         """The unit settled; returns seconds since its first observed change."""
@@ -213,11 +280,11 @@ class Settler(Generic[K]):
     def overdue(self, now: float) -> list[K]:
         """Units past `max_wait` since their first change; each reported once per episode."""
         found = []
-        for unit, p in self._pending.items():
-            at = self._overdue_at(unit, p)
-            if at is not None and at <= now:
-                p.overdue_reported = True
-                found.append(unit)
+        while self._waits and self._waits[0][0] <= now:
+            entry = heapq.heappop(self._waits)
+            if self._wait_entry_live(entry):
+                self._pending[entry[3]].overdue_reported = True
+                found.append(entry[3])
         return found
 
     def pending(self) -> list[K]:

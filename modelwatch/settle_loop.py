@@ -46,6 +46,8 @@ from modelwatch.watch import Change, Rescan
 log = structlog.get_logger("modelwatch.settle")
 
 _BATCH = 5000  # messages per turn: a flood of events must not starve the timers
+COMMIT_BATCH = 256  # outcomes committed in one transaction at most
+COMMIT_AFTER = 0.5  # seconds an outcome may wait for others to share its transaction
 
 
 @dataclass(slots=True)
@@ -133,6 +135,7 @@ class SettleLoop(threading.Thread):
         self._flushes: list[tuple[Flush, set[int]]] = []
         self._overdue: list[Unit] = []
         self._done: list[_Done] = []
+        self._done_since = 0.0
         self._devices: dict[str, int | None] = {}
         self._stopping: Stop | None = None
         self._finished = threading.Event()
@@ -160,26 +163,49 @@ class SettleLoop(threading.Thread):
 
     def step(self, timeout: float | None = 0.0) -> None:
         """One turn: handle queued messages (waiting up to `timeout` for the first; None:
-        until the next timer at most), submit what is due, commit what settled."""
-        self._take(self._timeout() if timeout is None else timeout)
+        until the next timer at most), submit what is due, commit what settled.
+
+        Outcomes are committed together: when no message is waiting any more, or once
+        `COMMIT_BATCH` units or `COMMIT_AFTER` seconds have piled up (a burst of a thousand
+        models costs a few fsyncs, not a thousand)."""
+        self._take(timeout)
         now = self.clock.monotonic()
         self._schedule(now)
-        self._commit(now)
+        if self._done and (
+            self.inbox.empty()
+            or len(self._done) >= COMMIT_BATCH
+            or now - self._done_since >= COMMIT_AFTER
+            or self._stopping is not None
+        ):
+            self._commit(now)
         self.board.publish(self.settler, self.roots, now)
         if self._stopping is not None:
             self._maybe_finish(self._stopping, now)
 
     def _timeout(self) -> float:
+        """How long to wait for a message: until the next timer, at most a second. Units due
+        while the pool is full wait for a result to come back (a message), not in a spin."""
         deadline = self.settler.next_deadline()
         if self._stopping is not None:
             deadline = min(deadline or self._stopping.deadline, self._stopping.deadline)
         if deadline is None:
             return 1.0
-        return min(1.0, max(0.0, deadline - self.clock.monotonic()))
+        left = deadline - self.clock.monotonic()
+        if left <= 0 and self.pool.capacity() == 0:
+            return 1.0
+        return min(1.0, max(0.0, left))
 
-    def _take(self, timeout: float) -> None:
+    def _take(self, timeout: float | None) -> None:
+        """Handle what is queued; when nothing is, wait for the first message up to
+        `timeout` (None: until the next timer, at most a second)."""
         try:
-            item = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                wait = self._timeout() if timeout is None else timeout
+                if wait <= 0 or self._done:  # outcomes waiting: commit them first
+                    return
+                item = self.inbox.get(timeout=wait)
             for _ in range(_BATCH):
                 if item is not None:
                     self.handle(item)
@@ -259,11 +285,19 @@ class SettleLoop(threading.Thread):
         unit, outcome = result.unit, result.outcome
         if not self._current(unit, result.token):
             return
-        self._root_state(unit.root, result.availability)
         now = self.clock.monotonic()
+        # From a final check: its scan (equal to the probe) is fed as any final scan; the
+        # examination counts only if that makes the unit stable.
+        if result.key is not None and self.settler.scanned(unit, result.key, now) is not (
+            Verdict.STABLE
+        ):
+            return
+        self._root_state(unit.root, result.availability)
         if isinstance(outcome, Settled):
             settled_after = self.settler.settled(unit, now)
             self._forget(unit)
+            if not self._done:
+                self._done_since = now
             self._done.append(_Done(unit, outcome, settled_after))
             return
         reasons: tuple[Reason, ...]
@@ -441,14 +475,15 @@ class SettleLoop(threading.Thread):
         self._overdue.extend(overdue)
         while self._overdue and capacity > 0:
             unit = self._overdue.pop(0)
-            if unit in self.settler:
+            if unit in self.settler and not self.settler.is_busy(unit):
                 self._submit_unit(unit, checks.overdue)
                 capacity -= 1
-        for unit in self.settler.due(now):
-            if capacity <= 0:
-                break
-            self._submit_unit(unit, checks.scan)
-            capacity -= 1
+        for unit in self.settler.due(now, limit=capacity):
+            probe = self.settler.probe(unit)
+            if probe is None:
+                self._submit_unit(unit, checks.scan)
+            else:  # its final scan, and the examination in the same job if nothing changed
+                self._submit_unit(unit, checks.final_check, probe)
 
     # -- committing ----------------------------------------------------------------------------
 
@@ -528,7 +563,8 @@ class SettleLoop(threading.Thread):
                 self.settler.forget(unit)
                 self._forget(unit)
         self.roots = {root: s for root, s in self.roots.items() if root in self.rules}
-        self.board.touch_all()  # settle_seconds may have changed
+        self.settler.retime()  # settle_seconds and max_wait_seconds may have changed
+        self.board.touch_all()
         change.done.set()
 
     def _begin_stop(self, stop: Stop) -> None:

@@ -158,3 +158,34 @@ def test_last_chance_ends_on_a_change_or_when_not_ready() -> None:
     assert s.in_last_chance() == []
     assert sorted(s.pending()) == ["growing", "incomplete"]
     assert s.due(1000.0) == [] and s.overdue(1000.0) == []
+
+
+def test_a_reload_that_shortens_the_quiet_period_takes_effect_for_pending_units() -> None:
+    """`retime()` after a reload: a unit pending under a 4 s quiet period is due by the new
+    timing, not the old one."""
+    timing = {"t": TIMING}
+    s: Settler[str] = Settler(lambda _unit: timing["t"])
+    s.observe("u", 100.0)
+    assert s.due(100.5) == []
+    timing["t"] = Timing(settle_seconds=1.0, max_wait_seconds=60.0)
+    s.retime()
+    assert s.due(100.5) == ["u"]
+
+
+def test_a_thousand_pending_units_cost_a_turn_little() -> None:
+    """Only due units are touched: with 1,000 units waiting, asking who is due and when the
+    next deadline is looks at the heap's top, not at every unit (counted, not timed)."""
+    calls = {"n": 0}
+
+    def timing(_unit: str) -> Timing:
+        calls["n"] += 1
+        return TIMING
+
+    s: Settler[str] = Settler(timing)
+    for i in range(1000):
+        s.observe(f"u{i}", 100.0 + i)
+    calls["n"] = 0
+    for _ in range(100):
+        assert s.due(101.0) == []
+        assert s.next_deadline() == 102.0
+    assert calls["n"] == 0
