@@ -22,8 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelwatch.describe import describe_model, find_event_files, scalar_metrics
+from modelwatch.describe import find_event_files, scalar_metrics
 from modelwatch.describe.source import Limits
+from modelwatch.formats import describe_model
 from tests.conftest import examples
 from tests.describe_files import (
     bundle_entry,

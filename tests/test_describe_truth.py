@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from modelwatch.describe import describe_model, find_event_files, scalar_metrics
+from modelwatch.describe import find_event_files, scalar_metrics
+from modelwatch.formats import describe_model
 
 TRUTH = Path(__file__).parent / "truth"
 _HEAVY = ("tensorflow", "torch", "numpy", "onnx", "transformers", "safetensors", "keras")

@@ -36,7 +36,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelwatch import formats, jsonscan, metadata, zipdir
+from modelwatch import completeness, formats, jsonscan, metadata, tfstate, zipdir
 from modelwatch.metadata import validate_metadata_bytes
 from tests.conftest import examples
 
@@ -123,7 +123,7 @@ def checkpoint_prefix_reference(text: bytes) -> str:
             string = string_re.fullmatch(field.group(2))
             if string is None:
                 raise ValueError("value is not one quoted string")
-            prefix = os.fsdecode(formats._unquote(string.group()))
+            prefix = os.fsdecode(tfstate._unquote(string.group()))
     if not prefix:
         raise ValueError("no model_checkpoint_path")
     return prefix
@@ -161,7 +161,7 @@ def checkpoint_text() -> st.SearchStrategy[bytes]:
 
 def parse_checkpoint(text: bytes) -> str | ValueError:
     try:
-        return formats._checkpoint_prefix(text)
+        return tfstate.checkpoint_prefix(text)
     except ValueError as exc:  # the documented error
         return exc
 
@@ -215,7 +215,7 @@ def check_zip_bytes(tmp_path: Path, data: bytes) -> int | zipdir.ZipError:
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        return zipdir.check_central_directory(fd, len(data), formats.MAX_ZIP_DIRECTORY)
+        return zipdir.check_central_directory(fd, len(data), completeness.MAX_ZIP_DIRECTORY)
     except zipdir.ZipError as exc:  # the documented error
         return exc
     finally:
@@ -450,7 +450,7 @@ def data_end_reference(header: bytes) -> int | None:
         if name == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not formats._valid_offsets(offsets):
+        if not completeness._valid_offsets(offsets):
             return None
         end = max(end, offsets[1])  # type: ignore[index]
     return end

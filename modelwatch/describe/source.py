@@ -11,7 +11,7 @@ Every describer reads through one `Source`, which owns what a description may co
 * `tick` counts bytes and steps: `progress(n)` is called every `PROGRESS_BYTES` read, and a
   describer past its deadline or its step budget stops with `describe_too_large`.
 
-`DescribeError` is the one exception a describer raises for bad input; `describe_model`
+`DescribeError` is the one exception a describer raises for bad input; `describe_with`
 turns it into the description's `error`.
 """
 

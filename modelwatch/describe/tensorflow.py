@@ -14,9 +14,9 @@ numeric variable but `global_step`.
 from __future__ import annotations
 
 import posixpath
-import re
 from typing import Any
 
+from modelwatch import tfstate
 from modelwatch.describe.protowire import VARINT, Field, Region
 from modelwatch.describe.source import DescribeError, Source, malformed, too_large
 from modelwatch.describe.tensors import Tensors
@@ -26,7 +26,6 @@ from modelwatch.describe.tftable import Bundle, read_bundle, tensor_meta
 _NOT_PARAMETERS = {"string", "resource", "variant", "invalid"}
 _TF1_BOOKKEEPING = {"global_step"}
 MAX_META_GRAPHS = 16  # TF writes one per tag set; a handful at most
-_CHECKPOINT_LINE = re.compile(rb'[ \t]*model_checkpoint_path[ \t]*:[ \t]*"((?:[^"\\\n]|\\.)*)"')
 
 
 def describe_saved_model(source: Source) -> dict[str, Any]:
@@ -68,28 +67,13 @@ def describe_checkpoint(source: Source) -> dict[str, Any]:
 def checkpoint_prefix(text: bytes, name: str) -> str:
     """The prefix `model_checkpoint_path` names, relative to the unit (TF writes an absolute
     path when it saved to one; the files are beside `checkpoint` whatever it says)."""
-    for line in text.splitlines():
-        match = _CHECKPOINT_LINE.match(line)
-        if match:
-            target = _unescape(match.group(1)).decode("utf-8", "surrogateescape")
-            if posixpath.isabs(target) or ".." in target.split("/"):
-                target = posixpath.basename(target)
-            return posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-    raise malformed(name, "no model_checkpoint_path")
-
-
-def _unescape(literal: bytes) -> bytes:
-    """C escapes of TF's text format: \\\\, \\", \\', \\n, \\t and octal (non-ASCII bytes)."""
-    simple = {b"n": b"\n", b"t": b"\t", b"r": b"\r"}
-    return re.sub(
-        rb"\\([0-7]{1,3}|.)",
-        lambda m: (
-            bytes([int(m.group(1), 8) & 0xFF])
-            if m.group(1)[:1].isdigit()
-            else simple.get(m.group(1), m.group(1))
-        ),
-        literal,
-    )
+    try:
+        target = tfstate.checkpoint_prefix(text)
+    except ValueError as exc:
+        raise malformed(name, f"not a CheckpointState: {exc}") from None
+    if posixpath.isabs(target) or ".." in target.split("/"):
+        target = posixpath.basename(target)
+    return posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
 
 
 def _meta_graph(region: Region, listed: int) -> dict[str, Any]:
