@@ -29,22 +29,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelwatch import beneath, jsonscan, zipdir
+from modelwatch.describe import safetensors
 from modelwatch.describe.pytorch import TORCH_SUFFIXES
 from modelwatch.progress import progress
 from modelwatch.reasons import Reason
 from modelwatch.tfstate import checkpoint_prefix
 
-# huggingface_hub reads no header longer than this (SAFETENSORS_MAX_HEADER_LENGTH): 170,000
-# tensors' entries in one file. Headers are scanned in linear time and bounded memory: about
-# 0.1 s per MB for real ones, 0.5 s per MB for the worst hostile shape (bench/parsers.py).
-MAX_SAFETENSORS_HEADER = 25_000_000
-MAX_ZIP_DIRECTORY = 100 * 1024 * 1024  # torch zips with ~100k tensors have ~15 MiB directories
+# Headers are scanned in linear time and bounded memory: about 0.1 s per MB for real ones,
+# 0.5 s per MB for the worst hostile shape (bench/parsers.py).
+MAX_SAFETENSORS_HEADER = safetensors.MAX_HEADER
 MAX_TEXT_FILE = 16 * 1024 * 1024  # `checkpoint` and `*.index.json` are small text files
 ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK = 1 << 20
 # The JSON in model files is scanned, never built whole; one tensor's entry in a safetensors
 # header (name, dtype, shape, offsets) or one weight_map entry is a few hundred bytes.
-_MAX_JSON_VALUE = 64 * 1024
+_MAX_JSON_VALUE = safetensors.MAX_ENTRY
 _SHARD_SUFFIX = re.compile(r"\.data-(\d{5})-of-(\d{5})")
 
 
@@ -257,7 +256,7 @@ def _read_small(unit: _Unit, path: str) -> bytes:
 
 def _check_zip(path: str, fd: int, size: int) -> None:
     try:
-        zipdir.check_central_directory(fd, size, MAX_ZIP_DIRECTORY)
+        zipdir.check_central_directory(fd, size, zipdir.MAX_DIRECTORY)
     except zipdir.ZipError as exc:
         raise _Incomplete(f"{_show(path)}: {exc}") from None
 

@@ -32,15 +32,21 @@ _BLOCK = 64 << 10
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What one description may cost. The defaults fit a 256 MiB sidecar: the largest
-    structure held in memory at once is one capped header or pickle."""
+    """What one description may cost. The defaults fit a 256 MiB sidecar running 4 pool
+    workers: the largest structure held in memory at once is one pickle and what it builds
+    (about 45 MiB at worst); JSON is scanned (`jsonscan`), zips streamed (`zipdir`),
+    protobufs walked (`protowire`), and listings capped (`Tensors`)."""
 
     seconds: float = 120.0
     steps: int = 50_000_000  # protobuf fields, table entries, pickle opcodes, records
-    header_bytes: int = 16 << 20  # one safetensors header, a pickle, a JSON or YAML file
+    header_bytes: int = 16 << 20  # a JSON file or member (scanned, never held whole)
+    pickle_bytes: int = 8 << 20  # a pickle, held whole while it is interpreted
     index_bytes: int = 256 << 20  # a TF `.index` table
     message_bytes: int = 64 << 20  # one protobuf message read whole (a signature, a shape)
     listed: int = 1000  # tensors / variables listed by name; counts cover all of them
+    # Opcodes of one pickle: each builds or keeps at most one object, about 40 bytes in a
+    # torch.save pickle (32 opcodes per tensor: 15,000 tensors), 70 at worst (`]` repeated).
+    pickle_ops: int = 500_000
 
 
 DEFAULT_LIMITS = Limits()
