@@ -238,6 +238,13 @@ def test_mlflow_model_is_described(tmp_path: Path) -> None:
     assert result["signature"]["inputs"][0]["name"] == "x"
 
 
+def test_an_mlflow_signature_with_nan_stays_json(tmp_path: Path) -> None:
+    """A signature whose JSON holds NaN is kept as text: an event must stay valid JSON."""
+    text = b'flavors: {}\nsignature:\n  inputs: \'[{"name": "x", "default": NaN}]\'\n'
+    result = described(tmp_path, "mlflow", {"MLmodel": text})
+    assert result["signature"]["inputs"] == '[{"name": "x", "default": NaN}]'
+
+
 def test_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
     """An `MLmodel` whose aliases expand to billions of nodes: `describe_too_large`."""
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]

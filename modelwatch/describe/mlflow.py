@@ -87,8 +87,12 @@ def _measure(document: Any, path: str) -> None:
 def _schema(value: Any) -> Any:
     """MLflow stores each schema as a JSON string inside the YAML."""
     if isinstance(value, str) and len(value) <= 1 << 16:
-        try:
-            return json.loads(value)
+        try:  # NaN and Infinity are no JSON: an event must stay valid JSON
+            return json.loads(value, parse_constant=_refuse)
         except (ValueError, RecursionError):
             return value[:4096]
     return value[:4096] if isinstance(value, str) else value
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(name)
