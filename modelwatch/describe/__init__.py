@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from modelwatch.describe.events import find_event_files, scalar_metrics
-from modelwatch.describe.source import DEFAULT_LIMITS, DescribeError, Limits, Source
+from modelwatch.describe.source import DEFAULT_LIMITS, DescribeError, Limits, Source, Stopped
 
 Describer = Callable[[Source], dict[str, Any]]
 
@@ -44,8 +44,8 @@ def describe_with(
 ) -> dict[str, Any]:
     """What `describer` reads from the files (relative path -> size) below `dir_fd`.
 
-    Never raises for bad input: `error` says which file could not be read and why. A
-    `DescribeError` raised by `progress` (a budget run out) ends the description the same way.
+    Never raises for bad input: `error` says which file could not be read and why. `Stopped`
+    raised by `progress` (the caller's budget ran out) ends the description the same way.
     """
     source = Source(dir_fd, files, progress=progress, limits=limits)
     try:
@@ -53,6 +53,8 @@ def describe_with(
         source.flush()
     except DescribeError as exc:
         return {"error": {**exc.as_error(), "file": exc.file or source.file}}
+    except Stopped as exc:
+        return {"error": _error(exc.code, source.file, exc.message)}
     except RecursionError:
         return {"error": _error("describe_too_large", source.file, "nested too deeply")}
     except MemoryError:
@@ -69,6 +71,7 @@ __all__ = [
     "DescribeError",
     "Describer",
     "Limits",
+    "Stopped",
     "describe_with",
     "find_event_files",
     "scalar_metrics",

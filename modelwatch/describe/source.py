@@ -8,11 +8,13 @@ Every describer reads through one `Source`, which owns what a description may co
   `DescribeError`, not as a SIGBUS that would kill the process;
 * `Blob.read` serves small reads (protobuf field headers) from a one-block cache, so a walk
   that skips the weight bytes of a 1 GB file reads only the pages it looks at;
-* `tick` counts bytes and steps: `progress(n)` is called every `PROGRESS_BYTES` read, and a
-  describer past its deadline or its step budget stops with `describe_too_large`.
+* `tick` counts bytes and steps: `progress(n)` is called every `PROGRESS_BYTES` read and
+  every 4096 steps or 64 KiB block (n: the bytes read since the last call), and a describer
+  past its deadline or its step budget stops with `describe_too_large`.
 
 `DescribeError` is the one exception a describer raises for bad input; `describe_with`
-turns it into the description's `error`.
+turns it into the description's `error`. A `progress` callback raises `Stopped` to end a
+description at once (the job it runs in is out of time): that too becomes its `error`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,15 @@ class DescribeError(ValueError):
         return {"code": self.code, "file": self.file, "message": self.message}
 
 
+class Stopped(Exception):
+    """Raised by a `progress` callback: the description ends at once, `code` and `message`
+    becoming its `error` about the file being read. Readers never catch it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 def malformed(file: str, message: str) -> DescribeError:
     return DescribeError("describe_malformed", file, message)
 
@@ -99,9 +110,12 @@ class Source:
             self.flush()
         if self._steps > self.limits.steps:
             raise too_large(self.file, f"more than {self.limits.steps} parse steps")
-        checked = (self._steps & 0xFFF) < steps or nbytes >= _BLOCK
-        if checked and self._clock() > self._deadline:
-            raise too_large(self.file, f"not described within {self.limits.seconds:g} s")
+        if (self._steps & 0xFFF) < steps or nbytes >= _BLOCK:
+            if self._clock() > self._deadline:
+                raise too_large(self.file, f"not described within {self.limits.seconds:g} s")
+            if self._progress is not None:  # parsing without reading is progress too
+                self._progress(self._unreported)
+                self._unreported = 0
 
     def flush(self) -> None:
         """Report the bytes read since the last report."""
