@@ -82,7 +82,8 @@ def described(tmp_path: Path, fmt: str, files: dict[str, bytes]) -> dict[str, An
 )
 def test_random_bytes_give_an_error_naming_the_file(tmp_path: Path, fmt: str, name: str) -> None:
     """Random bytes where a model file should be: `error` names the file and the problem."""
-    files = {name: os.urandom(4096) + b"\xff" * 64}
+    # 0xff starts nothing valid: random bytes may otherwise be a whole pickle (`\x89.`, True)
+    files = {name: b"\xff" + os.urandom(4096) + b"\xff" * 64}
     if fmt == "tf_checkpoint":
         files["checkpoint"] = b'model_checkpoint_path: "ckpt-1"\n'
     result = described(tmp_path, fmt, files)
