@@ -191,7 +191,10 @@ def _prior(store: Store | None, unit: Unit) -> Prior | None:
         if store.units.is_current(unit.display, fp):
             return NOT_NEEDED
         stored = store.units.description(unit.display, fp)
-        return Description.from_json(stored) if stored is not None else None
+        try:
+            return Description.from_json(stored) if stored is not None else None
+        except ValueError:  # damaged: the files are described again
+            return None
 
     return prior
 

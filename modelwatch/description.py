@@ -45,8 +45,13 @@ class Description:
 
     @classmethod
     def from_json(cls, text: str) -> Description:
+        """The stored form read back; ValueError when it is not one (a damaged store)."""
         body = json.loads(text)
-        return cls(body.get("model"), tuple(body.get("scalars") or ()))
+        model = body.get("model") if isinstance(body, dict) else 0
+        scalars = body.get("scalars") if isinstance(body, dict) else 0
+        if not isinstance(model, (dict, type(None))) or not isinstance(scalars, list):
+            raise ValueError("not a stored description")  # noqa: TRY004 - json.loads's error
+        return cls(model, tuple(scalars))
 
 
 # The description of files no event will carry (their fingerprint is current).

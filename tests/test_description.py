@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import shutil
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,22 @@ def test_a_unit_not_settled_in_time_is_described_as_it_is(loop: Callable[..., Ha
     (event,) = [e for e in events if e.short_type == "rejected"]
     assert [e["code"] for e in event.data["errors"]] == ["not_settled"]
     assert event.data["model"]["error"]["code"] == "describe_too_large"
+
+
+def test_a_damaged_stored_description_is_computed_again(loop: Callable[..., Harness]) -> None:
+    """A store whose description of a fingerprint is damaged: the restore describes the files
+    again instead of failing."""
+    h = loop()
+    unit = Path(h.root) / "exp-1"
+    first = settle(h, unit, {"model.onnx": onnx_model()})
+    with sqlite3.connect(StateDir(h.config.daemon.state_dir).db_path) as db:
+        db.execute("UPDATE fingerprints SET description = '[1, 2'")
+    aside = Path(h.root).parent / "aside"
+    shutil.move(unit, aside)
+    h.touch(unit, is_dir=True)
+    assert [e.short_type for e in h.advance(31)] == ["removed"]
+    shutil.move(aside, unit)
+    h.rescan()
+    (restored,) = h.advance(31)
+    assert restored.data["restored"] is True
+    assert restored.data["model"] == first.data["model"]
