@@ -27,7 +27,7 @@ _CHUNK = 1 << 20
 
 _DESCRIBE = """
 import json, os, sys, time
-from modelwatch.describe import describe_model
+from modelwatch.formats import describe_model
 unit, fmt = sys.argv[1], sys.argv[2]
 listing = {}
 for d, _, names in os.walk(unit):

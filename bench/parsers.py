@@ -4,7 +4,8 @@ Each case writes one hostile unit (or metadata text) into a temporary directory 
 in a fresh interpreter, which reports the wall time of the check and its peak RSS (VmHWM:
 Linux carries ru_maxrss over from a forking parent). The figures are the ones quoted in the
 README's "Untrusted input: caps" and in the CHANGELOG; run it against another checkout with
-`PYTHONPATH=/path/to/checkout python -m bench.parsers` to compare.
+`PYTHONPATH=/path/to/checkout python -m bench.parsers` to compare. The `describe:` cases
+describe each hostile file of tests/hostile_models.py (`data.model`), the same way.
 
 Not part of `bench/run.py`: there is no baseline to set these against; the targets are
 the memory bounds asserted in tests/test_fuzz_parsers.py.
@@ -40,6 +41,25 @@ else:
     outcome = [p.code for p in result.problems]
 took = time.perf_counter() - started
 hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+print(json.dumps({"outcome": outcome, "seconds": took, "rss": hwm}))
+"""
+
+
+# Describing: `formats.describe_model`, or `describe.describe_model` in checkouts before it moved.
+_DESCRIBE = """
+import json, os, sys, time
+try:
+    from modelwatch.formats import describe_model
+except ImportError:
+    from modelwatch.describe import describe_model
+unit, fmt = sys.argv[1], sys.argv[2]
+sizes = {n: os.path.getsize(os.path.join(unit, n)) for n in os.listdir(unit)}
+fd = os.open(unit, os.O_RDONLY | os.O_DIRECTORY)
+started = time.perf_counter()
+described = describe_model(fd, sizes, fmt) or {}
+took = time.perf_counter() - started
+hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+outcome = described.get("error", {}).get("code") or "described"
 print(json.dumps({"outcome": outcome, "seconds": took, "rss": hwm}))
 """
 
@@ -105,18 +125,36 @@ def cases(quick: bool) -> list[tuple[str, Callable[[Path], Path | None]]]:
     ]
 
 
+def describe_cases() -> list[tuple[str, str, Callable[[Path], None]]]:
+    """(name, format, writer of the unit) for each hostile file of tests/hostile_models.py."""
+    from tests.describe_files import write_unit
+    from tests.hostile_models import HOSTILE
+
+    def writer(build: Callable[[], dict[str, bytes]]) -> Callable[[Path], None]:
+        def write(unit: Path) -> None:
+            write_unit(unit, build())
+
+        return write
+
+    return [(f"describe: {name}", fmt, writer(build)) for name, (fmt, build, _) in HOSTILE.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per case")
     args = parser.parse_args()
     print(f"{'case':48} {'seconds':>8} {'peak RSS':>10}  outcome", flush=True)
-    for name, make in cases(args.quick):
+    runs: list[tuple[str, Callable[[Path], Path | None], list[str]]] = [
+        (name, make, [_CHECK]) for name, make in cases(args.quick)
+    ]
+    runs += [(name, make, [_DESCRIBE, fmt]) for name, fmt, make in describe_cases()]
+    for name, make, script in runs:
         with tempfile.TemporaryDirectory() as tmp:
             target = make(Path(tmp)) or Path(tmp)
             try:
                 done = subprocess.run(
-                    [sys.executable, "-c", _CHECK, str(target)],
+                    [sys.executable, "-c", script[0], str(target), *script[1:]],
                     capture_output=True,
                     text=True,
                     check=True,
@@ -129,7 +167,7 @@ def main() -> None:
         report = json.loads(done.stdout)
         outcome = str(report["outcome"])[:60]
         rss = f"{report['rss'] / MiB:.0f} MiB"
-        print(f"{name:48} {report['seconds']:8.2f} {rss:>10}  {outcome}", flush=True)
+        print(f"{name[:48]:48} {report['seconds']:8.2f} {rss:>10}  {outcome}", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from modelwatch.clock import Clock
 from modelwatch.config import MetadataConfig
+from modelwatch.description import NOT_NEEDED, Description, Prior
 from modelwatch.errors import Problem, UnitUnavailable
 from modelwatch.inspection import Inspection, inspect_unit, readiness, unfinished
 from modelwatch.manifest import Manifest, fingerprint
@@ -48,6 +49,7 @@ class Context:
     schema: SchemaValidator | None
     known_device: int | None  # the device the root's units were last seen on
     clock: Clock
+    store: Store | None = None  # the worker's own connection, set when the job runs
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -168,7 +170,8 @@ def _examine(ctx: Context, unit: Unit, manifest: Manifest) -> Outcome:
         reasons = readiness(unit.path, manifest, policy)
         if reasons:
             return NotReady(reasons, manifest.stat_key)
-        found = inspect_unit(unit.path, manifest, policy, ctx.metadata, ctx.schema)
+        prior = _prior(ctx.store, unit)
+        found = inspect_unit(unit.path, manifest, policy, ctx.metadata, ctx.schema, prior=prior)
     except UnitUnavailable as exc:  # gone or swapped since the scan, or ESTALE: later
         return Retry(str(exc))
     except OverBudget as exc:
@@ -176,6 +179,24 @@ def _examine(ctx: Context, unit: Unit, manifest: Manifest) -> Outcome:
         # hopeless inspection again and again.
         return Settled(_timed_out(manifest, ctx, exc), ctx.rules.keyed(manifest.scan_digest))
     return Settled(found, ctx.rules.to_store(manifest, ctx.clock.time()))
+
+
+def _prior(store: Store | None, unit: Unit) -> Prior | None:
+    """What the store knows of a fingerprint's description: nothing is described for files
+    whose event was emitted already, nor again for files that come back (a restore)."""
+    if store is None:
+        return None
+
+    def prior(fp: str) -> Description | None:
+        if store.units.is_current(unit.display, fp):
+            return NOT_NEEDED
+        stored = store.units.description(unit.display, fp)
+        try:
+            return Description.from_json(stored) if stored is not None else None
+        except ValueError:  # damaged: the files are described again
+            return None
+
+    return prior
 
 
 def _timed_out(manifest: Manifest, ctx: Context, exc: OverBudget) -> Inspection:

@@ -27,6 +27,8 @@ from modelwatch.config import (
 from modelwatch.daemon import Daemon
 from modelwatch.errors import ConfigError, ModelwatchError, NoAnswer, Problem
 from modelwatch.explain_text import render as render_explain
+from modelwatch.inspect_command import inspect_report
+from modelwatch.inspect_command import render as render_inspection
 from modelwatch.inspection import readiness
 from modelwatch.manifest import PatternSet, scan_unit
 from modelwatch.metadata import (
@@ -78,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     redeliver = command("redeliver", "put dead-lettered events back in the delivery queue")
     redeliver.add_argument("--sink", metavar="NAME")
     redeliver.add_argument("--event", metavar="ID")
+    inspect = command("inspect", "what modelwatch sees in a model directory (no daemon)")
+    inspect.add_argument("path", metavar="PATH")
+    inspect.add_argument("--format", choices=("text", "json"), default="text")
     discard = command("discard", "give up on dead-lettered or failing events for good")
     discard.add_argument("--sink", metavar="NAME", required=True)
     which = discard.add_mutually_exclusive_group(required=True)
@@ -106,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "explain": cmd_explain,
         "redeliver": cmd_redeliver,
         "discard": cmd_discard,
+        "inspect": cmd_inspect,
     }
     try:
         return handlers[args.command](args)
@@ -228,6 +234,17 @@ def _validate_file(
         missing = Problem("metadata_unreadable", "no such file", file=name)
         return MetadataResult(present=False, document=None, problems=(missing,))
     return result
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    config = _load(args)
+    schema = SchemaValidator.from_file(config.metadata.schema) if config.metadata.schema else None
+    report = inspect_report(args.path, config, schema)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_inspection(report))
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -116,6 +116,7 @@ DATA_FIELDS = (
     "metadata",
     "metadata_ignored",
     "metrics",
+    "model",
     "restored",
     "host",
     "settled_after_seconds",

@@ -1,7 +1,9 @@
-"""Inspecting a settled unit: readiness, fingerprint, format, files and metadata.
+"""Inspecting a settled unit: readiness, fingerprint, format, files, metadata, description.
 
 `readiness` answers "may this stable unit settle?" (SPEC §2 rules 3-5); `inspect_unit` turns a
-settled unit's manifest into the facts an event carries, with problems as data.
+settled unit's manifest into the facts an event carries, with problems as data, and its
+description (`modelwatch.description`: `data.model`, TensorBoard metrics) unless `prior`
+knows it already.
 
 Both read the unit directory the manifest was scanned from and nothing else: it is opened as
 `beneath.open_unit` describes (not followed unless it is a depth-0 root, and with the device
@@ -19,6 +21,7 @@ from typing import Any
 
 from modelwatch.beneath import open_unit
 from modelwatch.config import MetadataConfig, UnitPolicy
+from modelwatch.description import Description, Prior, describe_unit
 from modelwatch.errors import Problem, UnitUnavailable
 from modelwatch.formats import check_complete, detect_format, model_type_for
 from modelwatch.manifest import Manifest, fingerprint, sha256_file
@@ -81,6 +84,7 @@ class Inspection:
     metadata_ignored: bool = False
     metrics: list[dict[str, Any]] = field(default_factory=list)
     problems: tuple[Problem, ...] = ()
+    description: Description | None = None  # None: not described (an unfinished inspection)
 
     def event_data(self) -> dict[str, Any]:
         return {
@@ -93,6 +97,7 @@ class Inspection:
             "metadata": self.metadata,
             "metadata_ignored": self.metadata_ignored,
             "metrics": self.metrics,
+            "model": self.description.model if self.description is not None else None,
         }
 
 
@@ -102,16 +107,45 @@ def inspect_unit(
     policy: UnitPolicy,
     meta: MetadataConfig,
     schema: SchemaValidator | None = None,
+    *,
+    prior: Prior | None = None,
 ) -> Inspection:
-    """Everything an event says about a settled unit (UnitUnavailable: try again later)."""
+    """Everything an event says about a settled unit (UnitUnavailable: try again later).
+
+    `prior(fingerprint)` gives the description known for the fingerprint, if any; without
+    one the files are described.
+    """
     try:
         unit_fd = open_unit(unit_dir, follow_top=manifest.follow_top, identity=manifest.identity)
     except OSError as exc:
         raise UnitUnavailable(f"unit directory cannot be opened ({exc.strerror})") from exc
     try:
-        return _inspect(unit_dir, unit_fd, manifest, policy, meta, schema)
+        found = _inspect(unit_dir, unit_fd, manifest, policy, meta, schema)
+        return _described(found, unit_fd, manifest, policy, prior)
     finally:
         os.close(unit_fd)
+
+
+def _described(
+    found: Inspection, unit_fd: int, manifest: Manifest, policy: UnitPolicy, prior: Prior | None
+) -> Inspection:
+    """`found` with its description; TensorBoard metrics for Tensorflow models and for units
+    whose metadata has no `metrics` (SPEC §5)."""
+    document = found.metadata
+    scalars = found.model_type == "Tensorflow" or not (
+        isinstance(document, dict) and "metrics" in document
+    )
+    description = prior(found.fingerprint) if prior is not None else None
+    if description is None:
+        description = describe_unit(
+            unit_fd,
+            manifest.sizes,
+            found.format,
+            scalars=scalars,
+            max_entries=policy.max_files_per_unit,
+        )
+    metrics = list(description.scalars) if scalars else found.metrics
+    return replace(found, description=description, metrics=metrics)
 
 
 def _inspect(

@@ -9,7 +9,8 @@ The registry compares a settled unit's fingerprint with the unit table:
   with the next version.
 
 Each event is committed to the outbox, for every sink whose `event_types` includes it, in the
-same transaction that records the outcome. Event ids follow SPEC §2 (`events.event_id`).
+same transaction that records the outcome, with the fingerprint's description (SPEC §13).
+Event ids follow SPEC §2 (`events.event_id`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Registry:
                 model_type=found.model_type,
                 scan_digest=scan_digest,
                 errors=data.get("errors", ()),
+                description=found.description.to_json() if found.description else None,
             )
             self.store.outbox.enqueue(event, self._sinks_for(event_type))
         return event
@@ -169,5 +171,6 @@ def _removed_data(record: UnitRecord) -> dict[str, Any]:
         "metadata": None,
         "metadata_ignored": False,
         "metrics": [],
+        "model": None,
         "settled_after_seconds": None,
     }

@@ -19,7 +19,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -455,8 +455,8 @@ class SettleLoop(threading.Thread):
         self.settler.set_busy(unit, True)
         self.board.touch(unit)
 
-        def run(_store: Store) -> Any:
-            return job(ctx, unit, token, *args)
+        def run(store: Store) -> Any:
+            return job(replace(ctx, store=store), unit, token, *args)
 
         def failed(exc: BaseException) -> Crashed:
             return Crashed(unit, unit.root, token, exc)

@@ -1,9 +1,16 @@
-"""Checking that a zip's central directory is readable, in bounded memory (SPEC §6, §10).
+"""A zip's central directory and members, read in bounded memory (SPEC §6, §10, §13).
 
 `check_central_directory(fd, size, max_directory)` returns the number of entries when the
 file at `fd` (`size` bytes) ends with a zip end record whose central directory can be read,
 else raises `ZipError` with a short reason. torch.save zips and `.keras` files are complete
 exactly when this holds: the directory is written last.
+
+`find_members(fd, size, max_directory, wanted)` walks the same way and returns the entries
+whose names `wanted` accepts (a `Member`: name, method, sizes, where its data is);
+`member_chunks(fd, size, member, cap)` yields a stored or deflated member's bytes in pieces
+of at most 1 MiB, never more than `cap` in all. The describers read `data.pkl`,
+`config.json` and `metadata.json` this way instead of with `zipfile`, which builds a
+`ZipInfo` per entry before anything can be looked up.
 
 It accepts what `zipfile.ZipFile` accepts on opening (the same end-record search, ZIP64
 records, prepended-data offset, entry signatures, UTF-8 names and ZIP64 extra fields), but
@@ -17,6 +24,9 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from modelwatch.progress import progress
 
@@ -27,32 +37,131 @@ _END64 = struct.Struct("<4sQ2H2L4Q")  # ZIP64 end of central directory record
 _ENTRY = struct.Struct("<4s6H3L5H2L")  # central directory file header (46 bytes + names)
 _ENTRY_SIGNATURE = b"PK\x01\x02"
 _SEARCHED = 1 << 16  # zipfile looks for the end record in the last 64 KiB (+ the record)
+_LOCAL = struct.Struct("<4s5H3L2H")  # local file header (30 bytes + name + extra)
 _UTF8_NAME = 0x800
+_ENCRYPTED = 0x1
 _ZIP64_EXTRA = 0x0001
 _WINDOW = 1 << 20
+STORED, DEFLATED = 0, 8
+_MAX_FOUND = 64  # members `find_members` returns at most
+MAX_DIRECTORY = 100 * 1024 * 1024  # torch zips with ~100k tensors have ~15 MiB directories
 
 
 class ZipError(Exception):
-    """The central directory cannot be read; the message is the reason."""
+    """The central directory or a member cannot be read; the message is the reason."""
+
+
+class TooLarge(ZipError):
+    """A member holds more bytes than the reader's cap."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One entry of the central directory: its data starts after the local header at
+    `header` (an offset in the file, prepended data accounted for)."""
+
+    name: str
+    method: int
+    compressed: int
+    size: int
+    header: int
+    flags: int
 
 
 def check_central_directory(fd: int, size: int, max_directory: int) -> int:
     """The number of central directory entries (see the module docstring); ZipError if not."""
-    location, cd_size, zip64 = _end_record(fd, size)
+    window, _ = _directory(fd, size, max_directory)
+    return _walk(window)
+
+
+def find_members(
+    fd: int, size: int, max_directory: int, wanted: Callable[[str], bool]
+) -> list[Member]:
+    """The entries whose names `wanted` accepts, in directory order (at most 64), after the
+    same checks as `check_central_directory`; ZipError if the directory is unreadable."""
+    window, concat = _directory(fd, size, max_directory)
+    found: list[Member] = []
+
+    def visit(fields: tuple[int, ...], names: bytes) -> None:
+        name_len, extra_len = fields[10], fields[11]
+        encoding = "utf-8" if fields[3] & _UTF8_NAME else "cp437"
+        name = names[:name_len].decode(encoding, "replace")
+        if len(found) < _MAX_FOUND and wanted(name):
+            extra = names[name_len : name_len + extra_len]
+            usize, csize, offset = _zip64_values(extra, fields)
+            found.append(Member(name, fields[4], csize, usize, offset + concat, fields[3]))
+
+    _walk(window, visit)
+    return found
+
+
+def member_chunks(fd: int, size: int, member: Member, cap: int) -> Iterator[bytes]:
+    """The bytes of a stored or deflated `member`, in pieces of at most 1 MiB; ZipError when
+    it holds more than `cap` bytes, is encrypted, compressed another way, or its local
+    header or data are damaged. Each piece read is progress (`modelwatch.progress`)."""
+    if member.flags & _ENCRYPTED or member.method not in (STORED, DEFLATED):
+        raise ZipError(f"zip member {member.name[:200]!r} is encrypted or compressed otherwise")
+    header = os.pread(fd, _LOCAL.size, member.header) if 0 <= member.header < size else b""
+    if len(header) != _LOCAL.size or header[:4] != b"PK\x03\x04":
+        raise ZipError(f"zip member {member.name[:200]!r} has no local header")
+    fields = _LOCAL.unpack(header)
+    start = member.header + _LOCAL.size + fields[9] + fields[10]
+    if start + member.compressed > size:
+        raise ZipError(f"zip member {member.name[:200]!r} passes the end of the file")
+    pieces = _Window(fd, start, member.compressed).pieces()
+    if member.method == STORED:
+        yield from _capped(pieces, cap, member.name)
+    else:
+        yield from _capped(_inflate(pieces, member.name, cap), cap, member.name)
+
+
+def _capped(pieces: Iterator[bytes], cap: int, name: str) -> Iterator[bytes]:
+    total = 0
+    for piece in pieces:
+        total += len(piece)
+        if total > cap:
+            raise TooLarge(f"zip member {name[:200]!r} holds more than {cap} bytes")
+        yield piece
+
+
+def _inflate(pieces: Iterator[bytes], name: str, cap: int) -> Iterator[bytes]:
+    """Raw deflate, never more than one window of output per call (a zip bomb inflates 1000
+    to 1: it is stopped at `cap` by the caller, one window at a time)."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        for piece in pieces:
+            data = piece
+            while data:
+                out = inflater.decompress(data, _WINDOW)
+                data = inflater.unconsumed_tail
+                if out:
+                    yield out
+            if inflater.eof:
+                return
+        if not inflater.eof:
+            raise ZipError(f"zip member {name[:200]!r} is cut short")
+    except zlib.error as exc:
+        raise ZipError(f"zip member {name[:200]!r} does not inflate ({exc})") from None
+
+
+def _directory(fd: int, size: int, max_directory: int) -> tuple[_Window, int]:
+    """The central directory as a window, and the offset of data prepended to the archive."""
+    location, cd_size, zip64, cd_offset = _end_record(fd, size)
     if cd_size > max_directory:
         raise ZipError("zip central directory too large")
     # Data prepended to the archive shifts every offset by the same amount (zipfile's concat).
     start = location - cd_size - (_END64.size + _LOCATOR64.size if zip64 else 0)
     if start < 0:
         raise ZipError("zip central directory unreadable (bad offset)")
-    return _walk(_Window(fd, start, cd_size))
+    return _Window(fd, start, cd_size), start - cd_offset
 
 
-def _end_record(fd: int, size: int) -> tuple[int, int, bool]:
-    """(offset of the end record, size of the central directory, whether it is ZIP64).
+def _end_record(fd: int, size: int) -> tuple[int, int, bool, int]:
+    """(offset of the end record, size of the central directory, whether it is ZIP64, the
+    offset of the directory the record states).
 
-    The directory's own offset field is not needed: the directory ends where the end records
-    start, and zipfile finds it there too (data prepended to the archive shifts every offset).
+    The directory ends where the end records start, and zipfile finds it there too: the
+    stated offset only tells how much data was prepended to the archive.
     """
     tail_start = max(0, size - _END.size - _SEARCHED)
     tail = os.pread(fd, size - tail_start, tail_start)
@@ -64,14 +173,14 @@ def _end_record(fd: int, size: int) -> tuple[int, int, bool]:
         raise ZipError("zip central directory unreadable (no end record)")
     fields = _END.unpack_from(tail, at)
     location = tail_start + at
-    zip64_size = _zip64_directory_size(fd, location)
-    if zip64_size is not None:
-        return location, zip64_size, True
-    return location, fields[5], False
+    zip64 = _zip64_directory(fd, location)
+    if zip64 is not None:
+        return location, zip64[0], True, zip64[1]
+    return location, fields[5], False, fields[6]
 
 
-def _zip64_directory_size(fd: int, location: int) -> int | None:
-    """The directory size a ZIP64 end record gives, if there is one before `location`."""
+def _zip64_directory(fd: int, location: int) -> tuple[int, int] | None:
+    """The directory's (size, offset) a ZIP64 end record gives, if one precedes `location`."""
     at = location - _LOCATOR64.size
     locator = os.pread(fd, _LOCATOR64.size, at) if at >= 0 else b""
     if len(locator) != _LOCATOR64.size:
@@ -87,8 +196,8 @@ def _zip64_directory_size(fd: int, location: int) -> int | None:
     record = os.pread(fd, _END64.size, at)
     if len(record) != _END64.size or record[:4] != b"PK\x06\x06":
         return None
-    directory_size: int = _END64.unpack(record)[8]
-    return directory_size
+    values = _END64.unpack(record)
+    return values[8], values[9]
 
 
 class _Window:
@@ -111,6 +220,11 @@ class _Window:
         self.pos += n
         return data
 
+    def pieces(self) -> Iterator[bytes]:
+        """What is left, one window at a time."""
+        while self.remaining > 0:
+            yield self.take(min(self.remaining, _WINDOW))
+
     def _refill(self, n: int) -> None:
         progress()  # per window: a long directory is progress, and bounded by the unit's budget
         want = min(self.left, max(n, _WINDOW))
@@ -123,7 +237,10 @@ class _Window:
             raise ZipError("zip central directory unreadable (truncated)")
 
 
-def _walk(window: _Window) -> int:
+Visit = Callable[[tuple[int, ...], bytes], None]  # (header fields, name + extra + comment)
+
+
+def _walk(window: _Window, visit: Visit | None = None) -> int:
     count = 0
     unpack, take = _ENTRY.unpack, window.take
     while window.remaining > 0:
@@ -140,8 +257,28 @@ def _walk(window: _Window) -> int:
         if extra_len:
             extra = names[name_len : name_len + extra_len]
             _check_extra(extra, (fields[9], fields[8], fields[16]))
+        if visit is not None:
+            visit(fields, names)
         count += 1
     return count
+
+
+def _zip64_values(extra: bytes, fields: tuple[int, ...]) -> tuple[int, int, int]:
+    """(uncompressed size, compressed size, local header offset), each from the ZIP64 extra
+    record when its 32-bit field overflowed (already checked by `_check_extra`)."""
+    values = [fields[9], fields[8], fields[16]]
+    pos = 0
+    while len(extra) - pos >= 4:
+        kind, length = struct.unpack_from("<HH", extra, pos)
+        if kind == _ZIP64_EXTRA:
+            at = pos + 4
+            for i, value in enumerate(values):
+                if value == 0xFFFFFFFF:
+                    values[i] = struct.unpack_from("<Q", extra, at)[0]
+                    at += 8
+            break
+        pos += 4 + length
+    return values[0], values[1], values[2]
 
 
 def _check_extra(extra: bytes, sizes: tuple[int, int, int]) -> None:

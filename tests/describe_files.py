@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from modelwatch.describe import describe_model
+from modelwatch.formats import describe_model
 
 
 def varint(value: int) -> bytes:

@@ -17,6 +17,7 @@ from modelwatch.watch import Change, Rescan
 
 # Turns a store of the current schema back into one of schema 1 (what an old version wrote).
 SCHEMA_1_AGAIN = """
+ALTER TABLE fingerprints DROP COLUMN description;
 ALTER TABLE fingerprints DROP COLUMN settled_at;
 ALTER TABLE fingerprints DROP COLUMN errors;
 ALTER TABLE units DROP COLUMN scan_digest;

@@ -22,8 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelwatch.describe import describe_model, find_event_files, scalar_metrics
+from modelwatch.describe import find_event_files, scalar_metrics
 from modelwatch.describe.source import Limits
+from modelwatch.formats import describe_model
 from tests.conftest import examples
 from tests.describe_files import (
     bundle_entry,
@@ -81,7 +82,8 @@ def described(tmp_path: Path, fmt: str, files: dict[str, bytes]) -> dict[str, An
 )
 def test_random_bytes_give_an_error_naming_the_file(tmp_path: Path, fmt: str, name: str) -> None:
     """Random bytes where a model file should be: `error` names the file and the problem."""
-    files = {name: os.urandom(4096) + b"\xff" * 64}
+    # 0xff starts nothing valid: random bytes may otherwise be a whole pickle (`\x89.`, True)
+    files = {name: b"\xff" + os.urandom(4096) + b"\xff" * 64}
     if fmt == "tf_checkpoint":
         files["checkpoint"] = b'model_checkpoint_path: "ckpt-1"\n'
     result = described(tmp_path, fmt, files)
@@ -235,6 +237,13 @@ def test_mlflow_model_is_described(tmp_path: Path) -> None:
     assert "python_function" in result["flavors"]
     assert result["mlflow_version"] == mlflow.__version__
     assert result["signature"]["inputs"][0]["name"] == "x"
+
+
+def test_an_mlflow_signature_with_nan_stays_json(tmp_path: Path) -> None:
+    """A signature whose JSON holds NaN is kept as text: an event must stay valid JSON."""
+    text = b'flavors: {}\nsignature:\n  inputs: \'[{"name": "x", "default": NaN}]\'\n'
+    result = described(tmp_path, "mlflow", {"MLmodel": text})
+    assert result["signature"]["inputs"] == '[{"name": "x", "default": NaN}]'
 
 
 def test_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,10 @@ from typing import Any
 
 import pytest
 
-from modelwatch.describe import describe_model, find_event_files, scalar_metrics
+from modelwatch.describe import find_event_files, scalar_metrics
+from modelwatch.formats import describe_model
+from tests.conftest import wait_until
+from tests.daemons import daemon_process, jsonl_records
 
 TRUTH = Path(__file__).parent / "truth"
 _HEAVY = ("tensorflow", "torch", "numpy", "onnx", "transformers", "safetensors", "keras")
@@ -268,3 +272,71 @@ print(json.dumps([heavy, mapped]))
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], []]
+
+
+_FRAMEWORK_LIBRARIES = ("libtensorflow", "libtorch", "/numpy/", "/onnx/", "_pywrap_tensorflow")
+
+
+@pytest.mark.slow
+def test_the_daemon_maps_no_framework_after_describing_every_format(
+    truth: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A real daemon registers a unit of every format the frameworks wrote (a SavedModel
+    with its TensorBoard logs, a checkpoint, Keras, ONNX, torch.save, DCP, safetensors,
+    Hugging Face, MLflow), each event describing its model, and its /proc/PID/maps shows no
+    TensorFlow, torch, numpy or ONNX library afterwards (all installed next to it)."""
+    out, facts = truth
+    root, events = tmp_path / "models", tmp_path / "events.jsonl"
+    units = {  # unit directory -> its format
+        "saved_model_keras": "saved_model",
+        "tf_checkpoint": "tf_checkpoint",
+        "keras": "keras",
+        "onnx_external": "onnx",
+        "pytorch_training": "pytorch",
+        "pytorch_hostile": "pytorch",
+        "torch_dcp": "torch_dcp",
+        "safetensors": "safetensors",
+        "huggingface": "huggingface",
+    }
+    for unit in units:
+        shutil.copytree(out / unit, root / unit)
+    shutil.copytree(out / "keras_logs", root / "saved_model_keras", dirs_exist_ok=True)
+    (root / "mlflow").mkdir()
+    (root / "mlflow" / "MLmodel").write_text(MLMODEL)
+    units["mlflow"] = "mlflow"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[defaults]\nsettle_seconds = 0.5\n'
+        f'[[roots]]\npath = "{root}"\nunit_depth = 1\n'
+        f'[[sinks]]\ntype = "jsonl"\npath = "{events}"\n'
+    )
+    with daemon_process(config) as proc:
+        wait_until(lambda: len(jsonl_records(events)) >= len(units), timeout=60)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert proc.poll() is None
+    described = {e["subject"]: e["data"] for e in jsonl_records(events)}
+    assert {unit: data["format"] for unit, data in described.items()} == units
+    for data in described.values():
+        assert data["model"] and "error" not in data["model"], data
+    saved = described["saved_model_keras"]
+    assert saved["model"]["parameter_count"] == facts["saved_model_keras"]["parameter_count"]
+    assert {m["name"] for m in saved["metrics"]} == set(facts["keras_logs"]["scalars"])
+    hostile = described["pytorch_hostile"]["model"]
+    assert hostile["suspicious_globals"] == [facts["pytorch_hostile"]["global"]]
+    assert not os.path.exists(facts["pytorch_hostile"]["marker"])
+    assert described["mlflow"]["model"]["flavors"] == ["python_function"]
+    assert [lib for lib in _FRAMEWORK_LIBRARIES if lib in maps] == []
+
+
+MLMODEL = """\
+artifact_path: model
+flavors:
+  python_function:
+    loader_module: mlflow.pyfunc.model
+    python_version: 3.11.7
+mlflow_version: 3.7.0
+run_id: 0a1b2c3d
+signature:
+  inputs: '[{"type": "double", "name": "x", "required": true}]'
+  outputs: '[{"type": "tensor", "tensor-spec": {"dtype": "float64", "shape": [-1]}}]'
+"""

@@ -728,3 +728,15 @@ def test_a_long_check_stops_at_the_inspection_budget(tmp_path: Path, name: str) 
     heartbeat = Heartbeat("inspect-0", FakeClock())
     with heartbeat.job(budget=-1.0), pytest.raises(OverBudget):
         check(tmp_path)
+
+
+def test_each_format_is_one_row_that_detects_checks_and_describes() -> None:
+    """A format is one `Format` object: its name, model type, detection, completeness checks
+    and describer; every format but `unknown` describes its models."""
+    from modelwatch.formats import Format
+
+    for name, row in FORMATS.items():
+        assert isinstance(row, Format) and row.name == name
+        assert row.model_type in ("Tensorflow", "ONNX", "Custom")
+        assert (row.describe is None) == (name == "unknown")
+    assert list(FORMATS)[-1] == "unknown"

@@ -36,7 +36,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelwatch import formats, jsonscan, metadata, zipdir
+from modelwatch import completeness, formats, jsonscan, metadata, tfstate, zipdir
 from modelwatch.metadata import validate_metadata_bytes
 from tests.conftest import examples
 
@@ -123,7 +123,7 @@ def checkpoint_prefix_reference(text: bytes) -> str:
             string = string_re.fullmatch(field.group(2))
             if string is None:
                 raise ValueError("value is not one quoted string")
-            prefix = os.fsdecode(formats._unquote(string.group()))
+            prefix = os.fsdecode(tfstate._unquote(string.group()))
     if not prefix:
         raise ValueError("no model_checkpoint_path")
     return prefix
@@ -161,7 +161,7 @@ def checkpoint_text() -> st.SearchStrategy[bytes]:
 
 def parse_checkpoint(text: bytes) -> str | ValueError:
     try:
-        return formats._checkpoint_prefix(text)
+        return tfstate.checkpoint_prefix(text)
     except ValueError as exc:  # the documented error
         return exc
 
@@ -208,6 +208,9 @@ def test_hostile_checkpoint_is_refused_quickly(text: bytes, why: str) -> None:
 # --- zip central directories (torch.save zips, .keras) -----------------------------------
 
 ZIP_PEAK = 4 * MiB  # one 1 MiB window, the 64 KiB end-record search, slack: never the input
+# Reading a member adds its inflater: a compressed window, up to a window of output and the
+# input it has not consumed yet (what the caller keeps of the output is the caller's).
+MEMBER_PEAK = 8 * MiB
 
 
 def check_zip_bytes(tmp_path: Path, data: bytes) -> int | zipdir.ZipError:
@@ -215,7 +218,7 @@ def check_zip_bytes(tmp_path: Path, data: bytes) -> int | zipdir.ZipError:
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        return zipdir.check_central_directory(fd, len(data), formats.MAX_ZIP_DIRECTORY)
+        return zipdir.check_central_directory(fd, len(data), zipdir.MAX_DIRECTORY)
     except zipdir.ZipError as exc:  # the documented error
         return exc
     finally:
@@ -260,6 +263,78 @@ def test_zip_check_never_accepts_what_zipfile_refuses(tmp_path: Path, data: byte
         entries = None
     if not isinstance(result, zipdir.ZipError):
         assert result == entries
+
+
+def read_members(tmp_path: Path, data: bytes, cap: int) -> dict[str, bytes] | zipdir.ZipError:
+    """Every member of the zip `data` as `find_members` and `member_chunks` read it."""
+    path = tmp_path / "m.keras"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found = zipdir.find_members(fd, len(data), zipdir.MAX_DIRECTORY, lambda name: True)
+        return {m.name: b"".join(zipdir.member_chunks(fd, len(data), m, cap)) for m in found}
+    except zipdir.ZipError as exc:
+        return exc
+    finally:
+        os.close(fd)
+
+
+@fuzz
+@given(
+    members=st.dictionaries(st.text(min_size=1, max_size=5), st.binary(max_size=3000), max_size=4),
+    method=st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]),
+    prefix=st.sampled_from([b"", b"#!/bin/sh\nprepended\n"]),
+    zip64=st.booleans(),
+)
+def test_zip_members_read_as_zipfile_reads_them(
+    tmp_path: Path, members: dict[str, bytes], method: int, prefix: bytes, zip64: bool
+) -> None:
+    """Stored and deflated members (ZIP64 records, data prepended to the archive) read the
+    same bytes as zipfile, within ZIP_PEAK."""
+    buffer = io.BytesIO(prefix)
+    buffer.seek(len(prefix))
+    with zipfile.ZipFile(buffer, "w", method) as archive:
+        for name, content in members.items():
+            with archive.open(zipfile.ZipInfo(name), "w", force_zip64=zip64) as member:
+                member.write(content)
+    data = buffer.getvalue()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        expected = {info.filename: archive.read(info) for info in archive.infolist()}
+    assert bounded(lambda: read_members(tmp_path, data, MiB), peak=MEMBER_PEAK) == expected
+
+
+@fuzz
+@given(data=real_zips().flatmap(mutated))
+def test_damaged_zip_members_are_an_error_never_a_crash(tmp_path: Path, data: bytes) -> None:
+    """Cut, spliced or garbled zips: each member reads as zipfile reads it, or ZipError."""
+    result = bounded(lambda: read_members(tmp_path, data, MiB), peak=MEMBER_PEAK)
+    assert isinstance(result, (dict, zipdir.ZipError))
+
+
+def test_a_zip_bomb_member_is_read_no_further_than_its_cap(tmp_path: Path) -> None:
+    """A deflated member of 1 GiB of zeros (1 MiB in the zip) stops at the reader's cap
+    (`TooLarge`), one window in memory at a time."""
+    buffer = io.BytesIO()
+    with (
+        zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("config.json", "w", force_zip64=True) as member,
+    ):
+        for _ in range(1024):
+            member.write(bytes(MiB))
+    path = tmp_path / "m.keras"
+    path.write_bytes(buffer.getvalue())
+    fd = os.open(path, os.O_RDONLY)
+
+    def read() -> int:
+        size = os.fstat(fd).st_size
+        (found,) = zipdir.find_members(fd, size, zipdir.MAX_DIRECTORY, lambda name: True)
+        return sum(len(piece) for piece in zipdir.member_chunks(fd, size, found, 16 * MiB))
+
+    try:
+        with pytest.raises(zipdir.TooLarge):
+            bounded(read, peak=MEMBER_PEAK)
+    finally:
+        os.close(fd)
 
 
 def end_record(count: int, size: int, offset: int, comment: bytes = b"") -> bytes:
@@ -450,7 +525,7 @@ def data_end_reference(header: bytes) -> int | None:
         if name == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not formats._valid_offsets(offsets):
+        if not completeness._valid_offsets(offsets):
             return None
         end = max(end, offsets[1])  # type: ignore[index]
     return end

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import pickle
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,6 +32,7 @@ from modelwatch.state import StateDir, Store
 from modelwatch.testing import MemorySink
 from tests.conftest import wait_until
 from tests.daemons import CLI, daemon_env, daemon_process, jsonl_records, wait_ready_line
+from tests.describe_files import torch_zip, write_unit
 from tests.receiver import Receiver, Reply
 from tests.writers import write_safetensors
 
@@ -260,3 +264,67 @@ def test_discard_and_redeliver_refuse_what_does_not_exist(
         result = mw(*args, "--config", str(config))
         assert result.returncode == 1, args
         assert message in result.stderr, result.stderr
+
+
+# -- hostile model files -------------------------------------------------------------------------
+
+
+def hostile_models(root: Path, marker: Path) -> dict[str, str]:
+    """Units whose model files are hostile or garbage; returns unit -> expected error code
+    (or the suspicious global for the pickle)."""
+
+    class Exploit:
+        def __reduce__(self) -> Any:
+            return (os.system, (f"touch {marker}",))
+
+    write_unit(root / "pickle", {"model.pt": torch_zip(pickle.dumps({"x": Exploit()}, protocol=2))})
+    junk = os.urandom(4096) + b"\xff" * 64
+    write_unit(root / "saved-model", {"saved_model.pb": junk})
+    write_unit(root / "onnx", {"model.onnx": junk})
+    checkpoint = b'model_checkpoint_path: "ckpt-1"\n'
+    write_unit(
+        root / "index",
+        {"checkpoint": checkpoint, "ckpt-1.index": junk, "ckpt-1.data-00000-of-00001": b"w"},
+    )
+    write_unit(root / "header", {"model.safetensors": struct.pack("<Q", 2**40) + b"{}"})
+    return {
+        "pickle": f"{os.system.__module__}.system",
+        "saved-model": "describe_malformed",
+        "onnx": "describe_malformed",
+        "index": "describe_malformed",
+        "header": "describe_too_large",
+    }
+
+
+@pytest.mark.slow
+def test_hostile_model_files_are_described_as_errors_and_nothing_runs(tmp_path: Path) -> None:
+    """A torch.save zip whose pickle calls os.system, random bytes as `saved_model.pb`,
+    `.onnx` and `.index`, a safetensors header length of 2^40: a real daemon registers the
+    first four (the pickle's global reported, nothing run; `data.model.error` for the
+    others), reports the never-complete safetensors file `not_settled` with its
+    `model.error`, and keeps running: a normal unit written afterwards registers."""
+    root, events, marker = tmp_path / "models", tmp_path / "events.jsonl", tmp_path / "ran"
+    root.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        f"[defaults]\nsettle_seconds = {SETTLE}\nmax_wait_seconds = 4\n"
+        f'[[roots]]\npath = "{root}"\nunit_depth = 1\n'
+        f'[[sinks]]\ntype = "jsonl"\npath = "{events}"\n'
+    )
+    with daemon_process(config) as proc:
+        expected = hostile_models(root, marker)
+        wait_until(lambda: len(jsonl_records(events)) >= len(expected), timeout=60)
+        model(root / "normal")
+        wait_until(lambda: any(e["subject"] == "normal" for e in jsonl_records(events)), 30)
+        assert proc.poll() is None, "the daemon must still run"
+    found = {e["subject"]: e for e in jsonl_records(events)}
+    assert found["pickle"]["type"] == "io.modelwatch.model.registered"
+    assert found["pickle"]["data"]["model"]["suspicious_globals"] == [expected.pop("pickle")]
+    assert not marker.exists()
+    assert [e["code"] for e in found["header"]["data"]["errors"]] == ["not_settled"]
+    for unit, code in expected.items():
+        error = found[unit]["data"]["model"]["error"]
+        assert (error["code"], bool(error["file"])) == (code, True), unit
+    registered = {u for u, e in found.items() if e["type"] == "io.modelwatch.model.registered"}
+    assert registered == {"pickle", "saved-model", "onnx", "index", "normal"}

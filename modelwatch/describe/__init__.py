@@ -1,14 +1,16 @@
-"""What a model is, read from its files alone (SPEC §13): the `data.model` of an event.
+"""What a model is, read from its files alone (SPEC §13): the readers behind `data.model`.
 
-    describe_model(dir_fd, files, fmt, progress=None) -> dict | None
+    describe_with(describer, dir_fd, files, progress=None) -> dict
     scalar_metrics(dir_fd, event_files, progress=None) -> [{"name", "numberValue"}]
     find_event_files(dir_fd, max_files=...) -> [relative path]
 
-The files are written by untrusted training code. Nothing here imports TensorFlow, PyTorch,
-ONNX or numpy, executes anything from the unit, or unpickles with real globals; every reader
-is linear in its input and bounded by `Limits` (bytes held at once, parse steps, seconds).
-Bad input never raises: the description carries `error` ({"code", "file", "message"}) and
-whatever could be read before it. One module per format family:
+Each format's row in `modelwatch.formats` names its describer (`formats.describe_model`
+picks it by format name). The files are written by untrusted training code. Nothing here
+imports TensorFlow, PyTorch, ONNX or numpy, executes anything from the unit, or unpickles
+with real globals; every reader is linear in its input and bounded by `Limits` (bytes held
+at once, parse steps, seconds). Bad input never raises: the description carries `error`
+({"code", "file", "message"}) and whatever could be read before it. One module per format
+family:
 
 | format | module | read from |
 | --- | --- | --- |
@@ -26,50 +28,38 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from modelwatch.describe import keras, mlflow, onnx, pytorch, safetensors, tensorflow
 from modelwatch.describe.events import find_event_files, scalar_metrics
-from modelwatch.describe.source import DEFAULT_LIMITS, DescribeError, Limits, Source
+from modelwatch.describe.source import DEFAULT_LIMITS, DescribeError, Limits, Source, Stopped
 
 Describer = Callable[[Source], dict[str, Any]]
 
-DESCRIBERS: dict[str, Describer] = {
-    "saved_model": tensorflow.describe_saved_model,
-    "tf_checkpoint": tensorflow.describe_checkpoint,
-    "keras": keras.describe_keras,
-    "onnx": onnx.describe_onnx,
-    "safetensors": safetensors.describe_safetensors,
-    "huggingface": safetensors.describe_huggingface,
-    "pytorch": pytorch.describe_pytorch,
-    "torch_dcp": pytorch.describe_dcp,
-    "mlflow": mlflow.describe_mlflow,
-}
 
-
-def describe_model(
+def describe_with(
+    describer: Describer,
     dir_fd: int,
     files: Mapping[str, int],
-    fmt: str,
     *,
     progress: Callable[[int], None] | None = None,
     limits: Limits = DEFAULT_LIMITS,
-) -> dict[str, Any] | None:
-    """The description of the `fmt` model whose files (relative path -> size) are below
-    `dir_fd`; None for a format that carries none (`unknown`). Never raises for bad input:
-    `error` says which file could not be read and why."""
-    describer = DESCRIBERS.get(fmt)
-    if describer is None:
-        return None
+) -> dict[str, Any]:
+    """What `describer` reads from the files (relative path -> size) below `dir_fd`.
+
+    Never raises for bad input: `error` says which file could not be read and why. `Stopped`
+    raised by `progress` (the caller's budget ran out) ends the description the same way.
+    """
     source = Source(dir_fd, files, progress=progress, limits=limits)
     try:
-        return describer(source)
+        described = describer(source)
+        source.flush()
     except DescribeError as exc:
         return {"error": {**exc.as_error(), "file": exc.file or source.file}}
+    except Stopped as exc:
+        return {"error": _error(exc.code, source.file, exc.message)}
     except RecursionError:
         return {"error": _error("describe_too_large", source.file, "nested too deeply")}
     except MemoryError:
         return {"error": _error("describe_too_large", source.file, "out of memory")}
-    finally:
-        source.flush()
+    return described
 
 
 def _error(code: str, file: str, message: str) -> dict[str, str]:
@@ -77,10 +67,12 @@ def _error(code: str, file: str, message: str) -> dict[str, str]:
 
 
 __all__ = [
-    "DESCRIBERS",
+    "DEFAULT_LIMITS",
     "DescribeError",
+    "Describer",
     "Limits",
-    "describe_model",
+    "Stopped",
+    "describe_with",
     "find_event_files",
     "scalar_metrics",
 ]

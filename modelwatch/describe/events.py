@@ -26,6 +26,8 @@ from modelwatch.describe.source import DEFAULT_LIMITS, Blob, DescribeError, Limi
 
 EVENT_PREFIX = "events.out.tfevents."
 MAX_RECORD = 8 << 20  # larger records hold graphs or images, never only scalars
+_MAX_TAG = 1024  # characters of a tag or plugin name
+_MAX_TAGS = 10_000  # tags whose plugin is remembered (real logs have hundreds)
 _HEADER = 12
 _NUMERIC = {1: "<f", 2: "<d", 3: "<i", 4: "<B", 5: "<h", 6: "<b", 9: "<q", 17: "<H", 19: "<e"}
 _NUMERIC.update({22: "<I", 23: "<Q"})
@@ -138,14 +140,14 @@ def _scalar(value: Region, plugins: dict[str, str], run: str) -> tuple[str, floa
     tag, simple, tensor = "", None, None
     for field in value.fields():
         if field.number == 1:
-            tag = field.text()
+            tag = field.text(_MAX_TAG)
         elif field.number == 2 and field.wire == FIXED32:
             simple = field.single()
         elif field.number == 8:
             tensor = field.message()
         elif field.number == 9:
             plugin = _plugin_name(field.message())
-            if plugin:
+            if plugin and len(plugins) < _MAX_TAGS:
                 plugins[f"{run}\0{tag}"] = plugin
     if simple is not None:
         return tag, simple
@@ -160,7 +162,7 @@ def _plugin_name(metadata: Region) -> str:
         if field.number == 1:
             for part in field.message().fields():
                 if part.number == 1:
-                    return part.text()
+                    return part.text(_MAX_TAG)
     return ""
 
 

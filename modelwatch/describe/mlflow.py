@@ -3,7 +3,10 @@
 Reading YAML needs PyYAML, an optional dependency (`pip install 'modelwatch[describe]'`);
 without it the description says so in `error`. `yaml.safe_load` builds plain data only; an
 alias-heavy document could expand into a huge structure when walked, so the loaded document
-is measured with a node budget before anything is taken from it.
+is measured with a node budget before anything is taken from it. Before that, the parser's
+events are counted (streamed, nothing built): PyYAML builds about 250 bytes per node, so a
+1 MiB file of `[],` would take 250 MiB to load; at most `MAX_EVENTS` are loaded (a real
+`MLmodel` has about fifty; its signature is one JSON string).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from modelwatch.describe.source import DescribeError, Source, malformed, too_large
 
 MAX_MLMODEL = 1 << 20
+MAX_EVENTS = 20_000
 MAX_NODES = 100_000
 _TEXT_KEYS = ("mlflow_version", "run_id", "model_uuid", "utc_time_created", "artifact_path")
 
@@ -49,8 +53,14 @@ def _load_yaml(source: Source, path: str) -> dict[str, Any]:
             "reading MLmodel needs PyYAML: pip install 'modelwatch[describe]'",
         ) from None
     text = source.read_small(path, MAX_MLMODEL)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        document = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 - a safe loader
+        for count, _ in enumerate(yaml.parse(text, Loader=loader)):
+            if count >= MAX_EVENTS:
+                raise too_large(path, f"more than {MAX_EVENTS} YAML nodes")
+        document = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    except DescribeError:
+        raise
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise malformed(path, f"not YAML: {exc}"[:300]) from None
     if not isinstance(document, dict):
@@ -77,8 +87,12 @@ def _measure(document: Any, path: str) -> None:
 def _schema(value: Any) -> Any:
     """MLflow stores each schema as a JSON string inside the YAML."""
     if isinstance(value, str) and len(value) <= 1 << 16:
-        try:
-            return json.loads(value)
+        try:  # NaN and Infinity are no JSON: an event must stay valid JSON
+            return json.loads(value, parse_constant=_refuse)
         except (ValueError, RecursionError):
             return value[:4096]
     return value[:4096] if isinstance(value, str) else value
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(name)

@@ -6,8 +6,10 @@ calls them, and even with a `find_class` that never imports, its C memo grows to
 `LONG_BINPUT` index (a 5-byte opcode can ask for 32 GiB). Here every opcode is interpreted
 by hand: a global becomes a `Global` name, a call becomes a `Call` record (or, for the few
 torch rebuild functions, a `Tensor`), the memo is a dict, and every opcode is one step of the
-source's budget. Nothing is ever called, so nothing runs; `Load.globals` lists every global
-the pickle names, for the caller to judge.
+source's budget. What a pickle builds is bounded by its opcodes (`Limits.pickle_ops`): a
+16 MiB pickle of `]` would otherwise build 16 million lists (5 GB). Nothing is ever called,
+so nothing runs; `Load.globals` lists every global the pickle names, for the caller to
+judge.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pickletools
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelwatch.describe.source import Source, malformed
+from modelwatch.describe.source import DescribeError, Source, malformed, too_large
 from modelwatch.describe.tensors import TORCH_DTYPES, TORCH_STORAGES
 
 _REBUILD_TENSOR = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3"}
@@ -75,12 +77,17 @@ class _Machine:
         self.globals: set[str] = set()
 
     def run(self, data: bytes) -> Any:
+        cap = self.source.limits.pickle_ops
         try:
-            for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
+            for count, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
                 self.source.tick()
+                if count >= cap:
+                    raise too_large(self.name, f"more than {cap} pickle opcodes")
                 if opcode.name == "STOP":
                     return self.stack.pop()
                 self.step(opcode.name, arg)
+        except DescribeError:
+            raise
         except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:
             raise malformed(self.name, f"bad pickle: {exc}"[:300]) from None
         raise malformed(self.name, "pickle without STOP")

@@ -14,21 +14,21 @@ A DCP checkpoint's `.metadata` pickle maps each state-dict key to its dtype and 
 
 from __future__ import annotations
 
-import io
 import math
 import posixpath
 import re
-import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from modelwatch import zipdir
 from modelwatch.describe import pickles
 from modelwatch.describe.pickles import Call, Global, Tensor
-from modelwatch.describe.source import Blob, DescribeError, Source, malformed, too_large
+from modelwatch.describe.source import Blob, DescribeError, Source, malformed
 from modelwatch.describe.tensors import TORCH_DTYPES, Tensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _NOT_MODEL = re.compile(r"optim|scheduler", re.IGNORECASE)
+_MAX_GLOBALS = 100
 _SAFE_MODULES = ("torch.distributed.checkpoint.",)
 _SAFE = {
     "collections.OrderedDict", "collections.defaultdict", "builtins.set", "builtins.frozenset",
@@ -56,7 +56,6 @@ def describe_pytorch(source: Source) -> dict[str, Any]:
     paths = source.paths(lambda p: p.endswith(TORCH_SUFFIXES))
     tensors = Tensors(source.limits.listed)
     suspicious: set[str] = set()
-    storages: dict[tuple[str, str], _StorageUse] = {}
     out: dict[str, Any] = {"files": len(paths)}
     for path in paths:
         try:
@@ -64,16 +63,22 @@ def describe_pytorch(source: Source) -> dict[str, Any]:
         except DescribeError as exc:
             out.setdefault("error", exc.as_error())
             continue
-        suspicious.update(g for g in loaded.globals if not is_safe_global(g))
+        suspicious.update(_suspicious(loaded.globals))
         prefix = f"{path}:" if len(paths) > 1 else ""
+        storages: dict[str, _StorageUse] = {}  # of this file: only what one pickle built
         for name, tensor, counted in _tensors(loaded.value, source):
             tensors.add(prefix + name, tensor.dtype, list(tensor.shape), count=False)
             if counted:
-                use = storages.setdefault((path, tensor.storage.key), _StorageUse(tensor))
+                use = storages.setdefault(tensor.storage.key, _StorageUse(tensor))
                 use.add(tensor)
-    for use in storages.values():
-        tensors.count(use.dtype, use.elements())
-    return {**out, **tensors.summary(), "suspicious_globals": sorted(suspicious)}
+        for use in storages.values():
+            tensors.count(use.dtype, use.elements())
+    return {**out, **tensors.summary(), "suspicious_globals": sorted(suspicious)[:_MAX_GLOBALS]}
+
+
+def _suspicious(names: set[str]) -> list[str]:
+    """The globals a weights-only load refuses, each cut to 200 characters, at most 100."""
+    return sorted(name[:200] for name in names if not is_safe_global(name))[:_MAX_GLOBALS]
 
 
 class _StorageUse:
@@ -98,7 +103,7 @@ class _StorageUse:
 def describe_dcp(source: Source) -> dict[str, Any]:
     """The tensors a torch.distributed.checkpoint `.metadata` file declares."""
     path = source.first(lambda p: posixpath.basename(p) == ".metadata", ".metadata")
-    loaded = pickles.load(source, path, source.read_small(path))
+    loaded = pickles.load(source, path, source.read_small(path, source.limits.pickle_bytes))
     tensors = Tensors(source.limits.listed)
     entries = _attribute(loaded.value, "state_dict_metadata")
     for name, entry in sorted((entries or {}).items(), key=lambda kv: str(kv[0])):
@@ -108,7 +113,7 @@ def describe_dcp(source: Source) -> dict[str, Any]:
         if isinstance(size, (tuple, list)) and all(isinstance(d, int) for d in size):
             counted = not _NOT_MODEL.search(str(name))
             tensors.add(str(name), _dcp_dtype(entry), list(size), count=counted)
-    suspicious = sorted(g for g in loaded.globals if not is_safe_global(g))
+    suspicious = _suspicious(loaded.globals)
     shards = len(source.paths(lambda p: p.endswith(".distcp")))
     return {"shard_count": shards, **tensors.summary(), "suspicious_globals": suspicious}
 
@@ -128,19 +133,39 @@ def _load_zip(source: Source, path: str) -> pickles.Load:
             raise DescribeError(
                 "describe_unsupported", path, "not a zip (the legacy torch.save format)"
             )
-        try:
-            with zipfile.ZipFile(BlobFile(blob, 2 * source.limits.header_bytes)) as archive:
-                member = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
-                if member is None:
-                    raise malformed(path, "no data.pkl in the zip")
-                info = archive.getinfo(member)
-                if info.file_size > source.limits.header_bytes:
-                    raise too_large(path, f"{member} has {info.file_size} bytes")
-                with archive.open(info) as stream:
-                    data = stream.read(source.limits.header_bytes + 1)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
-            raise malformed(path, f"bad zip: {exc}") from None
-        return pickles.load(source, path, data)
+        found = zip_members(blob, lambda name: name.endswith("/data.pkl"))
+        if not found:
+            raise malformed(path, "no data.pkl in the zip")
+        data = zip_member(blob, found[0], source.limits.pickle_bytes)
+    return pickles.load(source, path, data)
+
+
+def zip_members(blob: Blob, wanted: Callable[[str], bool]) -> list[zipdir.Member]:
+    """The members of the zip in `blob` whose names `wanted` accepts (`zipdir`: streamed,
+    nothing kept per entry)."""
+    try:
+        return zipdir.find_members(blob.fd, blob.size, zipdir.MAX_DIRECTORY, wanted)
+    except zipdir.ZipError as exc:
+        raise malformed(blob.name, f"bad zip: {exc}") from None
+    except OSError as exc:
+        raise DescribeError("describe_io", blob.name, exc.strerror or str(exc)) from None
+
+
+def zip_member(blob: Blob, member: zipdir.Member, cap: int) -> bytes:
+    """The whole content of `member` (at most `cap` bytes), each MiB counted by the source."""
+    pieces = []
+    try:
+        for piece in zipdir.member_chunks(blob.fd, blob.size, member, cap):
+            blob.source.tick(len(piece), 0)
+            pieces.append(piece)
+    except zipdir.ZipError as exc:
+        too_big = isinstance(exc, zipdir.TooLarge)
+        raise DescribeError(
+            "describe_too_large" if too_big else "describe_malformed", blob.name, str(exc)
+        ) from None
+    except OSError as exc:
+        raise DescribeError("describe_io", blob.name, exc.strerror or str(exc)) from None
+    return b"".join(pieces)
 
 
 def _tensors(value: Any, source: Source) -> Iterator[tuple[str, Tensor, bool]]:
@@ -186,34 +211,3 @@ def _dcp_dtype(entry: Any) -> str:
     if isinstance(state, tuple) and state:
         dtype = state[0]  # TensorProperties.__getstate__: (dtype, layout, ...)
     return TORCH_DTYPES.get(dtype.name, dtype.name) if isinstance(dtype, Global) else "unknown"
-
-
-class BlobFile(io.RawIOBase):
-    """A read-only, seekable file over a Blob for `zipfile`, reading at most `budget` bytes."""
-
-    def __init__(self, blob: Blob, budget: int) -> None:
-        self._blob, self._pos, self._budget = blob, 0, budget
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._blob.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        length = min(len(buffer), max(0, self._blob.size - self._pos))
-        if length > self._budget:
-            raise too_large(self._blob.name, "zip directory larger than the read budget")
-        data = self._blob.read(self._pos, length)
-        self._budget -= length
-        buffer[:length] = data
-        self._pos += length
-        return length

@@ -5,19 +5,29 @@ A safetensors file is an 8-byte little-endian header length, a JSON header
 only the header is read. A Hugging Face directory adds `config.json` (`architectures`,
 `model_type`, `torch_dtype` or, from transformers 5, `dtype`); its weights are its
 safetensors files, else its `torch.save` `.bin` files.
+
+Headers (up to `MAX_HEADER` bytes) and `config.json` are scanned with `jsonscan` in 1 MiB
+chunks, never built whole: `json.loads` of a 16 MiB header of `{}` held 445 MiB. Memory is
+one chunk, one tensor's entry (at most 64 KiB of text) and the listed tensors (`Tensors`).
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
 import struct
+from collections.abc import Iterator
 from typing import Any
 
+from modelwatch import jsonscan
 from modelwatch.describe import pytorch
-from modelwatch.describe.source import DescribeError, Source, malformed, too_large
-from modelwatch.describe.tensors import SAFETENSORS_DTYPES, Tensors
+from modelwatch.describe.source import Blob, DescribeError, Source, malformed, too_large
+from modelwatch.describe.tensors import MAX_RANK, SAFETENSORS_DTYPES, Tensors
 
+# huggingface_hub reads no header longer than this (SAFETENSORS_MAX_HEADER_LENGTH): 170,000
+# tensors' entries in one file. The completeness check (`modelwatch.completeness`) uses it too.
+MAX_HEADER = 25_000_000
+MAX_ENTRY = 64 * 1024  # one tensor's entry (name, dtype, shape, offsets) is a few hundred bytes
+_CHUNK = 1 << 20
 _METADATA_ENTRIES = 100
 _METADATA_TEXT = 4096
 _CONFIG_KEYS = ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version")
@@ -30,8 +40,7 @@ def describe_safetensors(source: Source) -> dict[str, Any]:
     metadata: dict[str, str] = {}
     prefix = len(paths) > 1
     for path in paths:
-        header = read_header(source, path)
-        for name, entry in header.items():
+        for name, entry in header_entries(source, path):
             if name == "__metadata__":
                 metadata.update(_metadata(entry))
                 continue
@@ -60,32 +69,54 @@ def describe_huggingface(source: Source) -> dict[str, Any]:
     return out
 
 
-def read_header(source: Source, path: str) -> dict[str, Any]:
-    """The JSON header of the safetensors file `path`, as an object."""
-    cap = source.limits.header_bytes
+def header_entries(source: Source, path: str) -> Iterator[tuple[str, Any]]:
+    """(name, entry) of each member of the JSON header of the safetensors file `path`, in
+    file order, one at a time. Raises at the first problem, possibly after some members: a
+    caller keeps what it took from them only once the iteration ended."""
     with source.open(path) as blob:
         if blob.size < 8:
             raise malformed(path, f"{blob.size} bytes, shorter than the header length")
         length = struct.unpack("<Q", blob.read(0, 8))[0]
-        if length > cap:
-            raise too_large(path, f"header of {length} bytes, more than {cap}")
-        raw = blob.read(8, length)
+        if length > MAX_HEADER:
+            raise too_large(path, f"header of {length} bytes, more than {MAX_HEADER}")
+        if 8 + length > blob.size:
+            raise malformed(path, f"header of {length} bytes passes the end of the file")
+        yield from _members(source, path, _chunks(blob, 8, length))
+
+
+def _members(source: Source, path: str, chunks: Iterator[bytes]) -> Iterator[tuple[str, Any]]:
+    """The header's members as they are scanned; raises at the first that is not valid."""
     try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
+        for key, value in jsonscan.scan(chunks, build_depth=1, max_value=MAX_ENTRY):
+            source.tick()
+            if not key:
+                if value is not jsonscan.OBJECT:
+                    raise malformed(path, "header is not a JSON object")
+                continue
+            name = str(key[0])
+            if value is jsonscan.TOO_LARGE:
+                raise too_large(path, f"entry of tensor {name[:200]!r} over {MAX_ENTRY} bytes")
+            yield name, value
+    except jsonscan.JsonError as exc:
         raise malformed(path, f"header is not JSON: {exc}"[:300]) from None
-    if not isinstance(header, dict):
-        raise malformed(path, "header is not a JSON object")
-    source.tick(0, len(header))
-    return header
+
+
+def _chunks(blob: Blob, start: int, length: int) -> Iterator[bytes]:
+    end = start + length
+    while start < end:
+        piece = blob.read(start, min(_CHUNK, end - start))
+        start += len(piece)
+        yield piece
 
 
 def _tensor(entry: Any, path: str, name: str) -> tuple[str, list[int | str | None]]:
     if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
         raise malformed(path, f"tensor {name[:200]!r} has no dtype")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise malformed(path, f"tensor {name[:200]!r} has a bad shape")
     dtype = entry["dtype"]
@@ -101,17 +132,29 @@ def _metadata(entry: Any) -> dict[str, str]:
 
 
 def _config(source: Source, path: str) -> dict[str, Any]:
-    try:
-        config = json.loads(source.read_small(path))
-    except (ValueError, RecursionError) as exc:
-        raise malformed(path, f"not JSON: {exc}"[:300]) from None
-    if not isinstance(config, dict):
-        raise malformed(path, "not a JSON object")
+    """The facts of `config.json` (`_CONFIG_KEYS`), scanned: only top-level values are built,
+    each at most `MAX_ENTRY` bytes of text."""
     out: dict[str, Any] = {}
-    for key in _CONFIG_KEYS:
-        value = config.get(key)
-        if isinstance(value, str):
-            out[key] = value[:200]
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            out[key] = [v[:200] for v in value[:20]]
-    return out
+    with source.open(path) as blob:
+        if blob.size > source.limits.header_bytes:
+            raise too_large(path, f"{blob.size} bytes, more than {source.limits.header_bytes}")
+        chunks = _chunks(blob, 0, blob.size)
+        try:
+            for key, value in jsonscan.scan(chunks, build_depth=1, max_value=MAX_ENTRY):
+                source.tick()
+                if not key and value is not jsonscan.OBJECT:
+                    raise malformed(path, "not a JSON object")
+                if key and key[0] in _CONFIG_KEYS:
+                    _config_value(out, str(key[0]), value)
+        except jsonscan.JsonError as exc:
+            raise malformed(path, f"not JSON: {exc}"[:300]) from None
+    return {key: out[key] for key in _CONFIG_KEYS if key in out}
+
+
+def _config_value(out: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, str):
+        out[key] = value[:200]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        out[key] = [v[:200] for v in value[:20]]
+    else:
+        out.pop(key, None)  # a later duplicate replaces an earlier one, as json.loads does

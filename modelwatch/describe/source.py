@@ -8,11 +8,13 @@ Every describer reads through one `Source`, which owns what a description may co
   `DescribeError`, not as a SIGBUS that would kill the process;
 * `Blob.read` serves small reads (protobuf field headers) from a one-block cache, so a walk
   that skips the weight bytes of a 1 GB file reads only the pages it looks at;
-* `tick` counts bytes and steps: `progress(n)` is called every `PROGRESS_BYTES` read, and a
-  describer past its deadline or its step budget stops with `describe_too_large`.
+* `tick` counts bytes and steps: `progress(n)` is called every `PROGRESS_BYTES` read and
+  every 4096 steps or 64 KiB block (n: the bytes read since the last call), and a describer
+  past its deadline or its step budget stops with `describe_too_large`.
 
-`DescribeError` is the one exception a describer raises for bad input; `describe_model`
-turns it into the description's `error`.
+`DescribeError` is the one exception a describer raises for bad input; `describe_with`
+turns it into the description's `error`. A `progress` callback raises `Stopped` to end a
+description at once (the job it runs in is out of time): that too becomes its `error`.
 """
 
 from __future__ import annotations
@@ -32,15 +34,21 @@ _BLOCK = 64 << 10
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What one description may cost. The defaults fit a 256 MiB sidecar: the largest
-    structure held in memory at once is one capped header or pickle."""
+    """What one description may cost. The defaults fit a 256 MiB sidecar running 4 pool
+    workers: the largest structure held in memory at once is one pickle and what it builds
+    (about 45 MiB at worst); JSON is scanned (`jsonscan`), zips streamed (`zipdir`),
+    protobufs walked (`protowire`), and listings capped (`Tensors`)."""
 
     seconds: float = 120.0
     steps: int = 50_000_000  # protobuf fields, table entries, pickle opcodes, records
-    header_bytes: int = 16 << 20  # one safetensors header, a pickle, a JSON or YAML file
+    header_bytes: int = 16 << 20  # a JSON file or member (scanned, never held whole)
+    pickle_bytes: int = 8 << 20  # a pickle, held whole while it is interpreted
     index_bytes: int = 256 << 20  # a TF `.index` table
     message_bytes: int = 64 << 20  # one protobuf message read whole (a signature, a shape)
     listed: int = 1000  # tensors / variables listed by name; counts cover all of them
+    # Opcodes of one pickle: each builds or keeps at most one object, about 40 bytes in a
+    # torch.save pickle (32 opcodes per tensor: 15,000 tensors), 70 at worst (`]` repeated).
+    pickle_ops: int = 500_000
 
 
 DEFAULT_LIMITS = Limits()
@@ -56,6 +64,15 @@ class DescribeError(ValueError):
 
     def as_error(self) -> dict[str, str]:
         return {"code": self.code, "file": self.file, "message": self.message}
+
+
+class Stopped(Exception):
+    """Raised by a `progress` callback: the description ends at once, `code` and `message`
+    becoming its `error` about the file being read. Readers never catch it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 def malformed(file: str, message: str) -> DescribeError:
@@ -93,9 +110,12 @@ class Source:
             self.flush()
         if self._steps > self.limits.steps:
             raise too_large(self.file, f"more than {self.limits.steps} parse steps")
-        checked = (self._steps & 0xFFF) < steps or nbytes >= _BLOCK
-        if checked and self._clock() > self._deadline:
-            raise too_large(self.file, f"not described within {self.limits.seconds:g} s")
+        if (self._steps & 0xFFF) < steps or nbytes >= _BLOCK:
+            if self._clock() > self._deadline:
+                raise too_large(self.file, f"not described within {self.limits.seconds:g} s")
+            if self._progress is not None:  # parsing without reading is progress too
+                self._progress(self._unreported)
+                self._unreported = 0
 
     def flush(self) -> None:
         """Report the bytes read since the last report."""

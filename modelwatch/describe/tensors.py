@@ -15,6 +15,8 @@ from typing import Any
 
 # A dimension is an int, a symbolic name (ONNX `dim_param`), or None (unknown).
 Dim = int | str | None
+MAX_NAME = 1024  # characters of a tensor name kept in a listing
+MAX_RANK = 256  # dimensions of one shape (TensorFlow allows 254)
 
 _COMMON = (  # noqa: SIM905 - one line of names reads better than a column of 33
     "float32 float64 int32 uint8 int16 int8 string complex64 int64 bool qint8 quint8 qint32 "
@@ -111,18 +113,52 @@ def numel(shape: Sequence[Dim] | None) -> int | None:
     return math.prod(d for d in shape if isinstance(d, int))
 
 
-class Tensors:
-    """The tensors of one description, collected in any order, reported deterministically."""
+class Firsts:
+    """The `listed` first items by key, whatever how many are added: memory is at most twice
+    `listed` items between two trims. `count` is how many were added."""
 
     def __init__(self, listed: int) -> None:
-        self._listed = listed
-        self._entries: list[tuple[str, str, list[Dim] | None]] = []
+        self.listed = listed
+        self.count = 0
+        self._kept: list[tuple[Any, Any]] = []
+
+    def add(self, key: Any, item: Any) -> None:
+        self.count += 1
+        self._kept.append((key, item))
+        if len(self._kept) >= 2 * self.listed + 2:
+            self._trim()
+
+    def _trim(self) -> None:
+        self._kept.sort(key=lambda kept: kept[0])
+        del self._kept[self.listed :]
+
+    def items(self) -> list[Any]:
+        """The first `listed` items, in key order."""
+        self._trim()
+        return [item for _, item in self._kept]
+
+    @property
+    def truncated(self) -> bool:
+        return self.count > self.listed
+
+
+class Tensors:
+    """The tensors of one description, collected in any order, reported deterministically.
+
+    Memory is bounded whatever the count: only the `listed` first by (name, dtype, shape) are
+    kept (`Firsts`), names cut to `MAX_NAME` characters; every tensor still counts in
+    `tensor_count`, `parameter_count` and `dtypes`.
+    """
+
+    def __init__(self, listed: int) -> None:
+        self._firsts = Firsts(listed)
         self.parameters = 0
         self.by_dtype: dict[str, int] = {}
 
     def add(self, name: str, dtype: str, shape: list[Dim] | None, *, count: bool = True) -> None:
         """One tensor; `count` False lists it without adding to the parameter count."""
-        self._entries.append((name, dtype, shape))
+        name = name[:MAX_NAME]
+        self._firsts.add((name, dtype, str(shape)), {"name": name, "dtype": dtype, "shape": shape})
         elements = numel(shape)
         if count and elements is not None:
             self.count(dtype, elements)
@@ -133,18 +169,16 @@ class Tensors:
         self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + elements
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._firsts.count
 
     def summary(self, label: str = "tensors") -> dict[str, Any]:
         """`<label>_count`, `parameter_count`, `dtypes` and the first `listed` `<label>`."""
-        entries = sorted(self._entries, key=lambda e: (e[0], e[1], str(e[2])))
-        shown = [{"name": n, "dtype": d, "shape": s} for n, d, s in entries[: self._listed]]
         out: dict[str, Any] = {
-            f"{label[:-1]}_count": len(entries),
+            f"{label[:-1]}_count": self._firsts.count,
             "parameter_count": self.parameters,
             "dtypes": dict(sorted(self.by_dtype.items())),
-            label: shown,
+            label: self._firsts.items(),
         }
-        if len(entries) > self._listed:
+        if self._firsts.truncated:
             out[f"{label}_truncated"] = True
         return out

@@ -11,42 +11,47 @@ distinct objects with the same values). Key prefixes cannot tell; the object gra
 [{node_id = 1, local_name = 2}], attributes = 2 [{name = 1, checkpoint_key = 3}],
 slot_variables = 3}]}, node 0 being the root. The parameters are the `VARIABLE_VALUE`
 attributes of the nodes reachable from the root without passing an edge in `_EXCLUDED`.
+
+Memory: the graph (at most `MAX_GRAPH` bytes) is held while it is walked; nodes are kept as
+offsets into it (8 bytes each, at most `MAX_NODES`) and parsed when the walk reaches them;
+the keys found are at most `MAX_KEYS`.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from array import array
 
 from modelwatch.describe.protowire import VARINT, Region
 from modelwatch.describe.source import Source, malformed, too_large
 from modelwatch.describe.tftable import Bundle
 
-OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _EXCLUDED = {
     "optimizer",  # its iterations, learning rate and slots; the model's own are reached anyway
     "save_counter",
     "_all_variables",  # keras.export.ExportArchive: the same variables as `variables`
 }
-MAX_GRAPH = 64 << 20
+MAX_GRAPH = 16 << 20  # a graph of 80,000 variables is about 16 MB
+MAX_NODES = 1_000_000
+MAX_KEYS = 250_000
 
 
 def parameter_keys(source: Source, prefix: str, bundle: Bundle) -> set[str] | None:
     """The checkpoint keys of the model's parameters; None when the checkpoint has no object
     graph (a TF1 `Saver` checkpoint), so the caller falls back on names."""
-    entry = next((v for v in bundle.variables if v.name == OBJECT_GRAPH), None)
+    entry = bundle.object_graph
     if entry is None or entry.dtype != "string":
         return None
     data_file = f"{prefix}.data-{entry.shard:05d}-of-{bundle.num_shards:05d}"
-    if entry.size > min(MAX_GRAPH, source.limits.header_bytes * 4):
+    if entry.size > MAX_GRAPH:
         raise too_large(data_file, f"object graph of {entry.size} bytes")
     with source.open(data_file) as blob:
         raw = blob.read(entry.offset, entry.size)
-    graph = _string_tensor(raw, data_file)
-    nodes = _nodes(Region(blob, 0, len(graph), graph, 0))
-    return _reachable_keys(nodes, source)
+    start, end = _string_tensor(raw, data_file)
+    return _reachable_keys(Region(blob, start, end, raw, 0), source)
 
 
-def _string_tensor(raw: bytes, name: str) -> bytes:
+def _string_tensor(raw: bytes, name: str) -> tuple[int, int]:
+    """Where in `raw` the string tensor's one string is."""
     length = shift = pos = 0
     while True:
         if pos >= len(raw) or shift > 63:
@@ -60,28 +65,46 @@ def _string_tensor(raw: bytes, name: str) -> bytes:
     start = pos + 4  # the CRC of the lengths
     if start + length > len(raw):
         raise malformed(name, "object graph passes the end of its entry")
-    return raw[start : start + length]
+    return start, start + length
 
 
-Node = tuple[list[tuple[int, str]], list[str]]  # (children (id, local name), variable keys)
-
-
-def _nodes(graph: Region) -> list[Node]:
-    nodes: list[Node] = []
-    for field in graph.fields():
-        if field.number != 1:
-            continue
-        children: list[tuple[int, str]] = []
-        keys: list[str] = []
-        for part in field.message().fields():
+def _reachable_keys(graph: Region, source: Source) -> set[str]:
+    starts, ends = _nodes(graph)
+    keys: set[str] = set()
+    seen = bytearray(len(starts))
+    queue = array("I", [0] if starts else [])
+    if starts:
+        seen[0] = 1
+    head = 0
+    while head < len(queue):
+        node = Region(graph.blob, starts[queue[head]], ends[queue[head]], graph.buf, 0)
+        head += 1
+        for part in node.fields():
             if part.number == 1:
-                children.append(_child(part.message()))
+                child, name = _child(part.message())
+                if name in _EXCLUDED or not 0 <= child < len(starts) or seen[child]:
+                    continue
+                seen[child] = 1
+                queue.append(child)
             elif part.number == 2:
                 key = _variable_key(part.message())
                 if key is not None:
-                    keys.append(key)
-        nodes.append((children, keys))
-    return nodes
+                    keys.add(key)
+                    if len(keys) > MAX_KEYS:
+                        raise too_large(graph.blob.name, f"more than {MAX_KEYS} variables")
+    return keys
+
+
+def _nodes(graph: Region) -> tuple[array[int], array[int]]:
+    """Where each node's message is in the graph's buffer."""
+    starts, ends = array("I"), array("I")
+    for field in graph.fields():
+        if field.number == 1 and field.region is not None:
+            if len(starts) >= MAX_NODES:
+                raise too_large(graph.blob.name, f"more than {MAX_NODES} objects in the graph")
+            starts.append(field.region.start)
+            ends.append(field.region.end)
+    return starts, ends
 
 
 def _child(reference: Region) -> tuple[int, str]:
@@ -90,7 +113,7 @@ def _child(reference: Region) -> tuple[int, str]:
         if field.number == 1 and field.wire == VARINT:
             node_id = field.value
         elif field.number == 2:
-            name = field.text()
+            name = field.text(1 << 12)
     return node_id, name
 
 
@@ -98,23 +121,7 @@ def _variable_key(attribute: Region) -> str | None:
     name, key = "", ""
     for field in attribute.fields():
         if field.number == 1:
-            name = field.text()
+            name = field.text(1 << 12)
         elif field.number == 3:
-            key = field.text()
+            key = field.text(1 << 12)
     return key if name == "VARIABLE_VALUE" else None
-
-
-def _reachable_keys(nodes: list[Node], source: Source) -> set[str]:
-    keys: set[str] = set()
-    seen = {0}
-    queue = deque([0]) if nodes else deque()
-    while queue:
-        children, node_keys = nodes[queue.popleft()]
-        keys.update(node_keys)
-        for child, name in children:
-            source.tick()
-            if name in _EXCLUDED or not 0 <= child < len(nodes) or child in seen:
-                continue
-            seen.add(child)
-            queue.append(child)
-    return keys

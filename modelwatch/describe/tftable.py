@@ -11,6 +11,12 @@ decoder is needed.
 Values are `BundleEntryProto`s (dtype = 1, shape = 2, shard_id = 3, offset = 4, size = 5,
 slices = 7); the entry with the empty key is the `BundleHeaderProto` (num_shards = 1).
 Keys starting with a NUL byte name slices of partitioned variables and are not variables.
+
+The table is streamed, one block at a time (TF writes 256 KiB blocks; at most `MAX_BLOCK`),
+and never kept: `read_bundle` reads the header and finds the object graph's entry,
+`variables` walks the entries again for the caller to count. Keys are at most `MAX_KEY`
+bytes: prefix compression lets each entry grow the key by one byte for the cost of one, so
+a table of 200,000 entries could otherwise name 20 GB of keys.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from dataclasses import dataclass
 
 from modelwatch.describe.protowire import VARINT, Field, Region
 from modelwatch.describe.source import Blob, DescribeError, malformed, too_large
-from modelwatch.describe.tensors import TF_DTYPES, Dim
+from modelwatch.describe.tensors import MAX_RANK, TF_DTYPES, Dim
 
 MAGIC = 0xDB4775248B80FB57
 FOOTER = 48
+MAX_BLOCK = 16 << 20
+MAX_KEY = 4096
+OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _TRAILER = 5  # compression type byte + crc32c
 
 
@@ -43,22 +52,29 @@ class Variable:
 @dataclass(frozen=True, slots=True)
 class Bundle:
     num_shards: int
-    variables: list[Variable]
+    object_graph: Variable | None  # the TF2 object graph's entry (`tfgraph`), if any
 
 
 def read_bundle(blob: Blob, cap: int) -> Bundle:
-    """The header and variables of the `.index` table in `blob` (at most `cap` bytes)."""
+    """The header of the `.index` table in `blob` (at most `cap` bytes) and its object graph
+    entry; every entry is checked on the way."""
     if blob.size > cap:
         raise too_large(blob.name, f"{blob.size} bytes, more than {cap}")
-    num_shards = 1
-    variables: list[Variable] = []
+    num_shards, graph = 1, None
     for key, value in _entries(blob):
         entry = Region(blob, 0, len(value), value, 0)
         if key == b"":
             num_shards = _header_shards(entry)
-        elif not key.startswith(b"\x00"):
-            variables.append(_variable(key.decode("utf-8", "replace"), entry))
-    return Bundle(num_shards, variables)
+        elif key == OBJECT_GRAPH.encode():
+            graph = _variable(OBJECT_GRAPH, entry)
+    return Bundle(num_shards, graph)
+
+
+def variables(blob: Blob) -> Iterator[Variable]:
+    """Every variable of the table, in key order, one at a time."""
+    for key, value in _entries(blob):
+        if key and not key.startswith(b"\x00"):
+            yield _variable(key.decode("utf-8", "replace"), Region(blob, 0, len(value), value, 0))
 
 
 def _variable(name: str, entry: Region) -> Variable:
@@ -91,6 +107,8 @@ def tensor_shape(region: Region) -> list[Dim] | None:
         if field.number == 3 and field.wire == VARINT and field.value:
             return None
         if field.number == 2:
+            if len(dims) >= MAX_RANK:
+                raise too_large(region.blob.name, f"a shape of more than {MAX_RANK} dimensions")
             size = 0
             for part in field.message().fields():
                 if part.number == 1 and part.wire == VARINT:
@@ -151,6 +169,8 @@ def _block_entries(blob: Blob, handle: tuple[int, int]) -> Iterator[tuple[bytes,
     offset, size = handle
     if offset + size + _TRAILER > blob.size:
         raise malformed(blob.name, f"block at {offset} of {size} bytes passes the end")
+    if size > MAX_BLOCK:
+        raise too_large(blob.name, f"block at {offset} of {size} bytes (TF writes 256 KiB)")
     raw = blob.read(offset, size + _TRAILER)
     if raw[size] != 0:
         raise DescribeError(
@@ -177,6 +197,8 @@ def _parse_block(block: bytes, blob: Blob, offset: int) -> Iterator[tuple[bytes,
         length, pos = _small_varint(block, pos, limit, blob.name)
         if shared > len(key) or unshared + length > limit - pos:
             raise malformed(blob.name, f"bad entry at byte {offset + pos} of a block")
+        if shared + unshared > MAX_KEY:
+            raise too_large(blob.name, f"key longer than {MAX_KEY} bytes at {offset + pos}")
         key = key[:shared] + block[pos : pos + unshared]
         pos += unshared
         yield key, block[pos : pos + length]

@@ -19,7 +19,7 @@ from typing import Any
 
 from modelwatch.errors import StateError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA_V1 = """
 CREATE TABLE units (
@@ -94,11 +94,14 @@ ALTER TABLE fingerprints ADD COLUMN settled_at REAL;
 ALTER TABLE fingerprints ADD COLUMN errors TEXT;
 """
 
+# 5: each fingerprint's description (`modelwatch.description`, JSON): computed once, when the
+#    fingerprint is new, and carried again by a restore's event (SPEC §13).
 _MIGRATIONS = {
     1: _SCHEMA_V1,
     2: "ALTER TABLE units ADD COLUMN scan_digest BLOB",
     3: _SCHEMA_V3,
     4: _SCHEMA_V4,
+    5: "ALTER TABLE fingerprints ADD COLUMN description TEXT",
 }
 
 

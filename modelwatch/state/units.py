@@ -4,7 +4,8 @@ A unit row holds its last version, the version registered now, whether it is pre
 many `removed` events it had (`removals`, part of later event ids) and the scan digest of
 its files when its fingerprint was last found known. Each fingerprint a unit settled with is
 kept with its outcome, version and `epoch`: the unit's `removals` when it was last emitted,
-so the same files after a removal are a restore, not a repeat. A root row holds the device
+so the same files after a removal are a restore, not a repeat; and with its description
+(JSON), computed once. A root row holds the device
 its units were last seen on (an empty mount point on another device is not "every unit
 removed") and the availability the daemon last saw.
 """
@@ -114,6 +115,15 @@ class UnitTable:
             for fp, outcome, version, event_id, at, errors in rows
         ]
 
+    def description(self, unit: str, fp: str) -> str | None:
+        """The description stored with a fingerprint of the unit (JSON), if any."""
+        if self.db.version < 5:
+            return None
+        rows = self.db.query(
+            "SELECT description FROM fingerprints WHERE unit = ? AND fingerprint = ?", (unit, fp)
+        )
+        return rows[0][0] if rows else None
+
     def is_current(self, unit: str, fp: str) -> bool:
         """True when `fp` was emitted since the unit's last removal: settling with it again
         emits nothing."""
@@ -138,9 +148,10 @@ class UnitTable:
         model_type: str | None = None,
         scan_digest: bytes | None = None,
         errors: Sequence[Mapping[str, Any]] = (),
+        description: str | None = None,
     ) -> None:
-        """Record a settled fingerprint (registered or rejected, with its `errors`); the unit
-        is present."""
+        """Record a settled fingerprint (registered or rejected, with its `errors`) and its
+        description (None keeps the one stored); the unit is present."""
         with self.db.transaction() as db:
             db.execute(
                 "INSERT INTO units(path, root, updated, scan_digest) VALUES(?, ?, ?, ?)"
@@ -157,12 +168,23 @@ class UnitTable:
                 )
             db.execute(
                 "INSERT INTO fingerprints(unit, fingerprint, outcome, version, event_id, epoch,"
-                " settled_at, errors) VALUES(?, ?, ?, ?, ?, ?, ?, ?)"
+                " settled_at, errors, description) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(unit, fingerprint) DO UPDATE SET"
                 " outcome = excluded.outcome, version = excluded.version,"
                 " event_id = excluded.event_id, epoch = excluded.epoch,"
-                " settled_at = excluded.settled_at, errors = excluded.errors",
-                (unit, fp, outcome, version, event_id, epoch, time.time(), _json(errors)),
+                " settled_at = excluded.settled_at, errors = excluded.errors,"
+                " description = COALESCE(excluded.description, description)",
+                (
+                    unit,
+                    fp,
+                    outcome,
+                    version,
+                    event_id,
+                    epoch,
+                    time.time(),
+                    _json(errors),
+                    description,
+                ),
             )
 
     def record_removed(self, unit: str) -> None:
