@@ -268,13 +268,14 @@ def test_hostile_nesting_is_too_deep_quickly(opener: bytes) -> None:
 
 
 def test_one_megabyte_document_is_fast() -> None:
-    """A 1 MB document made of small values validates in well under a second."""
+    """A 1 MB document made of small values validates in about a tenth of a second alone: a
+    super-linear validator would take minutes; 5 s allows for a loaded CI machine."""
     metrics = [{"name": f"m{i}", "numberValue": i / 3} for i in range(20_000)]
     data = json.dumps({"metrics": metrics, "values": list(range(90_000))}).encode()
     assert len(data) > MB
     started = time.monotonic()
     assert check(data).ok
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0
 
 
 # --- metrics ------------------------------------------------------------------------------
