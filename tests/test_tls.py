@@ -437,3 +437,51 @@ ca_file = "{pki.ca.cert}"
     assert "pr0xy-pass" not in out + result.stderr
     assert "PRIVATE KEY" not in out + result.stderr
     assert "secret_file_readable" in result.stderr
+
+
+# --- MLflow: the same settings, as MLflow's client reads them ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "variable"),
+    [
+        ("ca_file", "MLFLOW_TRACKING_SERVER_CERT_PATH"),
+        ("client_key_file", "MLFLOW_TRACKING_CLIENT_CERT_PATH"),
+        ("insecure_skip_verify", "MLFLOW_TRACKING_INSECURE_TLS=true"),
+        ("proxy", "HTTPS_PROXY"),
+    ],
+)
+def test_mlflow_refuses_the_shared_keys_naming_its_variable(key: str, variable: str) -> None:
+    """MLflow's client reads TLS and proxies from the environment: a shared key in an mlflow
+    sink is an error naming the variable to set instead, not a silently ignored key."""
+    pytest.importorskip("mlflow")
+    from modelwatch.sinks.mlflow import MlflowSink
+
+    options = {"tracking_uri": "https://mlflow.example.com", key: "x"}
+    with pytest.raises(ConfigError) as caught:
+        MlflowSink(sink_config("mlflow", options=options, key="sinks[1]"))
+    assert str(caught.value).startswith(f"sinks[1].{key}: MLflow's client reads")
+    assert variable in str(caught.value)
+
+
+def test_mlflow_checks_the_files_its_variables_name_and_warns_when_insecure(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA file named by MLFLOW_TRACKING_SERVER_CERT_PATH that is missing is an error naming
+    the variable; MLFLOW_TRACKING_INSECURE_TLS=true is a warning at every start."""
+    pytest.importorskip("mlflow")
+    from modelwatch.sinks.mlflow import MlflowSink
+
+    config = sink_config("mlflow", options={"tracking_uri": "https://m.example"}, key="sinks[1]")
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match=r"^sinks\[1\] \(MLFLOW_TRACKING_SERVER_CERT_PATH\)"):
+        MlflowSink(config)
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(pki.ca.cert))
+    assert f"trusts: the CA certificates in {pki.ca.cert}" in "\n".join(
+        MlflowSink(config).network_summary()
+    )
+    monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    with structlog.testing.capture_logs() as logs:
+        MlflowSink(config)
+    assert [e["event"] for e in logs] == ["tls_verification_disabled"]
