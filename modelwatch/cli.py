@@ -37,7 +37,7 @@ from modelwatch.metadata import (
     validate_unit_metadata,
 )
 from modelwatch.scan_command import scan_once
-from modelwatch.sinks import shown_options
+from modelwatch.sinks import network_summary, shown_options
 from modelwatch.stages import build_sinks
 from modelwatch.state import StateDir, Store
 from modelwatch.status import render as render_status
@@ -162,11 +162,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     _configure_logging(config)  # warnings (a secret file others may read) go to stderr
+    notes: dict[str, list[str]] = {}
     for sink in build_sinks(config):  # sinks validate their own keys and read their secrets
+        notes[sink.name] = network_summary(sink)
         sink.close()
     if config.metadata.schema:
         SchemaValidator.from_file(config.metadata.schema)
-    sys.stdout.write(render_toml(config, shown_options))
+    sys.stdout.write(render_toml(config, shown_options, lambda sink: notes.get(sink.name, [])))
     return EXIT_OK
 
 

@@ -867,12 +867,16 @@ def _cli_root(argument: str, policy: UnitPolicy) -> RootConfig:
 
 
 def render_toml(
-    config: Config, sink_items: Callable[[SinkConfig], Mapping[str, Any]] | None = None
+    config: Config,
+    sink_items: Callable[[SinkConfig], Mapping[str, Any]] | None = None,
+    sink_notes: Callable[[SinkConfig], Sequence[str]] | None = None,
 ) -> str:
     """The effective configuration as TOML. `sink_items(sink)` gives a sink's own keys as they
     are to be shown (`check-config` passes the sinks' declarations: defaults filled in,
     secrets masked); by default they are shown as written, masked by `mask_options`, and the
-    text loads back to an equal `Config` unless something had to be masked."""
+    text loads back to an equal `Config` unless something had to be masked. `sink_notes(sink)`
+    gives lines printed as comments under the sink (`check-config`: what it trusts, which
+    proxy it uses)."""
     source = "built-in defaults" if config.source is None else _toml_string(config.source)
     lines = [f"# modelwatch effective configuration (source: {source})", ""]
     if not config.roots:
@@ -887,8 +891,15 @@ def render_toml(
         items["root_marker"] = root.root_marker
         lines += _section("[[roots]]", {**items, **_fields(root.policy)})
     for sink in config.sinks:
-        lines += _section("[[sinks]]", _sink_items(sink, sink_items or _masked_options))
+        section = _section("[[sinks]]", _sink_items(sink, sink_items or _masked_options))
+        notes = [f"# {_one_line(note)}" for note in (sink_notes(sink) if sink_notes else ())]
+        lines += [*section[:-1], *notes, ""]
     return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    """`text` as one printable comment line (a path may hold a newline)."""
+    return "".join(char if char.isprintable() else "?" for char in text)
 
 
 def _masked_options(sink: SinkConfig) -> Mapping[str, Any]:

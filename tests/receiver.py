@@ -1,4 +1,5 @@
-"""A recording HTTP/1.1 server on 127.0.0.1 for webhook tests (real sockets, scripted replies)."""
+"""A recording HTTP/1.1 server on 127.0.0.1 for webhook tests (real sockets, scripted replies;
+HTTPS when given a server-side `ssl.SSLContext`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import json
 import socket
 import socketserver
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ class Received:
     headers: dict[str, str]  # names lower-cased
     body: bytes
     client_port: int
+    client_cert: str = ""  # the common name of the client's certificate, over mutual TLS
 
 
 class Receiver(ThreadingHTTPServer):
@@ -40,8 +43,9 @@ class Receiver(ThreadingHTTPServer):
 
     """A recording HTTP/1.1 server; `script(...)` queues replies (then 204 for ever)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.tls = tls
         self.requests: list[Received] = []
         self.replies: list[Reply] = []
         self.refusals: list[tuple[bytes, Reply]] = []
@@ -58,7 +62,15 @@ class Receiver(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}/hooks/models"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.server_port}/hooks/models"
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, address = super().get_request()
+        if self.tls is None:
+            return conn, address
+        # the handshake happens on the first read, in the handler's thread
+        return self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False), address
 
     def script(self, *replies: Reply) -> None:
         with self._lock:
@@ -120,7 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         headers = {name.lower(): value for name, value in self.headers.items()}
-        request = Received(self.command, self.path, headers, body, self.client_address[1])
+        request = Received(
+            self.command, self.path, headers, body, self.client_address[1], self._client_cert()
+        )
         reply = self.server.record(request)
         if reply.delay:
             self.server.stopping.wait(reply.delay)
@@ -141,6 +155,15 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def _client_cert(self) -> str:
+        if not isinstance(self.connection, ssl.SSLSocket):
+            return ""
+        peer = self.connection.getpeercert() or {}
+        names = [
+            value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"
+        ]
+        return names[0] if names else ""
+
     def _drip(self, reply: Reply, content: bytes) -> None:
         """Send the answer one byte per `reply.drip` seconds, until done or stopped."""
         head = f"HTTP/1.1 {reply.status} OK\r\nContent-Length: {len(content)}\r\n\r\n"
@@ -158,9 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def running_receiver() -> Iterator[Receiver]:
-    """A started Receiver, stopped and joined on exit."""
-    server = Receiver()
+def running_receiver(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+    """A started Receiver (HTTPS with `tls`), stopped and joined on exit."""
+    server = Receiver(tls)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver"
     )

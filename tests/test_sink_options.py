@@ -90,6 +90,7 @@ def test_check_config_shows_defaults_and_masks_what_the_declaration_says() -> No
         "url": "https://hooks.example/in?team=***&region=***",
         "secret_file": "/run/secrets/hook",
         "timeout_seconds": 15.0,
+        "insecure_skip_verify": False,
         "mode": "structured",
         "headers": {"X-Team": "***"},
         "headers_env": {"Authorization": "HOOK_AUTH"},

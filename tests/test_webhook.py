@@ -408,7 +408,15 @@ def test_a_connection_the_server_closed_while_idle_is_reopened(
         ({"headers": {"Content-Type": "text/plain"}}, "sinks[1].headers.Content-Type: set by"),
         ({"headers": {"ce-type": "x"}}, "sinks[1].headers.ce-type: set by"),
         ({"headers": {"X-Bad": "a\r\nInjected: 1"}}, "sinks[1].headers.X-Bad: must be"),
-        ({"proxy": "http://proxy"}, "sinks[1].proxy: unknown key"),
+        ({"proxy": "socks5://proxy:1080"}, "sinks[1].proxy: must be a URL (http://, https://)"),
+        ({"proxy": "http://user:pw@proxy:3128"}, "sinks[1].proxy: a user or password"),
+        (
+            {"proxy": "http://proxy:3128", "proxy_env": "HOOK_SECRET"},
+            "sinks[1].proxy_env: give one of proxy or proxy_env",
+        ),
+        ({"proxy_env": "NO_SUCH_VARIABLE"}, "sinks[1].proxy_env: environment variable"),
+        ({"ca_file": "/nonexistent/ca.pem"}, "sinks[1].ca_file: cannot read /nonexistent/ca.pem"),
+        ({"server_name": "bad name"}, "sinks[1].server_name: must be a DNS name"),
     ],
 )
 def test_bad_configuration_names_the_key(

@@ -38,6 +38,7 @@ __all__ = [
     "build_sink",
     "check_options",
     "load_factories",
+    "network_summary",
     "shown_options",
 ]
 
@@ -66,6 +67,9 @@ class Sink(Protocol):
     only after 180 s without progress. A sink whose single steps can take longer without a
     chance to report (one huge file handed to a client library) may declare the optional
     class attribute `max_send_seconds`: a send is then wedged only past that.
+
+    Optional: `network_summary()`, lines `check-config` prints under the sink (where it
+    connects, through which proxy, what it trusts; paths and masked URLs only).
     """
 
     name: str
@@ -123,6 +127,12 @@ def _declared_options(sink_type: str) -> SinkOptions | None:
                 return None
             return declared if isinstance(declared, SinkOptions) else None
     return None
+
+
+def network_summary(sink: Sink) -> list[str]:
+    """What `check-config` says about how `sink` connects (nothing for sinks that do not say)."""
+    summary = getattr(sink, "network_summary", None)
+    return [str(line) for line in summary()] if callable(summary) else []
 
 
 def build_sink(config: SinkConfig, factories: Mapping[str, SinkFactory] | None = None) -> Sink:

@@ -38,6 +38,10 @@ the run is then tagged `modelwatch.incomplete_artifacts` or `modelwatch.skipped_
 Errors: 5xx, 408, 409, 429 and connection failures are `SinkError` (retried); other 4xx
 (authentication, permission, invalid name, not an MLflow API) and a model name MLflow refuses
 (empty, "/" or ":") are `PermanentSinkError`. Messages never contain the token or password.
+TLS and proxies: MLflow's client reads them from the daemon's environment
+(`MLFLOW_TRACKING_SERVER_CERT_PATH`, `MLFLOW_TRACKING_CLIENT_CERT_PATH`,
+`MLFLOW_TRACKING_INSECURE_TLS`, `REQUESTS_CA_BUNDLE`, `HTTPS_PROXY`, `NO_PROXY`), so the shared
+TLS and proxy keys are refused here, naming the variable to set (`mlflow_env`).
 MLflow's client retries each request itself before failing: bound one attempt with
 `MLFLOW_HTTP_REQUEST_MAX_RETRIES` and `MLFLOW_HTTP_REQUEST_TIMEOUT`. It also sends usage
 telemetry unless `MLFLOW_DISABLE_TELEMETRY=true` is set in the daemon's environment.
@@ -67,6 +71,7 @@ from modelwatch.credentials import Scrubber
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import REGISTERED, REJECTED, REMOVED, Event, event_id
 from modelwatch.progress import progress
+from modelwatch.sinks import mlflow_env
 from modelwatch.sinks.options import NONEMPTY, REQUIRED, STRING, Option, SinkOptions, url
 
 _TEMPLATE_FIELDS: tuple[str, ...] = ("name", "experiment_id", "host", "format", "model_type")
@@ -108,7 +113,9 @@ class MlflowSink:
     )
 
     def __init__(self, config: SinkConfig) -> None:
+        mlflow_env.refuse_shared_keys(config)
         values = self.OPTIONS.parse(config)
+        mlflow_env.check_environment(config.key)
         if not os.path.isdir("/proc/self/fd"):
             raise ConfigError(f"{config.key}.type: the mlflow sink needs Linux /proc")
         self.name = config.name
@@ -123,6 +130,10 @@ class MlflowSink:
             f"MlflowSink(name={self.name!r}, tracking_uri={self._uri!r}, "
             f"model_name={self._template!r}, experiment_name={self._experiment_name!r})"
         )
+
+    def network_summary(self) -> list[str]:
+        """How MLflow's client reaches the server, for `check-config`."""
+        return mlflow_env.summary(self.name, self._uri)
 
     def send(self, event: Event) -> None:
         if event.type == REJECTED:

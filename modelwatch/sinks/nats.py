@@ -4,7 +4,9 @@ Keys: `NatsSink.OPTIONS`. Servers with credentials in their URLs (`user:pass@`, 
 `token@`) come from `url_env` / `url_file` (one URL, or several comma-separated, as in
 `NATS_URL`); `servers` in the TOML carry none (refused). A token comes from `token_env` /
 `token_file`, user credentials from `credentials_file` (a `.creds` file; needs the `nkeys`
-package).
+package). TLS (`tls://` servers, or servers that require it): `ca_file`, `client_cert_file` /
+`client_key_file`, `server_name`, `insecure_skip_verify` (`modelwatch.tls`); the NATS protocol
+is not proxied.
 
 Each event is one message on `subject`: the structured CloudEvent JSON as payload, headers
 `Nats-Msg-Id` (the event id), `Content-Type: application/cloudevents+json`, `ce-id`, `ce-type`.
@@ -27,7 +29,8 @@ With `stream` set, the first connection checks that the stream exists and captur
 Failures: refused or lost connections, timeouts, "no responders" (JetStream down, or no stream
 captures the subject yet) and JetStream 5xx are `SinkError` (retried); authorization and
 permission violations, a missing or mismatched stream, an oversized message and other JetStream
-4xx answers are `PermanentSinkError`; anything else nats-py raises is left unclassified (a bug:
+4xx answers are `PermanentSinkError`, as are a server certificate that is not trusted and a client
+certificate the server refuses; anything else nats-py raises is left unclassified (a bug:
 dead-lettered after a few attempts). Messages and `repr` mask credentials in server URLs and
 never contain the token or a URL read from the environment or a file.
 
@@ -81,6 +84,7 @@ from modelwatch.sinks.options import (
     secret_sources,
     url,
 )
+from modelwatch.tls import refusal
 
 T = TypeVar("T")
 
@@ -90,6 +94,7 @@ _SUBJECT = re.compile(r"[!-~]+")  # printable ASCII, no spaces; wildcards are re
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _DUPLICATE_WINDOW = 120.0
 _WATCH_SECONDS = 0.02
+_CLOSE_SECONDS = 1.0  # closing a connection that never opened
 _STREAM_NAME_IN_USE = 10058  # a concurrent create_stream won the race: check that stream
 _REFUSED = ("authorization violation", "permissions violation", "user authentication")
 _PERMANENT = (AuthorizationError, InvalidUserCredentialsError, BadSubjectError, MaxPayloadError)
@@ -143,6 +148,8 @@ class NatsSink:
         self._timeout: float = values["timeout_seconds"]
         self._credentials = _credentials_file(values)
         self._token = values.secret("token")
+        self._tls = values.tls()
+        self._host = urllib.parse.urlsplit(self._servers[0]).hostname or ""  # verified name
         self._shown = [mask_url(server) for server in self._servers]
         self._origin = ", ".join(self._shown)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,6 +163,14 @@ class NatsSink:
             f"NatsSink(name={self.name!r}, servers={self._shown!r}, "
             f"subject={self._subject!r}, stream={self._stream!r})"
         )
+
+    def network_summary(self) -> list[str]:
+        """What the connection trusts, for `check-config` (paths only)."""
+        return [
+            f"route: {self._origin} directly (the NATS protocol is not proxied)",
+            f"trusts (when TLS is used): {self._tls.trust(self._host)}",
+            f"client certificate: {self._tls.identity()}",
+        ]
 
     def send(self, event: Event) -> None:
         if self._loop is None:
@@ -292,11 +307,16 @@ class NatsSink:
                     error_cb=error,
                     user_credentials=self._credentials,
                     token=self._token,
+                    tls=self._tls.context,
+                    tls_hostname=self._tls.server_name,
                 ),
                 self._timeout,
             )
         except BaseException:
-            await client.close()
+            # nats-py's close never returns after a failed TLS handshake: bound it (what is
+            # left of the client is cancelled with the loop's other tasks)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), min(self._timeout, _CLOSE_SECONDS))
             raise
         self._client = client
         return client
@@ -330,6 +350,9 @@ class NatsSink:
             text = f"{where}: JetStream refused: {exc.description} ({exc.err_code})"
             return SinkError(text) if (exc.code or 0) >= 500 else PermanentSinkError(text)
         cause = (self._last_error if isinstance(exc, NoServersError) else None) or exc
+        refused_tls = refusal(cause, self._tls, self._host)
+        if refused_tls is not None:
+            return PermanentSinkError(f"{where}: {refused_tls}")
         detail = self._scrub(str(cause)) or type(cause).__name__
         refused = isinstance(cause, _PERMANENT) or any(w in detail.lower() for w in _REFUSED)
         text = f"{where}: {detail}"

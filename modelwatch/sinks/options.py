@@ -12,8 +12,10 @@ is shown, help) and sets it as the class attribute `OPTIONS`. From that one decl
 * `OPTIONS.markdown()` is the sink's table of keys in the README (a test keeps them equal).
 
 Groups of keys several sinks share are functions returning options: `secret_sources(name)`
-(`<name>_env` and `<name>_file`) and `network(timeout)` (what every network sink takes: today
-`timeout_seconds`; the TLS and proxy keys belong here too).
+(`<name>_env` and `<name>_file`) and `network(timeout)` (what every network sink takes:
+`timeout_seconds` and the TLS keys of `modelwatch.tls`; with `proxies=True`, for sinks that
+speak HTTP, also `proxy` / `proxy_env` of `modelwatch.proxy`). `Values.tls()` and
+`Values.route(url)` turn those keys into what the client needs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from modelwatch.config import SinkConfig, describe_value, toml_value
 from modelwatch.credentials import MASK, Scrubber, mask_options, mask_url, read_secret
 from modelwatch.credentials import url_credentials as _url_credentials
 from modelwatch.errors import ConfigError
+from modelwatch.proxy import Route, route
+from modelwatch.tls import ClientTls, TlsOptions, check_server_name, client_tls
 
 Show = Literal["plain", "url", "values", "secret"]
 _MAX_SECONDS = 1_000_000_000  # as config.py: keeps deadline arithmetic finite
@@ -97,6 +101,29 @@ class Values(Mapping[str, Any]):
                 self.scrub.add(secret)
                 return secret
         return None
+
+    def tls(self) -> ClientTls:
+        """The checked TLS settings of `network()`'s keys (ConfigError names the key)."""
+        return client_tls(
+            self.key,
+            TlsOptions(
+                ca_file=self.entries.get("ca_file"),
+                client_cert_file=self.entries.get("client_cert_file"),
+                client_key_file=self.entries.get("client_key_file"),
+                server_name=self.entries.get("server_name"),
+                insecure_skip_verify=self.entries.get("insecure_skip_verify", False),
+            ),
+        )
+
+    def route(self, url: str) -> Route:
+        """How requests to `url` travel: `proxy` / `proxy_env`, else the environment's proxy
+        (credentials in it are added to `scrub`)."""
+        found = route(
+            self.key, url, proxy=self.entries.get("proxy"), proxy_env=self.entries.get("proxy_env")
+        )
+        for secret in found.proxy.secrets if found.proxy is not None else ():
+            self.scrub.add(secret)
+        return found
 
     def secret_table(self, name: str) -> dict[str, str]:
         """`{entry: secret}` from the tables `<name>_env` and `<name>_file`, each added to
@@ -293,6 +320,10 @@ def _path(key: str, value: Any) -> str:
     return os.path.expanduser(_nonempty(key, value))
 
 
+def _server_name(key: str, value: Any) -> str:
+    return check_server_name(key, _nonempty(key, value))
+
+
 STRING = Kind("string", _string)
 NONEMPTY = Kind("string", _nonempty)
 BOOLEAN = Kind("boolean", _boolean)
@@ -300,6 +331,7 @@ SECONDS = Kind("seconds (> 0)", _seconds)
 COUNT = Kind("integer (>= 0)", _count)
 ENV_NAME = Kind("environment variable name", _env_name)
 PATH = Kind("file path", _path)
+SERVER_NAME = Kind("DNS name or IP address", _server_name)
 
 
 def array(item: Kind, *, nonempty: bool = False) -> Kind:
@@ -393,8 +425,55 @@ def secret_sources(name: str, what: str) -> tuple[Option, Option]:
 
 
 def network(
-    timeout: float, waits: str = "how long one attempt waits for the server"
+    timeout: float,
+    waits: str = "how long one attempt waits for the server",
+    *,
+    proxies: bool = False,
 ) -> tuple[Option, ...]:
-    """What every network sink takes: `timeout_seconds` (`waits` says what it bounds). The TLS
-    and proxy keys every network sink shares belong in this group too."""
-    return (Option("timeout_seconds", SECONDS, waits, timeout),)
+    """What every network sink takes: `timeout_seconds` (`waits` says what it bounds) and the
+    TLS keys; with `proxies` (sinks speaking HTTP) also `proxy` and `proxy_env`, which a
+    sink declares mutually exclusive."""
+    return (
+        Option("timeout_seconds", SECONDS, waits, timeout),
+        *tls_keys(),
+        *(proxy_keys() if proxies else ()),
+    )
+
+
+def tls_keys() -> tuple[Option, ...]:
+    """`ca_file`, `client_cert_file`, `client_key_file`, `server_name`,
+    `insecure_skip_verify` (see `modelwatch.tls`)."""
+    return (
+        Option("ca_file", PATH, "PEM CA certificates trusted instead of the system store"),
+        Option("client_cert_file", PATH, "the client certificate (PEM) for mutual TLS"),
+        Option(
+            "client_key_file",
+            PATH,
+            "its private key (PEM, not encrypted); not needed when client_cert_file holds it",
+        ),
+        Option(
+            "server_name",
+            SERVER_NAME,
+            "the name the server's certificate must carry (and SNI), if not the URL's host",
+        ),
+        Option(
+            "insecure_skip_verify",
+            BOOLEAN,
+            "accept any certificate; a warning is logged at every start",
+            False,
+        ),
+    )
+
+
+def proxy_keys() -> tuple[Option, ...]:
+    """`proxy` and `proxy_env` (see `modelwatch.proxy`)."""
+    return (
+        Option(
+            "proxy",
+            url("http", "https", alternative="proxy_env"),
+            "the HTTP proxy instead of HTTPS_PROXY / HTTP_PROXY; one with a password only"
+            " from proxy_env",
+            show="url",
+        ),
+        Option("proxy_env", ENV_NAME, "the environment variable holding the proxy URL"),
+    )

@@ -1,7 +1,11 @@
 """`redis` sink: appends each event to a Redis stream with XADD (SPEC §5b).
 
 Keys: `RedisSink.OPTIONS`. The password comes from `password_env` / `password_file`, or with
-the URL from `url_env` / `url_file`; a `url` in the TOML carries none (refused).
+the URL from `url_env` / `url_file`; a `url` in the TOML carries none (refused). A `rediss://`
+URL speaks TLS as `ca_file`, `client_cert_file` / `client_key_file`, `server_name` and
+`insecure_skip_verify` say (`modelwatch.tls`); redis-py's own `ssl_*` URL parameters are
+refused, so that nothing but `insecure_skip_verify` turns verification off. The Redis
+protocol is not proxied.
 
 Each event is one stream entry::
 
@@ -18,7 +22,8 @@ with the same `id` field: delivery is at-least-once, and consumers deduplicate b
 
 Failures: connection errors, timeouts and the replies BUSY, LOADING, READONLY (a replica),
 MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM, MISCONF and NOREPLICAS are `SinkError` (retried);
-authentication and ACL errors (NOAUTH, WRONGPASS, NOPERM), WRONGTYPE (the key holds something
+authentication and ACL errors (NOAUTH, WRONGPASS, NOPERM), a server certificate that is not
+trusted, a client certificate the server refuses, WRONGTYPE (the key holds something
 other than a stream), data the client refuses to send and every other error reply are
 `PermanentSinkError`. A connection that fails is reopened once, at once, inside the same send
 (a pooled connection may have been closed by the server or a proxy while idle); a timeout is
@@ -31,8 +36,9 @@ password (and a URL read from the environment or a file) is scrubbed from every 
 
 from __future__ import annotations
 
+import socket
 import urllib.parse
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -65,6 +71,7 @@ from modelwatch.sinks.options import (
     secret_sources,
     url,
 )
+from modelwatch.tls import ClientTls, refusal
 
 _SCHEMES = ("redis", "rediss")
 # error replies redis-py has no class for, by their first word
@@ -132,7 +139,12 @@ class RedisSink:
         self._stream: str = values["stream"]
         self._maxlen: int = values["maxlen"]
         timeout: float = values["timeout_seconds"]
-        extra = {"password": password} if password else {}
+        if not url.lower().startswith("rediss:"):
+            _no_tls_keys(values)
+        self._tls = values.tls()
+        extra: dict[str, Any] = {"password": password} if password else {}
+        if url.lower().startswith("rediss:"):
+            extra.update(connection_class=TlsConnection, tls=self._tls)
         try:
             self._pool = redis.ConnectionPool.from_url(
                 url,
@@ -153,6 +165,15 @@ class RedisSink:
             f"maxlen={self._maxlen!r})"
         )
 
+    def network_summary(self) -> list[str]:
+        """What the connection trusts, for `check-config` (paths only)."""
+        lines = [f"route: {self._origin} directly (the Redis protocol is not proxied)"]
+        if self._origin.startswith("rediss:"):
+            host = urllib.parse.urlsplit(self._origin).hostname or ""
+            lines.append(f"trusts: {self._tls.trust(host)}")
+            lines.append(f"client certificate: {self._tls.identity()}")
+        return lines
+
     def send(self, event: Event) -> None:
         fields: dict[FieldT, EncodableT] = {
             "id": event.id,
@@ -172,6 +193,9 @@ class RedisSink:
     def _failure(self, exc: redis.RedisError) -> SinkError:
         text = self._scrub(str(exc)) or type(exc).__name__
         message = f"{self._origin} stream {self._stream!r}: {text}"
+        refused = refusal(exc, self._tls, urllib.parse.urlsplit(self._origin).hostname or "")
+        if refused is not None:
+            return PermanentSinkError(f"{self._origin}: {refused}")
         unauthenticated = isinstance(exc, AuthenticationError) or "unauthenticated" in text
         if unauthenticated and not self._password:
             return PermanentSinkError(
@@ -188,6 +212,25 @@ class RedisSink:
         return SinkError(message)
 
 
+class TlsConnection(redis.Connection):
+    """A Redis connection over TLS with a context from `modelwatch.tls`: redis-py's own
+    SSLConnection builds its context from loose options and verifies the URL's host only."""
+
+    def __init__(self, *, tls: ClientTls, **kwargs: Any) -> None:
+        self._tls = tls
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+
+    def _connect(self) -> socket.socket:
+        sock: socket.socket = super()._connect()  # type: ignore[no-untyped-call]
+        try:
+            return self._tls.context.wrap_socket(
+                sock, server_hostname=self._tls.server_name or self.host
+            )
+        except BaseException:
+            sock.close()
+            raise
+
+
 # --- configuration -----------------------------------------------------------------------
 
 
@@ -201,6 +244,12 @@ def _url(values: Values) -> tuple[str, str, str | None]:
     parts = check_url(key, text, _SCHEMES)
     if parts.path.strip("/") and not parts.path.strip("/").isdigit():
         raise ConfigError(f"{key}: the path must be a database number such as /0")
+    for name, _value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if name.lower().startswith("ssl"):
+            raise ConfigError(
+                f"{key}: TLS settings in the URL ({name}=) are not used; set ca_file,"
+                " client_cert_file, client_key_file, server_name or insecure_skip_verify"
+            )
     user = urllib.parse.unquote(parts.username or "")
     password = urllib.parse.unquote(parts.password) if parts.password else None
     values.scrub.add(password or "")
@@ -208,3 +257,14 @@ def _url(values: Values) -> tuple[str, str, str | None]:
     shown = f"{user}:***@" if password else (f"{user}@" if user else "")
     origin = f"{parts.scheme}://{shown}{parts.hostname}:{parts.port or 6379}{parts.path}"
     return text, origin, password
+
+
+def _no_tls_keys(values: Values) -> None:
+    """TLS keys with a `redis://` URL would silently do nothing: refuse them."""
+    for name in ("ca_file", "client_cert_file", "client_key_file", "server_name"):
+        if name in values:
+            raise ConfigError(f"{values.key}.{name}: the URL is redis:// (no TLS); use rediss://")
+    if values["insecure_skip_verify"]:
+        raise ConfigError(
+            f"{values.key}.insecure_skip_verify: the URL is redis:// (no TLS); use rediss://"
+        )

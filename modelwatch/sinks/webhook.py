@@ -10,14 +10,21 @@ Every request carries `webhook-id` (the event id, the same on every attempt),
 `v1,<base64 HMAC-SHA256 of "id.timestamp.body">` per configured secret, so a secret can be
 rotated by listing the new and the old one, space-separated.
 
-Each attempt (connecting, the TLS handshake, sending the request, reading the whole answer)
-ends by `timeout_seconds`, whatever the receiver does: every socket operation gets only the
-time left, so a receiver dripping its answer a byte at a time cannot stretch it. (Resolving
-the host name is the resolver's business and not bounded by it.)
+Each attempt (connecting, through a proxy's CONNECT tunnel too, the TLS handshake, sending
+the request, reading the whole answer) ends by `timeout_seconds`, whatever the receiver or
+proxy does: every socket operation gets only the time left (`transport.deadline`), so a
+receiver dripping its answer a byte at a time cannot stretch it. (Resolving the host name is
+the resolver's business and not bounded by it.)
 
-Outcome of a request: 2xx = delivered; 408, 429, 5xx, timeouts and connection errors =
-`SinkError` (retried, honouring `Retry-After`); redirects are not followed and, like 410 and
-every other 4xx, are a `PermanentSinkError`. One keep-alive connection per sink is reused; a
+TLS and proxies: `ca_file`, `client_cert_file` / `client_key_file`, `server_name`,
+`insecure_skip_verify` (`modelwatch.tls`); `proxy` / `proxy_env`, else `HTTPS_PROXY` /
+`HTTP_PROXY` / `NO_PROXY` as curl reads them (`modelwatch.proxy`). The HTTP client is urllib3.
+
+Outcome of a request: 2xx = delivered; 408, 429, 5xx, timeouts and connection errors (a
+proxy that is down or answers CONNECT with 5xx included) = `SinkError` (retried, honouring
+`Retry-After`); redirects are not followed and, like 410 and every other 4xx, are a
+`PermanentSinkError`, as are a server certificate that is not trusted, a client certificate
+the server refuses and a proxy's 407. One keep-alive connection per sink is reused; a
 kept-alive connection the server closed while idle is reopened once, at once, within the same
 deadline. Messages and `repr` name only the scheme, host and port of the URL, and never
 contain the secrets, the URL or header values read from the environment or files, or
@@ -36,10 +43,14 @@ import json
 import re
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
-from email.message import Message
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Literal
+
+import urllib3
+from urllib3.exceptions import HTTPError, ProxyError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from modelwatch import __version__
 from modelwatch.config import SinkConfig
@@ -60,7 +71,8 @@ from modelwatch.sinks.options import (
     table,
     url,
 )
-from modelwatch.sinks.transport import DeadlineConnection, tls_context
+from modelwatch.sinks.transport import deadline, http_client
+from modelwatch.tls import refusal
 
 Verdict = Literal["delivered", "retry", "redirect", "permanent"]
 
@@ -70,7 +82,13 @@ _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 _BODY_LIMIT = 64 * 1024  # response bytes read to keep the connection reusable
 _EXCERPT_CHARS = 200
 # Resets on a reused connection usually mean the server closed it while it sat idle.
-_STALE_CONNECTION = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_STALE_CONNECTION = (
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+    http.client.RemoteDisconnected,
+)
+_FAILURES = (HTTPError, OSError, http.client.HTTPException)  # what urllib3 may raise
 _CONTENT_TYPES = {
     "structured": "application/cloudevents+json; charset=utf-8",
     "binary": "application/json",
@@ -163,12 +181,16 @@ class _Target:
     path: str  # the request target: path and query, percent-encoded ASCII
     origin: str
 
+    @property
+    def url(self) -> str:
+        return self.origin + self.path
+
 
 @dataclass(frozen=True, slots=True)
 class _Reply:
     status: int
     reason: str  # scrubbed, like excerpt and location
-    headers: Message
+    headers: Mapping[str, str]
     excerpt: str
     location: str
 
@@ -185,7 +207,9 @@ class WebhookSink:
         ),
         *secret_sources("url", "the URL"),
         *secret_sources("secret", "the signing secret (`whsec_...`; several, space-separated)"),
-        *network(15.0, "one attempt's deadline: connecting, sending and the whole answer"),
+        *network(
+            15.0, "one attempt's deadline: connecting, sending and the whole answer", proxies=True
+        ),
         Option("mode", choice("structured", "binary"), "the CloudEvents HTTP mode", "structured"),
         Option(
             "headers",
@@ -206,7 +230,7 @@ class WebhookSink:
             "request headers whose values come from files",
             {},
         ),
-        exclusive=[("secret_env", "secret_file")],
+        exclusive=[("secret_env", "secret_file"), ("proxy", "proxy_env")],
         one_required=[("url", "url_env", "url_file")],
     )
 
@@ -219,8 +243,10 @@ class WebhookSink:
         self._mode: str = values["mode"]
         self._headers = _headers(values)
         self._keys = _signing_keys(values)
-        self._tls = tls_context() if self._target.scheme == "https" else None
-        self._conn: DeadlineConnection | None = None
+        self._tls = values.tls()
+        self._route = values.route(self._target.url)
+        self._http = http_client(self._tls, self._route)
+        self._idle = False  # whether a kept-alive connection waits in the pool
 
     def __repr__(self) -> str:
         return (
@@ -235,6 +261,14 @@ class WebhookSink:
 
     def close(self) -> None:
         self._disconnect()
+
+    def network_summary(self) -> list[str]:
+        """How requests travel, for `check-config` (paths and masked URLs only)."""
+        lines = [f"route: {self._target.origin} via {self._route.shown}"]
+        if self._target.scheme == "https":
+            lines.append(f"trusts: {self._tls.trust(self._target.host)}")
+            lines.append(f"client certificate: {self._tls.identity()}")
+        return lines
 
     # --- the request ---------------------------------------------------------------------
 
@@ -253,67 +287,81 @@ class WebhookSink:
         return json.dumps(dict(event.data), separators=(",", ":")).encode(), headers
 
     def _exchange(self, event_id: str, body: bytes, headers: dict[str, str]) -> _Reply:
-        deadline = time.monotonic() + self._timeout
-        origin = self._target.origin
         try:
-            return self._attempt(event_id, body, headers, deadline, self._conn is not None)
-        except TimeoutError as exc:
+            with deadline(time.monotonic() + self._timeout):
+                return self._attempt(event_id, body, headers)
+        except _FAILURES as exc:
             self._disconnect()
-            raise SinkError(
-                f"{origin}: timed out after {self._timeout:g} s (connecting, sending and the"
-                " whole answer)"
-            ) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            self._disconnect()
-            raise SinkError(f"{origin}: {self._scrub(str(exc)) or type(exc).__name__}") from exc
+            raise self._failure(exc) from exc
 
-    def _attempt(
-        self, event_id: str, body: bytes, headers: dict[str, str], deadline: float, reopen: bool
-    ) -> _Reply:
+    def _attempt(self, event_id: str, body: bytes, headers: dict[str, str]) -> _Reply:
+        reused, self._idle = self._idle, False
         try:
-            return self._round_trip(event_id, body, headers, deadline)
-        except _STALE_CONNECTION:
-            if not reopen:
+            return self._round_trip(event_id, body, headers)
+        except _FAILURES as exc:
+            if not (reused and _stale(exc)):
                 raise
             self._disconnect()
-            return self._round_trip(event_id, body, headers, deadline)
+            return self._round_trip(event_id, body, headers)
 
-    def _round_trip(
-        self, event_id: str, body: bytes, headers: dict[str, str], deadline: float
-    ) -> _Reply:
+    def _round_trip(self, event_id: str, body: bytes, headers: dict[str, str]) -> _Reply:
         timestamp = str(int(time.time()))
         signed = {**headers, "webhook-id": event_id, "webhook-timestamp": timestamp}
         digests: list[str] = []
         if self._keys:
             signed["webhook-signature"] = signature_header(self._keys, event_id, timestamp, body)
             digests = [part.partition(",")[2] for part in signed["webhook-signature"].split()]
-        conn = self._connection()
-        conn.set_deadline(deadline)
-        conn.request("POST", self._target.path, body=body, headers=signed)
-        with conn.getresponse() as response:
+        response = self._http.urlopen(
+            "POST",
+            self._target.url,
+            body=body,
+            headers=signed,
+            redirect=False,
+            retries=False,
+            timeout=urllib3.Timeout(connect=self._timeout, read=self._timeout),
+            preload_content=False,
+        )
+        try:
             raw = self._drain(response)
-            excerpt = self._scrub(raw.decode("utf-8", "replace"), *digests, limit=_EXCERPT_CHARS)
-            reason = self._scrub(response.reason, *digests, limit=_EXCERPT_CHARS)
-            location = self._scrub(response.headers.get("Location", ""), limit=_EXCERPT_CHARS)
-            return _Reply(response.status, reason, response.headers, excerpt, location)
+        finally:
+            response.release_conn()
+        excerpt = self._scrub(raw.decode("utf-8", "replace"), *digests, limit=_EXCERPT_CHARS)
+        reason = self._scrub(response.reason or "", *digests, limit=_EXCERPT_CHARS)
+        location = self._scrub(response.headers.get("Location", ""), limit=_EXCERPT_CHARS)
+        return _Reply(response.status, reason, response.headers, excerpt, location)
 
-    def _drain(self, response: http.client.HTTPResponse) -> bytes:
+    def _drain(self, response: urllib3.BaseHTTPResponse) -> bytes:
         """The body's first bytes; the rest is read too, unless too large to be worth it."""
-        head = response.read(_BODY_LIMIT)
+        head = response.read(_BODY_LIMIT, decode_content=False)
         # unread bytes (or the final answer after an interim 1xx) would corrupt the next exchange
-        if response.status < 200 or (not response.isclosed() and response.read(1)):
-            self._disconnect()
+        if response.status < 200 or response.read(1, decode_content=False):
+            response.close()  # closes the connection too: the next send opens a new one
+        else:
+            self._idle = True
         return head
 
-    def _connection(self) -> DeadlineConnection:
-        if self._conn is None:
-            self._conn = DeadlineConnection(self._target.host, self._target.port, self._tls)
-        return self._conn
-
     def _disconnect(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()
+        self._idle = False
+        self._http.clear()  # closes every pooled connection
+
+    def _failure(self, exc: Exception) -> SinkError:
+        """The SinkError (retry) or PermanentSinkError for what urllib3 raised."""
+        origin = self._target.origin
+        if isinstance(exc, Urllib3Timeout | TimeoutError) and not _refused_connection(exc):
+            return SinkError(
+                f"{origin}: timed out after {self._timeout:g} s (connecting, sending and the"
+                " whole answer)"
+            )
+        refused = refusal(exc, self._tls, self._target.host)
+        if refused is not None:
+            return PermanentSinkError(f"{origin}: {refused}")
+        detail = self._scrub(_describe(exc)) or type(exc).__name__
+        if isinstance(exc, ProxyError):
+            where = f"{origin}: proxy {self._route.shown}: {detail}"
+            # 407 (401 from some proxies): it wants other credentials; retrying cannot help
+            denied = any(f" {code} " in f" {detail} " for code in ("401", "407"))
+            return PermanentSinkError(where) if denied else SinkError(where)
+        return SinkError(f"{origin}: {detail}")
 
     def _judge(self, reply: _Reply) -> None:
         verdict = classify(reply.status)
@@ -329,6 +377,29 @@ class WebhookSink:
             raise PermanentSinkError(what)
         retry_after = parse_retry_after(reply.headers.get("Retry-After"), time.time())
         raise SinkError(what, retry_after=retry_after)
+
+
+def _stale(exc: BaseException | None) -> bool:
+    """Whether `exc` is a reset of a kept-alive connection (the server closed it while idle)."""
+    for _ in range(8):  # urllib3 nests the cause a level or two deep
+        if exc is None or isinstance(exc, _STALE_CONNECTION):
+            return exc is not None
+        nested = [a for a in exc.args if isinstance(a, BaseException)]
+        exc = nested[0] if nested else exc.__cause__
+    return False
+
+
+def _refused_connection(exc: BaseException) -> bool:
+    # urllib3's NewConnectionError subclasses its ConnectTimeoutError: it is no timeout
+    return isinstance(exc, urllib3.exceptions.NewConnectionError)
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost meaningful message of a urllib3 error (which nests the cause)."""
+    nested = [a for a in exc.args if isinstance(a, BaseException)]
+    if isinstance(exc, HTTPError) and nested:
+        return _describe(nested[-1])
+    return str(exc)
 
 
 def _target(values: Values) -> _Target:
