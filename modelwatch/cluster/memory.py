@@ -126,6 +126,13 @@ class MemoryBackend:
             bodies = self._events.get(root, {})
             return {i: bodies[i] for i in ids if i in bodies}
 
+    def seed(self, root: str, units: Mapping[str, Stored], bodies: Mapping[str, bytes]) -> None:
+        """Start from what another backend stores for `root` (a dry run's copy)."""
+        with self._lock:
+            self._units[root] = dict(units)
+            self._events[root] = dict(bodies)
+            self._revision = max([self._revision, *(s.revision for s in units.values())])
+
     def stored_events(self, root: str) -> set[str]:
         """Ids of every event body stored for `root` (for tests)."""
         with self._lock:
