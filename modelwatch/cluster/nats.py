@@ -9,8 +9,9 @@ Buckets (file storage, one value per key)::
 Digests are sha256 hex (32 characters), as KV keys allow only a few characters; the document
 carries the unit's path.
 
-* acquire: `create` (succeeds only when the key has no live value; the bucket's TTL ends a
-  lease nobody renews).
+* acquire: read the lease's last record (held: who, and until about when); none, or the
+  marker of a release: write it expecting that record's revision (0: none), which only one
+  node can do (the bucket's TTL removes a lease nobody renews).
 * renew: `update` expecting the revision our last write got; anything else is `LeaseLost`.
 * commit: the event body is put first, then the history is updated expecting its revision
   (`create` for a new unit). JetStream has no multi-key transaction, so a body may be left
@@ -42,7 +43,7 @@ import structlog
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import StorageType
+from nats.js.api import RawStreamMsg, StorageType
 from nats.js.errors import (
     APIError,
     BadRequestError,
@@ -67,6 +68,20 @@ from modelwatch.cluster.codec import decode_history, encode_history
 log = structlog.get_logger("modelwatch.cluster")
 T = TypeVar("T")
 _STREAM_IN_USE = 10058  # the bucket exists with another configuration
+
+
+def _deleted(record: RawStreamMsg) -> bool:
+    return bool((record.headers or {}).get("KV-Operation"))
+
+
+def _busy(record: RawStreamMsg, lease_seconds: float) -> Busy:
+    """Who holds the lease, and about how long it has left: the record's server time plus
+    the TTL, against this node's clock (a hint: a standby still tries at least every third
+    of a lease, whatever the clocks say)."""
+    holder = (record.data or b"").decode(errors="replace").partition("\t")[0] or None
+    if record.time is None:
+        return Busy(holder)
+    return Busy(holder, max(0.0, record.time.timestamp() + lease_seconds - time.time()))
 
 
 def digest(text: str) -> str:
@@ -215,32 +230,28 @@ class NatsBackend:
 
         async def work() -> Lease | Busy:
             kv = await self._bucket("leases")
+            record = await self._lease_record(root)
+            if record is not None and not _deleted(record):  # held: one read, no write
+                return _busy(record, self.lease_seconds)
+            last = record.seq if record is not None else 0  # 0: the key must not exist
             try:
-                revision = await kv.create(digest(root), f"{node}\t{token}".encode())
-            except KeyWrongLastSequenceError:
-                return await self._busy(root)
-            except KeyNotFoundError:  # it expired between the refused create and nats-py's look
-                return Busy(None, 0.0)
+                revision = await kv.update(digest(root), f"{node}\t{token}".encode(), last=last)
+            except KeyWrongLastSequenceError:  # another node was quicker
+                record = await self._lease_record(root)
+                return Busy(None) if record is None else _busy(record, self.lease_seconds)
             return Lease(root, node, token, self.lease_seconds, revision)
 
         return self._call(work)
 
-    async def _busy(self, root: str) -> Busy:
-        """Who holds the lease, and about how long it has left: the lease record's server
-        time plus the TTL, against this node's clock (a hint: a standby still tries at least
-        every third of a lease, whatever the clocks say)."""
+    async def _lease_record(self, root: str) -> RawStreamMsg | None:
+        """The lease's last record (a value, or the marker a release left), if any."""
         js, name = self._js, f"{self._prefix}-leases"
         if js is None:  # the connection was dropped meanwhile
-            return Busy(None, None)
+            raise BackendUnavailable(f"{self.shown}: not connected")
         try:
-            msg = await js.get_msg(f"KV_{name}", subject=f"$KV.{name}.{digest(root)}", direct=True)
+            return await js.get_msg(f"KV_{name}", subject=f"$KV.{name}.{digest(root)}", direct=True)
         except NotFoundError:
-            return Busy(None, 0.0)
-        holder = (msg.data or b"").decode(errors="replace").partition("\t")[0] or None
-        if msg.time is None or (msg.headers or {}).get("KV-Operation"):
-            return Busy(holder if msg.data else None, None)
-        left = msg.time.timestamp() + self.lease_seconds - time.time()
-        return Busy(holder, max(0.0, left))
+            return None
 
     async def _holder(self, kv: KeyValue, root: str) -> str | None:
         try:
