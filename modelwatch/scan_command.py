@@ -59,31 +59,42 @@ def scan_once(
     else:
         state.lock()
         store = Store(state.db_path)
-    inbox: Inbox = queue.Queue()
-    events: list[Event] = []
     try:
-        with _cluster(config, clock, inbox, dry_run=dry_run) as ledger:
-            stages = build_stages(
-                config,
-                store,
-                clock=clock,
-                host=config.cluster.node_id,
-                on_event=events.append,
-                schema=schema_for(config),
-                inbox=inbox,
-                ledger=ledger,
-            )
-            _scan_pass(config, stages.loop)
-            if dry_run:
-                for event in events:
-                    (print_event or _print)(event)
-                return True
-            ok = _deliver(config, store, clock, sinks)
-            stages.registry.sweep(clock.monotonic(), force=True)
-            return ok
+        return _scan(config, store, clock, sinks, print_event if dry_run else None, dry_run)
     finally:
         store.close()
         state.unlock()
+
+
+def _scan(
+    config: Config,
+    store: Store,
+    clock: Clock,
+    sinks: Sequence[Sink] | None,
+    print_event: Callable[[Event], None] | None,
+    dry_run: bool,
+) -> bool:
+    inbox: Inbox = queue.Queue()
+    events: list[Event] = []
+    with _cluster(config, clock, inbox, dry_run=dry_run) as ledger:
+        stages = build_stages(
+            config,
+            store,
+            clock=clock,
+            host=config.cluster.node_id,
+            on_event=events.append,
+            schema=schema_for(config),
+            inbox=inbox,
+            ledger=ledger,
+        )
+        _scan_pass(config, stages.loop)
+        if dry_run:
+            for event in events:
+                (print_event or _print)(event)
+            return True
+        ok = _deliver(config, store, clock, sinks)
+        stages.registry.sweep(clock.monotonic(), force=True)  # acknowledge what was delivered
+        return ok
 
 
 def _deliver(config: Config, store: Store, clock: Clock, sinks: Sequence[Sink] | None) -> bool:
@@ -119,20 +130,24 @@ def _cluster(
     )
     try:
         coordinator.turn()  # one try per root: a root another node holds is left to it
-        for status in coordinator.status():
-            if status.role != "holder":
-                log.warning(
-                    "scan_skipped_shared_root",
-                    root=describe(status.root),
-                    holder=status.holder,
-                    error=status.error or None,
-                    note="the node holding its lease registers it",
-                )
+        _warn_skipped(coordinator)
         coordinator.start()  # renews while the scan runs
         yield Ledger(backend, coordinator, roots)
     finally:
         coordinator.shutdown(timeout=5.0)
         backend.close()
+
+
+def _warn_skipped(coordinator: Coordinator) -> None:
+    for status in coordinator.status():
+        if status.role != "holder":
+            log.warning(
+                "scan_skipped_shared_root",
+                root=describe(status.root),
+                holder=status.holder,
+                error=status.error or None,
+                note="the node holding its lease registers it",
+            )
 
 
 def _copy_of(backend: Backend, roots: Sequence[str], clock: Clock) -> Backend:

@@ -10,10 +10,11 @@ event id whichever node registers it, across takeovers.
 
     connect     the backend from `[cluster]` (the one place its connection is set up)
     backend     what the backend stores and the interface Redis and NATS implement
-    redis, nats the two backends; memory: the same contract in one process, for tests
+    redis, nats the two backends (aio: the event loop thread nats-py needs); memory: the
+                same contract in one process, for tests
     codec       unit histories and event bodies as stored
     lease       when to acquire, renew, and fence (pure decisions)
     coordinator the thread that keeps the leases and tells the settle loop
     ledger      the settle loop's view of the histories it holds: commit, take over, acknowledge
-    sharing     which roots are shared
+    sharing     which roots are shared; report: what `status` says about the cluster
 """

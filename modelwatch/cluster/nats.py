@@ -23,18 +23,16 @@ carries the unit's path.
 The lease bucket's TTL is the lease length for every node: when the bucket exists with
 another TTL than `lease_seconds`, the bucket's is used, and a warning says so.
 
-nats-py is asyncio: the backend runs its own event loop on a thread (started at the first
-call, stopped by `close`); callers on any thread wait for each operation up to `timeout`.
+nats-py is asyncio: the backend runs its own event loop on a thread (`aio.LoopThread`,
+started at the first call, stopped by `close`); callers on any thread wait for each
+operation up to twice `timeout` (a commit is two requests).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import hashlib
 import secrets
-import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TypeVar
@@ -54,6 +52,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
+from modelwatch.cluster.aio import LoopThread
 from modelwatch.cluster.backend import (
     BackendUnavailable,
     Busy,
@@ -112,31 +111,16 @@ class NatsBackend:
         self._client: Client | None = None
         self._buckets: dict[str, KeyValue] = {}
         self._js: JetStreamContext | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Lock()
+        self._loop = LoopThread("cluster-nats")
         self._connecting: asyncio.Lock | None = None
 
-    # -- the event loop thread -------------------------------------------------------------------
+    # -- calls ------------------------------------------------------------------------------
 
     def _call(self, work: Callable[[], Awaitable[T]]) -> T:
-        loop = self._running_loop()
-        future = asyncio.run_coroutine_threadsafe(self._guarded(work), loop)
         try:
-            return future.result(self._timeout * 2 + 1)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
+            return self._loop.call(lambda: self._guarded(work), self._timeout * 2 + 1)
+        except TimeoutError:
             raise BackendUnavailable(f"{self.shown}: no answer in time") from None
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        with self._started:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(
-                    target=self._loop.run_forever, name="cluster-nats", daemon=True
-                )
-                self._thread.start()
-            return self._loop
 
     async def _guarded(self, work: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -353,16 +337,7 @@ class NatsBackend:
     # -- closing ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        closing = asyncio.run_coroutine_threadsafe(self._close(), loop)
-        with contextlib.suppress(Exception):  # a close that fails still stops the loop
-            closing.result(self._timeout + 1)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(self._timeout + 1)
-        loop.close()
-        self._loop = self._thread = None
+        self._loop.close(self._close, self._timeout + 1)
 
     async def _close(self) -> None:
         client, self._client, self._buckets, self._js = self._client, None, {}, None
