@@ -40,7 +40,6 @@ class MemoryBackend:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.down = False
-        self.operations = 0
         self._lock = threading.Lock()
         self._leases: dict[str, _Held] = {}
         self._units: dict[str, dict[str, Stored]] = {}
@@ -48,7 +47,6 @@ class MemoryBackend:
         self._revision = 0
 
     def _enter(self) -> None:
-        self.operations += 1
         if self.down:
             raise BackendUnavailable("memory: down")
 
