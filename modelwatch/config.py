@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
-from modelwatch.credentials import mask_options
+from modelwatch.credentials import mask_options, mask_url, url_credentials
 from modelwatch.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -832,16 +832,16 @@ def check_cluster_url(key: str, backend: str, url: str) -> None:
         try:
             parts.port  # noqa: B018 (raises on a bad port)
         except ValueError:
-            raise ConfigError(f"{key}: invalid port in {_show(mask_secrets(one))}") from None
+            raise ConfigError(f"{key}: invalid port in {_show(mask_url(one))}") from None
         if parts.scheme not in schemes or not (parts.hostname or parts.scheme == "unix"):
             raise ConfigError(
                 f"{key}: must be a {' or '.join(s + '://' for s in schemes)} URL naming a host, "
-                f"got {_show(mask_secrets(one))}"
+                f"got {_show(mask_url(one))}"
             )
-        if key == "cluster.url" and (parts.username or parts.password or parts.query):
+        found = url_credentials(one)
+        if key == "cluster.url" and found is not None:
             raise ConfigError(
-                f"{key}: credentials are not allowed in the config file (user, password, "
-                "token or query); use url_env or url_file"
+                f"{key}: {found} is not allowed in the config file; use url_env or url_file"
             )
 
 

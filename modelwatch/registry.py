@@ -190,12 +190,12 @@ class Registry:
         path, units = unit.display, self.store.units
         for _attempt in range(_CONFLICT_RETRIES):
             stored = ledger.stored(unit.root, path)
-            if stored.history is not None and units.history(path) != stored.history:
+            if stored.history is not None and units.unit_history(path) != stored.history:
                 units.replace_history(describe(unit.root), path, stored.history)
             try:
                 with self.store.transaction():
                     event = decide()
-                    after = units.history(path)
+                    after = units.unit_history(path)
                     if event is not None or after != stored.history:
                         ledger.commit(unit.root, path, after, event)
             except Conflict:

@@ -26,7 +26,7 @@ from modelwatch.cluster.codec import decode_event, decode_history, encode_event
 from modelwatch.cluster.connect import connect
 from modelwatch.cluster.memory import MemoryBackend
 from modelwatch.config import ClusterConfig
-from modelwatch.state import KnownFingerprint, Registered, UnitHistory
+from modelwatch.state import Fingerprinted, KnownFingerprint, Registered, UnitHistory
 from modelwatch.testing import sample_event
 from tests.brokers import BrokerServer, free_port, nats_broker, redis_broker, running
 from tests.conftest import wait_until
@@ -36,7 +36,8 @@ ROOT = "/storage/models"
 
 
 def history(version: int, fp: str = "sha256:aa") -> UnitHistory:
-    known = {fp: KnownFingerprint("registered", version, 0, f"id-{version}")}
+    seen = KnownFingerprint("registered", version, 0, f"id-{version}")
+    known = {fp: Fingerprinted(seen, 1_800_000_000.25, ({"code": "x", "line": None},))}
     return UnitHistory(version, 0, True, Registered(fp, version, "onnx", "ONNX"), known)
 
 
@@ -273,6 +274,11 @@ def test_credentials_from_the_environment_never_show(tmp_path: Path) -> None:
         (b'{"format": 99, "unit": "/x", "undelivered": []}', "format 99"),
         (b'{"format": 1, "unit": 7, "undelivered": []}', "expected a string"),
         (b'{"format": 1, "unit": "/x", "undelivered": [], "last_version": "3"}', "history"),
+        (
+            b'{"format": 1, "unit": "/x", "undelivered": [], "last_version": 3, "removals": 0,'
+            b' "present": true, "registered": null, "fingerprints": {"sha256:a": [1, 2]}}',
+            "history",
+        ),
     ],
 )
 def test_a_damaged_history_is_a_precise_error(data: bytes, problem: str) -> None:

@@ -49,9 +49,13 @@ def test_cluster_keys_and_defaults(make_config: MakeConfig) -> None:
         ('backend = "nats"\nurl = "redis://h:1"', "cluster.url: must be a nats:// or tls://"),
         (
             'backend = "redis"\nurl = "redis://:hunter2@h:6379/0"',
-            "cluster.url: credentials are not allowed in the config file",
+            "cluster.url: a user or password in the URL .* is not allowed in the config file",
         ),
-        ('backend = "nats"\nurl = "nats://tok@h:4222"', "cluster.url: credentials are not"),
+        ('backend = "nats"\nurl = "nats://tok@h:4222"', "cluster.url: a user or password"),
+        (
+            'backend = "redis"\nurl = "redis://h:6379/0?password=x"',
+            r"cluster.url: a credential in the URL query \(password=\)",
+        ),
         ('backend = "redis"\nurl = "redis://h:99999"', "cluster.url: invalid port"),
         ('url = "redis://h:1"', "cluster.url: needs cluster.backend"),
         (
@@ -128,7 +132,7 @@ def test_url_from_the_environment_or_a_file(tmp_path: Path) -> None:
     assert backend_url(from_file, {}) == "redis://:pw-in-file@10.0.0.5:6379/1"
     from_env = ClusterConfig("nats", url_env="MW_NATS")
     url = backend_url(from_env, {"MW_NATS": "nats://user:pw-in-env@n1:4222,nats://n2:4222"})
-    assert shown_url(url) == "nats://***@n1:4222,nats://n2:4222"
+    assert shown_url(url) == "nats://user:***@n1:4222,nats://n2:4222"
     assert "pw-in-file" not in shown_url("redis://:pw-in-file@10.0.0.5:6379/1")
 
 

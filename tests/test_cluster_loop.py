@@ -334,8 +334,8 @@ def test_backend_outage_pauses_shared_roots_loses_nothing_and_local_roots_go_on(
     a.touch(local, tmp_path / "local" / "exp-9" / "model.safetensors")
     cluster.advance(3)
     assert a.registered() == [("exp-9", 1)]
-    unit = Unit(root, "exp-1")
-    assert "paused" in a.loop.reasons.get(unit, "paused")
+    waiting = a.loop.snapshot.pending[Unit(root, "exp-1")]
+    assert [r.code for r in waiting.findings] == ["cluster_paused"]
     cluster.advance(LEASE)
     assert not a.coordinator.holds(root)
     assert a.loop.paused[root].startswith("standby: the lease could not be renewed")

@@ -4,7 +4,7 @@ A history is one compact JSON document per unit (`encode_history`)::
 
     {"format": 1, "unit": "/storage/models/exp-1", "last_version": 3, "removals": 0,
      "present": true, "registered": ["sha256:...", 3, "safetensors", "Custom"],
-     "fingerprints": {"sha256:...": ["registered", 3, 0, "<event id>"]},
+     "fingerprints": {"sha256:...": ["registered", 3, 0, "<event id>", <settled at>, []]},
      "undelivered": ["<event id>"]}
 
 An event body is its CloudEvent JSON, zlib-compressed (file lists compress about tenfold).
@@ -20,7 +20,7 @@ from typing import Any
 
 from modelwatch.cluster.backend import ClusterError, Stored
 from modelwatch.events import Event
-from modelwatch.state import KnownFingerprint, Registered, UnitHistory
+from modelwatch.state import Fingerprinted, KnownFingerprint, Registered, UnitHistory
 
 FORMAT = 1
 _MAX_EVENT_BYTES = 256 * 1024 * 1024  # an event body inflated past this is not ours
@@ -44,8 +44,8 @@ def encode_history(unit: str, history: UnitHistory | None, undelivered: tuple[st
                 registered.model_type,
             ],
             fingerprints={
-                fp: [k.outcome, k.version, k.epoch, k.event_id]
-                for fp, k in sorted(history.fingerprints.items())
+                fp: [*_known(f.known), f.settled_at, [dict(e) for e in f.errors]]
+                for fp, f in sorted(history.fingerprints.items())
             },
         )
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
@@ -69,12 +69,20 @@ def _check_format(found: Any) -> None:
         raise ValueError(f"format {found!r}, expected {FORMAT} (written by another version?)")
 
 
+def _known(known: KnownFingerprint) -> list[Any]:
+    return [known.outcome, known.version, known.epoch, known.event_id]
+
+
+def _fingerprinted(entry: Any) -> Fingerprinted:
+    outcome, version, epoch, event_id, settled_at, errors = entry
+    known = KnownFingerprint(_text(outcome), _optional_int(version), _int(epoch), _text(event_id))
+    at = None if settled_at is None else float(settled_at)
+    return Fingerprinted(known, at, tuple(e for e in errors if isinstance(e, dict)))
+
+
 def _history(document: dict[str, Any]) -> UnitHistory:
     registered = document["registered"]
-    known = {
-        _text(fp): KnownFingerprint(_text(o), _optional_int(v), _int(e), _text(i))
-        for fp, (o, v, e, i) in document["fingerprints"].items()
-    }
+    known = {_text(fp): _fingerprinted(entry) for fp, entry in document["fingerprints"].items()}
     return UnitHistory(
         last_version=_int(document["last_version"]),
         removals=_int(document["removals"]),

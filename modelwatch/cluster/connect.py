@@ -1,9 +1,11 @@
 """The one place a cluster backend is built from `[cluster]`: URL, credentials, timeouts.
 
 The URL comes from `url` (no credentials allowed in the file), the environment variable
-named by `url_env`, or the file named by `url_file` (both may carry credentials: a Redis
-password, a NATS token or user and password). What logs and `status` show of it has the
-credentials masked. The TLS options of SPEC §5b will be read here as well.
+named by `url_env`, or the file named by `url_file` (both read by `credentials.read_secret`,
+and both may carry credentials: a Redis password, a NATS token or user and password). What
+logs and `status` show of it has the credentials masked (`credentials.mask_url`), and the
+backends scrub them from every message (`credentials.Scrubber`). The TLS options of SPEC §5b
+will be read here as well.
 
 Building a backend opens no connection: the first operation does (and every operation after
 a failure reconnects), so a backend that is down at start is a paused shared root, not a
@@ -18,9 +20,8 @@ from collections.abc import Mapping
 
 from modelwatch.cluster.backend import Backend
 from modelwatch.config import ClusterConfig, check_cluster_url
+from modelwatch.credentials import Scrubber, mask_url, read_secret
 from modelwatch.errors import ConfigError
-
-MAX_URL_FILE_BYTES = 64 * 1024
 
 
 def operation_timeout(lease_seconds: float) -> float:
@@ -35,53 +36,27 @@ def backend_url(config: ClusterConfig, environ: Mapping[str, str]) -> str:
         return config.url
     if config.url_env:
         key = "cluster.url_env"
-        url = environ.get(config.url_env, "").strip()
-        if not url:
-            raise ConfigError(f"{key}: environment variable {config.url_env!r} is not set or empty")
+        url = read_secret(key, variable=config.url_env, environ=environ)
     else:
         key = "cluster.url_file"
-        url = _read_file(key, config.url_file)
+        url = read_secret(key, path=config.url_file)
     check_cluster_url(key, config.backend, url)
     return url
 
 
-def _read_file(key: str, path: str) -> str:
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_URL_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_URL_FILE_BYTES:
-        raise ConfigError(f"{key}: {path} is larger than {MAX_URL_FILE_BYTES} bytes")
-    try:
-        url = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
-    if not url:
-        raise ConfigError(f"{key}: {path} is empty")
-    return url
-
-
 def shown_url(url: str) -> str:
-    """`url` fit for logs: user and password masked, query and fragment left out."""
-    shown = []
-    for one in url.split(","):
-        parts = urllib.parse.urlsplit(one.strip())
-        host = parts.netloc.rpartition("@")[2]
-        user = "***@" if "@" in parts.netloc else ""
-        shown.append(f"{parts.scheme}://{user}{host}{parts.path}")
-    return ",".join(shown)
+    """`url` fit for logs and `status` (each server's credentials masked)."""
+    return ",".join(mask_url(one.strip()) for one in url.split(","))
 
 
 def url_secrets(url: str) -> list[str]:
-    """The credentials in `url` (user, password, query values), longest first, to scrub."""
+    """The credentials in `url` (users, passwords, query values), to scrub from messages."""
     found: list[str] = []
     for one in url.split(","):
         parts = urllib.parse.urlsplit(one.strip())
         found += [parts.username or "", parts.password or ""]
         found += [value for _name, value in urllib.parse.parse_qsl(parts.query)]
-        found += [urllib.parse.unquote(s) for s in found]
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+    return [urllib.parse.unquote(s) for s in found if s]
 
 
 def connect(config: ClusterConfig, environ: Mapping[str, str] | None = None) -> Backend:
@@ -89,7 +64,7 @@ def connect(config: ClusterConfig, environ: Mapping[str, str] | None = None) -> 
     client package."""
     url = backend_url(config, os.environ if environ is None else environ)
     timeout = operation_timeout(config.lease_seconds)
-    shown, scrub = shown_url(url), url_secrets(url)
+    shown, scrub = shown_url(url), Scrubber(url_secrets(url))
     try:
         if config.backend == "redis":
             from modelwatch.cluster.redis import RedisBackend

@@ -100,7 +100,7 @@ class Ledger:
         events this store does not have, to be queued again."""
         root, shown = acquired.root, describe(acquired.root)
         units = dict(acquired.units)
-        local = store.units.histories(root=shown)
+        local = store.units.unit_histories(root=shown)
         with store.transaction():
             for unit, stored in units.items():
                 if stored.history is not None and local.get(unit) != stored.history:

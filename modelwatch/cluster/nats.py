@@ -34,7 +34,7 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TypeVar
 
 import structlog
@@ -63,6 +63,7 @@ from modelwatch.cluster.backend import (
     Write,
 )
 from modelwatch.cluster.codec import decode_history, encode_history
+from modelwatch.credentials import Scrubber
 
 log = structlog.get_logger("modelwatch.cluster")
 T = TypeVar("T")
@@ -98,16 +99,16 @@ class NatsBackend:
         prefix: str,
         timeout: float,
         lease_seconds: float,
-        scrub: Sequence[str] = (),
+        scrub: Scrubber | None = None,
     ) -> None:
-        """`servers` may carry credentials (from url_env / url_file): `scrub` lists them, so
-        no message shows them; `shown` is what messages name instead."""
+        """`servers` may carry credentials (from url_env / url_file): `scrub` removes them from
+        every message; `shown` is what messages name instead."""
         self.shown = shown
         self.lease_seconds = lease_seconds
         self._servers = servers
         self._prefix = prefix
         self._timeout = timeout
-        self._scrub = tuple(scrub)
+        self._scrub = scrub or Scrubber()
         self._client: Client | None = None
         self._buckets: dict[str, KeyValue] = {}
         self._js: JetStreamContext | None = None
@@ -132,10 +133,7 @@ class NatsBackend:
             raise self._failure(exc) from None
 
     def _failure(self, exc: BaseException) -> BackendUnavailable:
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        for secret in self._scrub:
-            text = text.replace(secret, "***")
-        return BackendUnavailable(f"{self.shown}: {text}")
+        return BackendUnavailable(f"{self.shown}: {self._scrub(str(exc) or type(exc).__name__)}")
 
     async def _drop_if_disconnected(self) -> None:
         client = self._client

@@ -20,7 +20,7 @@ touch all of them)::
 from __future__ import annotations
 
 import secrets
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import redis
@@ -37,6 +37,7 @@ from modelwatch.cluster.backend import (
     Write,
 )
 from modelwatch.cluster.codec import decode_history, encode_history
+from modelwatch.credentials import Scrubber
 
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
@@ -68,13 +69,13 @@ class RedisBackend:
     name = "redis"
 
     def __init__(
-        self, url: str, *, shown: str, prefix: str, timeout: float, scrub: Sequence[str] = ()
+        self, url: str, *, shown: str, prefix: str, timeout: float, scrub: Scrubber | None = None
     ) -> None:
-        """`url` may carry credentials (from url_env / url_file): `scrub` lists them, so no
-        message shows them; `shown` is what messages name instead."""
+        """`url` may carry credentials (from url_env / url_file): `scrub` removes them from
+        every message; `shown` is what messages name instead."""
         self.shown = shown
         self._prefix = prefix
-        self._secrets = tuple(scrub)
+        self._scrub = scrub or Scrubber()
         try:
             self._pool = redis.ConnectionPool.from_url(
                 url,
@@ -102,13 +103,7 @@ class RedisBackend:
             raise self._failure(exc) from None
 
     def _failure(self, exc: Exception) -> BackendUnavailable:
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        return BackendUnavailable(f"{self.shown}: {self._scrub(text)}")
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return BackendUnavailable(f"{self.shown}: {self._scrub(str(exc) or type(exc).__name__)}")
 
     # -- leases ----------------------------------------------------------------------------
 
