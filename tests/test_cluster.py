@@ -226,8 +226,8 @@ def test_backend_stopped_and_restarted_pauses_and_loses_nothing(
     metrics say so); when it is back every model written meanwhile is registered, with no
     version given twice."""
     kind = kind_of(backend)
-    a, b = fleet("a", kind, backend.url), fleet("b", kind, backend.url)
-    nodes = [a, b]
+    nodes = [fleet(name, kind, backend.url) for name in ("a", "b", "c")]
+    a = nodes[0]
     expected = {str(tree / f"exp-{i}"): model(tree / f"exp-{i}", 100 + i) for i in range(3)}
     wait_until(lambda: has_final(nodes, expected), timeout=30)
     backend.stop()
