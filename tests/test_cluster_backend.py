@@ -4,6 +4,7 @@ bodies of undelivered events, and what an unreachable backend looks like (SPEC Â
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import uuid
@@ -194,6 +195,18 @@ def test_undelivered_events_are_stored_until_forgotten(fleet: Fleet) -> None:
     a.commit(lease, Write(unit, revision, history(1), (), None, (event.id,)))
     assert b.events(ROOT, [event.id]) == {}
     assert b.load(ROOT)[unit].undelivered == ()
+
+
+def test_an_event_body_larger_than_a_message_is_stored_whole(fleet: Fleet) -> None:
+    """A body of 3 MB that does not compress (a model of many files, described) is kept and
+    read back byte for byte, and forgotten whole (NATS caps one message at 1 MB)."""
+    a, b = fleet.node(), fleet.node()
+    lease = take(a, "node-a")
+    unit, body = f"{ROOT}/exp-big", os.urandom(3 * 1024 * 1024)
+    revision = a.commit(lease, Write(unit, 0, history(1), ("big",), ("big", body)))
+    assert b.events(ROOT, ["big"]) == {"big": body}
+    a.commit(lease, Write(unit, revision, history(1), (), None, ("big",)))
+    assert b.events(ROOT, ["big"]) == {}
 
 
 def test_a_node_without_the_lease_cannot_commit(fleet: Fleet) -> None:

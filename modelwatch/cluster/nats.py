@@ -4,7 +4,8 @@ Buckets (file storage, one value per key)::
 
     <prefix>-leases   key <root digest>                  "<node id>\\t<token>"; bucket TTL = lease
     <prefix>-units    key <root digest>.<unit digest>    history document (codec.encode_history)
-    <prefix>-events   key <root digest>.<event id>       compressed body of an undelivered event
+    <prefix>-events   key <root digest>.<event id>.<n>   compressed body of an undelivered
+                                                         event, in pieces of 256 KiB
 
 Digests are sha256 hex (32 characters), as KV keys allow only a few characters; the document
 carries the unit's path.
@@ -68,6 +69,7 @@ from modelwatch.credentials import Scrubber
 log = structlog.get_logger("modelwatch.cluster")
 T = TypeVar("T")
 _STREAM_IN_USE = 10058  # the bucket exists with another configuration
+BODY_PIECE = 256 * 1024  # bytes of an event body per KV value (below any sane max_payload)
 
 
 def _deleted(record: RawStreamMsg) -> bool:
@@ -294,7 +296,7 @@ class NatsBackend:
         async def work() -> int:
             units, events = await self._bucket("units"), await self._bucket("events")
             if write.event is not None:
-                await events.put(f"{root}.{write.event[0]}", write.event[1])
+                await _put_body(events, f"{root}.{write.event[0]}", write.event[1])
             key = f"{root}.{digest(write.unit)}"
             value = encode_history(write.unit, write.history, write.undelivered)
             try:
@@ -305,7 +307,7 @@ class NatsBackend:
             except KeyWrongLastSequenceError:
                 raise Conflict(write.unit, await self._current(units, key)) from None
             for event_id in write.forget:
-                await events.purge(f"{root}.{event_id}")
+                await _purge_body(events, f"{root}.{event_id}")
             return revision
 
         return self._call(work)
@@ -323,11 +325,9 @@ class NatsBackend:
             kv = await self._bucket("events")
             found: dict[str, bytes] = {}
             for event_id in ids:
-                try:
-                    entry = await kv.get(f"{digest(root)}.{event_id}")
-                except KeyNotFoundError:
-                    continue
-                found[event_id] = entry.value or b""
+                body = await _get_body(kv, f"{digest(root)}.{event_id}")
+                if body is not None:
+                    found[event_id] = body
             return found
 
         return self._call(work)
@@ -341,3 +341,43 @@ class NatsBackend:
         client, self._client, self._buckets, self._js = self._client, None, {}, None
         if client is not None and not client.is_closed:
             await client.close()
+
+
+# -- event bodies in pieces ---------------------------------------------------------------------
+# A KV value is one message, and messages are capped (max_payload, 1 MB by default): a body is
+# stored as pieces `<key>.0`, `<key>.1`, ..., the first starting with their count (4 bytes).
+
+
+async def _put_body(kv: KeyValue, key: str, body: bytes) -> None:
+    pieces = [body[i : i + BODY_PIECE] for i in range(0, len(body), BODY_PIECE)] or [b""]
+    for n, piece in enumerate(pieces):
+        head = len(pieces).to_bytes(4, "big") if n == 0 else b""
+        await kv.put(f"{key}.{n}", head + piece)
+
+
+async def _get_body(kv: KeyValue, key: str) -> bytes | None:
+    first = await _value(kv, f"{key}.0")
+    if first is None or len(first) < 4:
+        return None
+    parts = [first[4:]]
+    for n in range(1, int.from_bytes(first[:4], "big")):
+        piece = await _value(kv, f"{key}.{n}")
+        if piece is None:  # cut short: not a body that can be sent
+            return None
+        parts.append(piece)
+    return b"".join(parts)
+
+
+async def _purge_body(kv: KeyValue, key: str) -> None:
+    first = await _value(kv, f"{key}.0")
+    count = int.from_bytes(first[:4], "big") if first is not None and len(first) >= 4 else 1
+    for n in range(count):
+        await kv.purge(f"{key}.{n}")
+
+
+async def _value(kv: KeyValue, key: str) -> bytes | None:
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None
+    return entry.value or b""
