@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from bench import (
     bigtree,
     burst,
+    cluster,
     describe,
     digest,
     idle,
@@ -67,6 +68,7 @@ BENCHMARKS: dict[str, tuple[str, Benchmark]] = {
     "7": ("idle CPU", lambda c: idle.run(c.plan, c.base)),
     "8": ("model description", lambda c: describe.run(c.plan, c.base)),
     "9": ("isolation", lambda c: isolation.run(c.plan, c.base)),
+    "10": ("many nodes, one tree", lambda c: cluster.run(c.plan, c.tree, c.base)),
 }
 
 
@@ -118,7 +120,7 @@ NEED_INOTIFYWAIT = {"1", "2", "7"}
 def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
     plan = QUICK if args.quick else FULL
-    selected = args.only or sorted(BENCHMARKS)
+    selected = args.only or sorted(BENCHMARKS, key=int)
     if NEED_INOTIFYWAIT & set(selected) and shutil.which("inotifywait") is None:
         _progress("the baselines need inotifywait: apt-get install inotify-tools")
         return 2

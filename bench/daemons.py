@@ -40,6 +40,7 @@ class Settings:
     poll_interval_seconds: float = 1.0
     unit_depth: int = 1
     defaults: str = ""  # more [defaults] lines (TOML)
+    cluster: str = ""  # a [cluster] table's lines (TOML); with it, the root is shared
 
 
 def config_text(settings: Settings, events_path: str) -> str:
@@ -57,11 +58,14 @@ poll_interval_seconds = {settings.poll_interval_seconds}
 [[roots]]
 path = {json.dumps(settings.root)}
 unit_depth = {settings.unit_depth}
+{"shared = true" if settings.cluster else ""}
 
 [[sinks]]
 type = "jsonl"
 path = {json.dumps(events_path)}
 fsync = false
+{"[cluster]" if settings.cluster else ""}
+{settings.cluster}
 """
 
 

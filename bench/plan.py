@@ -28,6 +28,9 @@ class Plan:
     idle_seconds: float = 60.0
     idle_poll_interval_seconds: float = 10.0  # the configured default
     repeats: int = 3  # CPU-bound figures: best of this many, both sides alike
+    cluster_daemons: int = 20  # nodes sharing the big tree through each backend
+    cluster_window_seconds: float = 30.0
+    cluster_lease_seconds: float = 6.0
 
     @property
     def big_file_count(self) -> int:
@@ -48,4 +51,7 @@ QUICK = Plan(
     isolation_sparse_gb=16,
     idle_seconds=10.0,
     repeats=2,
+    cluster_daemons=2,
+    cluster_window_seconds=2.0,
+    cluster_lease_seconds=3.0,
 )

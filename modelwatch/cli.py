@@ -16,6 +16,7 @@ import structlog
 
 from modelwatch import __version__, control, explain, log
 from modelwatch.clock import SystemClock
+from modelwatch.cluster.report import lease_report
 from modelwatch.config import (
     Config,
     MetadataConfig,
@@ -253,7 +254,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _open_existing_store(config)
     try:
-        report = status_report(config, store, time.time())
+        report = status_report(config, store, time.time(), lease_report(config))
     finally:
         store.close()
     if args.format == "json":

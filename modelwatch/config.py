@@ -16,6 +16,11 @@ Contract:
   set `settle_seconds` itself) and PS_MODEL_PATH (adds a depth-0 root unless already a root).
   An empty variable counts as unset.
 * Relative `daemon.state_dir` and `metadata.schema` are relative to the config file's directory.
+* `[cluster]` (SPEC §12): `backend` "none" (default), "redis" or "nats"; with a backend, exactly
+  one of `url`, `url_env`, `url_file` (a `url` in the file must carry no credentials; the
+  other two are read when the backend is built, `cluster.connect`). `[[roots]] shared`: true,
+  false, or absent (None: shared when the root is on a network filesystem and a backend is
+  configured, decided by the daemon from the mount table).
 * Sink tables: only `type`, `name`, `event_types`, `max_attempts` are checked here; every other
   key lands untouched in `SinkConfig.options` for the sink to validate against its declaration
   (`modelwatch.sinks.options`). Keys named `secret`, `token` or `password` are refused:
@@ -35,13 +40,15 @@ import math
 import os
 import re
 import reprlib
+import socket
 import sys
+import urllib.parse
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
-from modelwatch.credentials import mask_options
+from modelwatch.credentials import mask_options, mask_url, url_credentials
 from modelwatch.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -132,6 +139,7 @@ class RootConfig:
     policy: UnitPolicy
     name: str = ""
     root_marker: str = ""
+    shared: bool | None = None  # None: decided by the filesystem (see the module docstring)
 
     @property
     def unit_name(self) -> str:
@@ -184,6 +192,23 @@ class SinkConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The `[cluster]` table (SPEC §12). `node_id` is filled in (the host name by default)."""
+
+    backend: str = "none"
+    url: str = ""
+    url_env: str = ""
+    url_file: str = ""
+    node_id: str = ""
+    lease_seconds: float = 15.0
+    prefix: str = "modelwatch"
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend != "none"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole effective configuration; `source` is the file used, None for built-ins."""
 
@@ -193,6 +218,7 @@ class Config:
     metadata: MetadataConfig
     sinks: tuple[SinkConfig, ...]
     source: str | None
+    cluster: ClusterConfig = ClusterConfig(node_id=socket.gethostname())
 
 
 # --- locating and reading the file -------------------------------------------------------
@@ -370,6 +396,12 @@ def _choice(*options: str) -> Check:
     return check
 
 
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {_describe(value)}")
+    return value
+
+
 def _patterns(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: must be an array of strings, got {_describe(value)}")
@@ -410,6 +442,15 @@ def _path_under(base_dir: str | None) -> Check:
         return _normalise_path(text if base_dir is None else os.path.join(base_dir, text))
 
     return check
+
+
+def _optional(check: Check) -> Check:
+    """ "" (not set) or what `check` accepts."""
+
+    def optional(key: str, value: Any) -> Any:
+        return "" if value == "" else check(key, value)
+
+    return optional
 
 
 def _schema_file(base_dir: str | None) -> Check:
@@ -498,11 +539,12 @@ _ROOT_CHECKS: dict[str, Check] = {
     "unit_depth": _integer(0, MAX_UNIT_DEPTH),
     "name": _unit_name,
     "root_marker": lambda key, value: value if value == "" else _file_name(key, value),
+    "shared": _boolean,
     **_POLICY_CHECKS,
 }
 _LOG_LEVEL = _choice("debug", "info", "warning", "error")
 _LOG_FORMAT = _choice("auto", "console", "json")
-_TOP_LEVEL_KEYS = ("daemon", "defaults", "roots", "metadata", "sinks")
+_TOP_LEVEL_KEYS = ("daemon", "defaults", "roots", "metadata", "sinks", "cluster")
 _DAEMON_KEYS = tuple(f.name for f in dataclasses.fields(DaemonConfig))
 _METADATA_KEYS = tuple(f.name for f in dataclasses.fields(MetadataConfig))
 
@@ -512,6 +554,7 @@ _BELONGS_IN: dict[str, str] = {
     "path": "a [[roots]] entry",
     "unit_depth": "a [[roots]] entry",
     "root_marker": "a [[roots]] entry",
+    "shared": "a [[roots]] entry",
     **dict.fromkeys(_DAEMON_KEYS, "[daemon]"),
     **dict.fromkeys(_METADATA_KEYS, "[metadata]"),
     "event_types": "a [[sinks]] entry",
@@ -629,6 +672,8 @@ def parse_config(
     roots = _parse_roots(document.get("roots"), defaults_set, settle_origin)
     if env.model_path is not None and all(root.path != env.model_path for root in roots):
         roots = (*roots, RootConfig(env.model_path, 0, defaults))
+    cluster = _parse_cluster(document.get("cluster"), base_dir)
+    _check_shared(roots, cluster)
     return Config(
         daemon=daemon,
         defaults=defaults,
@@ -636,6 +681,7 @@ def parse_config(
         metadata=_parse_metadata(document.get("metadata"), base_dir),
         sinks=_parse_sinks(document.get("sinks")),
         source=source,
+        cluster=cluster,
     )
 
 
@@ -711,6 +757,7 @@ def _parse_root(
         raise ConfigError(f"{key}.path: required")
     path, depth = values.pop("path"), values.pop("unit_depth", 0)
     name, marker = values.pop("name", ""), values.pop("root_marker", "")
+    shared = values.pop("shared", None)
     if name and depth != 0:  # "" is the default, allowed anywhere
         raise ConfigError(
             f"{key}.name: only a root with unit_depth = 0 can be named "
@@ -720,7 +767,90 @@ def _parse_root(
     if "settle_seconds" in values:
         settle_origin = f"{key}.settle_seconds"
     _check_wait(policy, key, values, settle_origin)
-    return RootConfig(path, depth, policy, name, marker)
+    return RootConfig(path, depth, policy, name, marker, shared)
+
+
+# --- cluster ---------------------------------------------------------------------------------
+
+_BACKEND = _choice("none", "redis", "nats")
+_URL_SCHEMES = {"redis": ("redis", "rediss", "unix"), "nats": ("nats", "tls")}
+_PREFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MIN_LEASE = 3  # a lease must outlive the fencing margin (1 s) and a renewal round trip
+
+
+def _node_id(key: str, value: Any) -> str:
+    """ "" (the host name) or a printable name."""
+    text = _string(key, value)
+    if text and (not text.strip() or not text.isprintable() or len(text) > 253):
+        raise ConfigError(f"{key}: must be a printable name of 1-253 characters, got {_show(text)}")
+    return text or socket.gethostname()
+
+
+def _prefix(key: str, value: Any) -> str:
+    text = _string(key, value)
+    if not _PREFIX.fullmatch(text):
+        raise ConfigError(
+            f"{key}: must be 1-64 letters, digits, '-' or '_' (it names NATS buckets), "
+            f"got {_show(text)}"
+        )
+    return text
+
+
+def _parse_cluster(raw: Any, base_dir: str | None) -> ClusterConfig:
+    checks: dict[str, Check] = {
+        "backend": _BACKEND,
+        "url": _string,
+        "url_env": _string,
+        "url_file": _optional(_path_under(base_dir)),
+        "node_id": _node_id,
+        "lease_seconds": _seconds(_MIN_LEASE, inclusive=True),
+        "prefix": _prefix,
+    }
+    values = {"node_id": socket.gethostname(), **_read_table("cluster", raw, checks)}
+    cluster = ClusterConfig(**values)
+    sources = [name for name in ("url", "url_env", "url_file") if values.get(name)]
+    if not cluster.enabled:
+        if sources:
+            raise ConfigError(f"cluster.{sources[0]}: needs cluster.backend (redis or nats)")
+        return cluster
+    if len(sources) != 1:
+        raise ConfigError(
+            f"cluster.{sources[1] if sources else 'url'}: give exactly one of url, url_env, "
+            f"url_file for the {cluster.backend} backend"
+        )
+    if cluster.url:
+        check_cluster_url("cluster.url", cluster.backend, cluster.url)
+    return cluster
+
+
+def check_cluster_url(key: str, backend: str, url: str) -> None:
+    """A backend URL of the right scheme naming a host; credentials only where it is not
+    written in the config file (`key` is `cluster.url`)."""
+    schemes = _URL_SCHEMES[backend]
+    for one in url.split(","):
+        parts = urllib.parse.urlsplit(one.strip())
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            raise ConfigError(f"{key}: invalid port in {_show(mask_url(one))}") from None
+        if parts.scheme not in schemes or not (parts.hostname or parts.scheme == "unix"):
+            raise ConfigError(
+                f"{key}: must be a {' or '.join(s + '://' for s in schemes)} URL naming a host, "
+                f"got {_show(mask_url(one))}"
+            )
+        found = url_credentials(one)
+        if key == "cluster.url" and found is not None:
+            raise ConfigError(
+                f"{key}: {found} is not allowed in the config file; use url_env or url_file"
+            )
+
+
+def _check_shared(roots: Sequence[RootConfig], cluster: ClusterConfig) -> None:
+    if cluster.enabled:
+        return
+    for index, root in enumerate(roots):
+        if root.shared:
+            raise ConfigError(f"roots[{index}].shared: needs a [cluster] backend (redis or nats)")
 
 
 def _parse_metadata(raw: Any, base_dir: str | None) -> MetadataConfig:
@@ -884,11 +1014,14 @@ def render_toml(
     lines += _section("[daemon]", _fields(config.daemon))
     lines += _section("[defaults]", _fields(config.defaults))
     lines += _section("[metadata]", _fields(config.metadata))
+    lines += _section("[cluster]", _fields(config.cluster))
     for root in config.roots:
         items: dict[str, Any] = {"path": root.path, "unit_depth": root.unit_depth}
         if root.name:
             items["name"] = root.name
         items["root_marker"] = root.root_marker
+        if root.shared is not None:
+            items["shared"] = root.shared
         lines += _section("[[roots]]", {**items, **_fields(root.policy)})
     for sink in config.sinks:
         section = _section("[[sinks]]", _sink_items(sink, sink_items or _masked_options))

@@ -2,11 +2,12 @@
 
 Threads: one observer per root (enqueue only), the settle loop, the inspection pool, one
 delivery worker per sink, an optional health server, the control socket (`explain` asks
-there), and the caller's thread running the
-lifecycle loop (`Daemon.serve`): it (re)starts watchers as roots come and go, schedules the
-periodic reconcile, pings the systemd watchdog while every part makes progress, applies
-reloads, and stops everything on request. Signal handlers (in `cli`) only set the flags this
-loop reads. Every "when" here is read from the injected clock.
+there), with shared roots the cluster coordinator, and the caller's thread running the
+lifecycle loop (`Daemon.serve`): it (re)starts watchers as roots come and go (a shared root
+only while this node holds its lease), schedules the periodic reconcile, pings the systemd
+watchdog while every part makes progress, applies reloads, and stops everything on request.
+Signal handlers (in `cli`) only set the flags this loop reads. Every "when" here is read from
+the injected clock.
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ import structlog
 
 from modelwatch import reaper
 from modelwatch.clock import Clock, SystemClock
+from modelwatch.cluster.backend import Backend
+from modelwatch.cluster.connect import connect
+from modelwatch.cluster.coordinator import Coordinator
+from modelwatch.cluster.ledger import Ledger
+from modelwatch.cluster.sharing import shared_roots
 from modelwatch.config import Config, RootConfig, SinkConfig
 from modelwatch.control import ControlServer
 from modelwatch.delivery import DeliveryWorker
 from modelwatch.errors import ModelwatchError
 from modelwatch.events import Event
 from modelwatch.health import HealthServer
-from modelwatch.metrics import REJECTION_CODES, Metrics
+from modelwatch.metrics import REJECTION_CODES, ClusterRoot, Metrics
 from modelwatch.notify import Notifier
 from modelwatch.pending import Snapshot
 from modelwatch.pool import InspectionPool
@@ -74,10 +80,17 @@ class Daemon:
         host: str | None = None,
         environ: dict[str, str] | None = None,
         observer_factory: ObserverFactory = make_observer,
+        backend: Backend | None = None,
     ) -> None:
+        """`backend`: the cluster backend to use instead of the configured one (tests)."""
         self.config = config
         self.clock = clock or SystemClock()
-        self.host = host or socket.gethostname()
+        self.host = host or config.cluster.node_id or socket.gethostname()
+        self.shared = frozenset(shared_roots(config))
+        self.backend = backend
+        if self.backend is None and self.shared:
+            self.backend = connect(config.cluster, environ)
+        self.coordinator: Coordinator | None = None
         self.sink_factory = sink_factory
         self.sinks = list(sinks) if sinks is not None else [sink_factory(s) for s in config.sinks]
         self.inbox: Inbox = Inbox()
@@ -140,6 +153,7 @@ class Daemon:
             schema=schema,
             workers=self.config.daemon.inspect_workers,
             inbox=self.inbox,
+            ledger=self._cluster(),
         )
         if isinstance(self.stages.pool, InspectionPool):
             self.stages.pool.start()
@@ -147,7 +161,12 @@ class Daemon:
         for sink in self.sinks:
             self._start_worker(sink)
         self._alarm.install()
+        if self.coordinator is not None:
+            self.coordinator.turn()  # shared roots held from the start are ready with the rest
+            self.coordinator.start()
         for watcher in self.watchers:
+            if not self._watches(watcher.root.path):
+                continue  # a standby does not scan a shared root
             watcher.ensure()  # queues the initial Rescan of each existing root
             if not watcher.watching:  # a missing root: it is reported unavailable
                 self.inbox.put(Rescan(watcher.root.path, reason="startup"))
@@ -179,6 +198,33 @@ class Daemon:
         store (both read the store between requests, never at once)."""
         store = self._metrics_store
         return None if store is None else self.views.web(path, store)
+
+    def _cluster(self) -> Ledger | None:
+        """The coordinator and the ledger of the shared roots (None without any)."""
+        if not self.shared or self.backend is None:
+            return None
+        self.coordinator = Coordinator(
+            self.backend,
+            sorted(self.shared),
+            node=self.host,
+            lease_seconds=self.config.cluster.lease_seconds,
+            clock=self.clock,
+            post=self.inbox.put,
+        )
+        log.info(
+            "cluster",
+            backend=self.backend.shown,
+            node=self.host,
+            shared=[describe(root) for root in sorted(self.shared)],
+        )
+        return Ledger(self.backend, self.coordinator, self.shared)
+
+    def _watches(self, root: str) -> bool:
+        """Whether this node watches `root` now: a local root always, a shared one while it
+        holds the root's lease."""
+        return root not in self.shared or (
+            self.coordinator is not None and self.coordinator.holds(root)
+        )
 
     def _wait_initial_reconcile(self, initial: Flush) -> None:
         """Wait for the initial reconcile, asking systemd for more start time meanwhile (a
@@ -253,8 +299,24 @@ class Daemon:
             beats = [loop.heartbeat, *(w.heartbeat for w in self.workers)]
             if isinstance(pool, InspectionPool):
                 beats += pool.heartbeats
+            if self.coordinator is not None:
+                beats.append(self.coordinator.heartbeat)
             metrics.set_progress({h.name: h.age(now) for h in beats}, len(loop.settler))
         metrics.set_fallback({describe(w.root.path): w.fell_back for w in self.watchers})
+        if self.coordinator is not None:
+            metrics.set_cluster(
+                (
+                    ClusterRoot(
+                        describe(s.root),
+                        s.role == "holder",
+                        s.paused,
+                        s.takeovers,
+                        s.losses,
+                    )
+                    for s in self.coordinator.status()
+                ),
+                self.coordinator.errors,
+            )
 
     def stale_parts(self) -> list[str]:
         """Names of dead or wedged parts; empty when the whole pipeline is healthy.
@@ -273,6 +335,10 @@ class Daemon:
         dead += [f"watch {describe(w.root.path)}" for w in self.watchers if not w.alive()]
         now = self.clock.monotonic()
         beats: list[Heartbeat] = [loop.heartbeat]
+        if self.coordinator is not None:
+            beats.append(self.coordinator.heartbeat)
+            if self.coordinator.ident is not None and not self.coordinator.is_alive():
+                dead.append(self.coordinator.name)
         if isinstance(pool, InspectionPool):
             beats += pool.heartbeats
         stale = wedged(beats, now, self.max_beat_age)
@@ -303,15 +369,24 @@ class Daemon:
                 self._reload(reload)
             if os.getpid() == 1:  # a container without an init: we are the reaper
                 reaper.reap_orphans()
-            for watcher in self.watchers:
-                watcher.ensure()
+            self._follow_roots()
             self._report_roots()
             if self.clock.monotonic() >= next_reconcile:
                 for watcher in self.watchers:
-                    self.inbox.put(Rescan(watcher.root.path, reason="periodic"))
-                    self.metrics.reconcile("periodic")
+                    if self._watches(watcher.root.path):
+                        self.inbox.put(Rescan(watcher.root.path, reason="periodic"))
+                        self.metrics.reconcile("periodic")
                 next_reconcile = self.clock.monotonic() + self._reconcile_interval()
             self._ping_watchdog()
+
+    def _follow_roots(self) -> None:
+        """Watch each root that appeared; a shared root only while this node holds it."""
+        for watcher in self.watchers:
+            if self._watches(watcher.root.path):
+                watcher.ensure()
+            elif watcher.watching:
+                watcher.stop()
+                log.info("root_unwatched", root=describe(watcher.root.path), note="standby")
 
     def _report_roots(self) -> None:
         self.metrics.roots(Counter(w.kind for w in self.watchers))
@@ -362,6 +437,10 @@ class Daemon:
         """
         if new.daemon.state_dir != self.config.daemon.state_dir:
             raise ModelwatchError("daemon.state_dir: changing it needs a restart")
+        if new.cluster != self.config.cluster or frozenset(shared_roots(new)) != self.shared:
+            raise ModelwatchError(
+                "cluster: changing it, or which roots are shared, needs a restart"
+            )
         schema = schema_for(new)
         old_sinks = {s.name: s for s in self.config.sinks}
         changed = [s for s in new.sinks if old_sinks.get(s.name) != s]
@@ -424,6 +503,7 @@ class Daemon:
                     sink=worker.sink.name,
                     note="left in the outbox; delivered after restart",
                 )
+        self._leave_cluster()
         if self.health is not None:
             self.health.stop()
         if self.control is not None:
@@ -434,6 +514,18 @@ class Daemon:
             self._metrics_store.close()
         self.state.unlock()
         log.info("stopped")
+
+    def _leave_cluster(self) -> None:
+        """Acknowledge what was delivered, then give the leases up, so another node takes
+        the shared roots over at once (and redelivers only what is still undelivered)."""
+        if self.coordinator is not None and self.stages is not None:
+            try:
+                self.stages.registry.sweep(self.clock.monotonic(), force=True)
+            except ModelwatchError as exc:
+                log.warning("cluster_sweep_failed", error=str(exc))
+            self.coordinator.shutdown(timeout=5.0)
+        if self.backend is not None:
+            self.backend.close()
 
     def _last_chance(self, stages: Stages, deadline: float) -> None:
         loop = stages.loop

@@ -6,7 +6,8 @@ Contract:
   read 0 before their first increment and `rate()` works from the first scrape.
 * Methods are named after what happened; the daemon calls them as it happens:
   `event(type)`, `delivery(sink, outcome)`, `settled(seconds)`, `roots(counts)`,
-  `root_availability(roots)`, `reconcile(reason)`, `set_outbox(stats)`. Each is thread-safe.
+  `root_availability(roots)`, `reconcile(reason)`, `set_outbox(stats)`, `set_cluster(...)`.
+  Each is thread-safe.
 * Label values come from small fixed sets (`EVENT_TYPES`, `OUTCOMES`, `OBSERVERS`,
   `RECONCILE_REASONS`) or from configured sink names and root paths; anything else is a
   `ValueError`, so no label ever carries a unit's path or another unbounded value.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -53,6 +55,17 @@ SETTLE_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200
 OutboxStats = Iterable[tuple[str, int, int]]  # (sink, pending, dead)
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterRoot:
+    """A shared root's lease as the metrics show it."""
+
+    root: str
+    held: bool
+    paused: bool
+    takeovers: int
+    losses: int
+
+
 def _known(kind: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
@@ -76,6 +89,7 @@ class Metrics:
         self._outbox_lock = threading.Lock()
         self._outbox_sinks: set[str] = set()
         self._available_roots: set[str] = set()
+        self._cluster_seen: dict[tuple[str, str], int] = {}
         self._define()
         self._initialise(version, tuple(sinks))
 
@@ -155,6 +169,36 @@ class Metrics:
             ["root"],
             registry=registry,
         )
+        self._lease_held = Gauge(
+            "modelwatch_cluster_lease_held",
+            "1 while this node holds the lease of a shared root (it watches and registers it),"
+            " 0 while it is a standby.",
+            ["root"],
+            registry=registry,
+        )
+        self._cluster_paused = Gauge(
+            "modelwatch_cluster_paused",
+            "1 while the cluster backend fails for a shared root: nothing of it is registered.",
+            ["root"],
+            registry=registry,
+        )
+        self._takeovers = Counter(
+            "modelwatch_cluster_takeovers",
+            "Times this node took a shared root's lease.",
+            ["root"],
+            registry=registry,
+        )
+        self._lease_losses = Counter(
+            "modelwatch_cluster_lease_losses",
+            "Times this node lost a shared root's lease (taken over, or not renewed in time).",
+            ["root"],
+            registry=registry,
+        )
+        self._backend_errors = Counter(
+            "modelwatch_cluster_backend_errors",
+            "Cluster backend calls that failed (unreachable, timed out, refused).",
+            registry=registry,
+        )
         self._info = Gauge(
             "modelwatch_info",
             "Always 1; the labels describe the build.",
@@ -232,6 +276,23 @@ class Metrics:
         """Which roots are polled because inotify failed on them."""
         for root, fell_back in roots.items():
             self._fallback.labels(root=root).set(1 if fell_back else 0)
+
+    def set_cluster(self, roots: Iterable[ClusterRoot], backend_errors: int) -> None:
+        """The shared roots as the coordinator sees them, with its cumulative counts (the
+        counters move by what was added since the last call)."""
+        with self._outbox_lock:
+            for root in roots:
+                self._lease_held.labels(root=root.root).set(1 if root.held else 0)
+                self._cluster_paused.labels(root=root.root).set(1 if root.paused else 0)
+                self._advance(self._takeovers, ("takeovers", root.root), root.takeovers)
+                self._advance(self._lease_losses, ("losses", root.root), root.losses)
+            self._advance(self._backend_errors, ("errors", ""), backend_errors)
+
+    def _advance(self, counter: Counter, key: tuple[str, str], total: int) -> None:
+        added = total - self._cluster_seen.get(key, 0)
+        if added > 0:
+            (counter.labels(root=key[1]) if key[1] else counter).inc(added)
+            self._cluster_seen[key] = total
 
     def set_outbox(self, stats: OutboxStats) -> None:
         """Outbox depth per sink from `(sink, pending, dead)`; sinks seen before and missing

@@ -30,6 +30,8 @@ CODES: Mapping[str, str] = {
     "check_failed": "checking the unit failed unexpectedly (logged as `unit_failed`); it is "
     "checked again later",
     "changed_at_stop": "files changed during the last check before the daemon stopped",
+    "cluster_paused": "the unit's root is shared and registering it is paused: this node "
+    "does not hold the root's lease any more, or the cluster backend failed (SPEC §12)",
     "no_daemon": "no daemon is running: files that differ from what the state store last "
     "recorded are settled once one starts",
 }

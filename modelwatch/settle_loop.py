@@ -11,6 +11,12 @@ units' timers are handled within a turn (SPEC §8).
 A stop is one more input (`Stop`): every pending unit gets its last chance (two scans
 `stop_settle_seconds` apart, then the usual readiness checks); what settles is committed, the
 rest is logged `unit_pending_at_stop` with its reason and found again by the next start.
+
+Shared roots (SPEC §12) start paused: their changes and rescans are dropped until the
+coordinator says this node holds the root (`Acquired`: the stored histories are adopted, the
+undelivered events queued again, the root reconciled); `Released` pauses it again and drops
+its pending units (the next holder finds them). While the backend fails, commits of a held
+root raise `Paused`, and its units stay pending.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +33,8 @@ import structlog
 from modelwatch import checks
 from modelwatch.checks import Context, Crashed, Examined, Overdue, Reconciled, Scanned, Settled
 from modelwatch.clock import Clock
+from modelwatch.cluster.backend import ClusterError
+from modelwatch.cluster.coordinator import Acquired, Released
 from modelwatch.config import Config
 from modelwatch.errors import StateError
 from modelwatch.events import Event
@@ -48,6 +56,7 @@ log = structlog.get_logger("modelwatch.settle")
 _BATCH = 5000  # messages per turn: a flood of events must not starve the timers
 COMMIT_BATCH = 256  # outcomes committed in one transaction at most
 COMMIT_AFTER = 0.5  # seconds an outcome may wait for others to share its transaction
+_ADOPT_RETRY_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -90,6 +99,8 @@ Message = (
     | Overdue
     | Reconciled
     | Crashed
+    | Acquired
+    | Released
 )
 Inbox = queue.Queue[Message | None]
 
@@ -115,7 +126,9 @@ class SettleLoop(threading.Thread):
         on_event: Callable[[Event], None],
         pool: Pool,
         schema: SchemaValidator | None = None,
+        shared: Collection[str] = (),
     ) -> None:
+        """`shared`: the shared roots (paths); they start paused (see the module docstring)."""
         super().__init__(name="settle", daemon=True)
         self.pool = pool
         self.config = config
@@ -129,6 +142,9 @@ class SettleLoop(threading.Thread):
         self.heartbeat = Heartbeat("settle", clock)
         self.roots: dict[str, RootStatus] = {}  # replaced whole, read by other threads
         self.board = Board()  # why each pending unit waits; publishes `snapshot`
+        # shared roots this node does not hold now, and why; replaced whole, read by others
+        self.paused: dict[str, str] = dict.fromkeys(shared, "waiting for the cluster lease")
+        self._adopting: dict[str, tuple[Acquired, float]] = {}  # takeovers to try again
         self._tokens: dict[Unit, int] = {}
         self._counter = itertools.count(1)
         self._reconciling: dict[int, str] = {}  # token -> root of reconciles in flight
@@ -178,6 +194,7 @@ class SettleLoop(threading.Thread):
             or self._stopping is not None
         ):
             self._commit(now)
+        self._sweep(now)
         self.board.publish(self.settler, self.roots, now)
         if self._stopping is not None:
             self._maybe_finish(self._stopping, now)
@@ -236,9 +253,13 @@ class SettleLoop(threading.Thread):
             self._reconfigure(item)
         elif isinstance(item, Stop):
             self._begin_stop(item)
+        elif isinstance(item, Acquired):
+            self._acquired(item)
+        elif isinstance(item, Released):
+            self._released(item)
 
     def _changed(self, change: Change) -> None:
-        if change.root not in self.rules or self._stopping is not None:
+        if change.root not in self.rules or change.root in self.paused or self._stopping:
             return
         self._observe_path(change.root, change.path, change.is_dir, change.at)
         if change.dest is not None:
@@ -333,9 +354,10 @@ class SettleLoop(threading.Thread):
                 waited=waited,
                 reason=reason,
             )
-        except StateError as exc:
+        except (StateError, ClusterError) as exc:
             log.error("state_write_failed", unit=unit.display, error=str(exc))
             return
+        self.registry.committed([event])
         log.warning("unit_not_settled", unit=unit.display, event_id=event.id, reason=reason)
         self.on_event(event)
 
@@ -359,7 +381,7 @@ class SettleLoop(threading.Thread):
 
     def _rescan(self, rescan: Rescan) -> None:
         """Submit a reconcile of the root (below `rescan.below`)."""
-        if rescan.root not in self.rules or self._stopping is not None:
+        if rescan.root not in self.rules or rescan.root in self.paused or self._stopping:
             return
         root, below, token = rescan.root, rescan.below, next(self._counter)
         skip = frozenset(self.settler.pending())
@@ -377,7 +399,7 @@ class SettleLoop(threading.Thread):
     def _reconciled(self, result: Reconciled) -> None:
         self._reconcile_finished(result.token)
         root = result.root
-        if root not in self.rules or self._stopping is not None:
+        if root not in self.rules or root in self.paused or self._stopping is not None:
             return
         self._root_state(root, result.availability)
         now = self.clock.monotonic()
@@ -511,6 +533,7 @@ class SettleLoop(threading.Thread):
                 if item not in failed:
                     self._failed(item, exc, now)
             return
+        self.registry.committed(event for _unit, event in events)
         for unit, event in events:
             log.info(
                 "unit_" + event.short_type,
@@ -538,15 +561,60 @@ class SettleLoop(threading.Thread):
     def _failed(self, item: _Done, exc: Exception, now: float) -> None:
         if isinstance(exc, StateError):
             log.error("state_write_failed", unit=item.unit.display, error=str(exc))
+        elif isinstance(exc, ClusterError):  # the shared root pauses; the unit waits
+            log.warning("unit_paused", unit=item.unit.display, reason=str(exc))
         else:
             log.error("unit_failed", unit=item.unit.display, exc_info=exc)
         # Pending again, its episode kept: retried one quiet period from now.
         self.observe(item.unit, now - item.settled_after)
         self.observe(item.unit, now)
+        if isinstance(exc, ClusterError):
+            self.board.found(item.unit, (Reason("cluster_paused", str(exc)),), now)
 
     def _forget(self, unit: Unit) -> None:
         self._tokens.pop(unit, None)
         self.board.forget(unit)
+
+    # -- shared roots --------------------------------------------------------------------------
+
+    def _acquired(self, acquired: Acquired) -> None:
+        """This node holds a shared root now: adopt its stored histories, queue again what
+        the old holder may not have delivered, then reconcile it."""
+        root = acquired.root
+        if root not in self.rules or self._stopping is not None:
+            return
+        try:
+            again = self.registry.take_over(acquired)
+        except (StateError, ClusterError) as exc:  # the root stays paused; tried again
+            log.error("takeover_failed", root=describe(root), error=str(exc))
+            self._adopting[root] = (acquired, self.clock.monotonic() + _ADOPT_RETRY_SECONDS)
+            return
+        self._adopting.pop(root, None)
+        self.paused = {r: why for r, why in self.paused.items() if r != root}
+        log.info("shared_root_held", root=describe(root), redelivered=again)
+        self._rescan(Rescan(root, reason="takeover"))
+
+    def _released(self, released: Released) -> None:
+        """Another node registers the root now: drop what is pending of it here."""
+        root = released.root
+        self.paused = {**self.paused, root: f"standby: {released.reason}"}
+        for unit in self.settler.pending():
+            if unit.root == root:
+                self.settler.forget(unit)
+                self._forget(unit)
+        self._done = [d for d in self._done if d.unit.root != root]
+        self._overdue = [u for u in self._overdue if u.root != root]
+        self._adopting.pop(root, None)
+        self.registry.release(root)
+
+    def _sweep(self, now: float) -> None:
+        for acquired, at in list(self._adopting.values()):
+            if now >= at:
+                self._acquired(acquired)
+        try:
+            self.registry.sweep(now)
+        except (StateError, ClusterError) as exc:  # tried again at the next sweep
+            log.warning("cluster_sweep_failed", error=str(exc))
 
     # -- reload and stop -----------------------------------------------------------------------
 

@@ -8,10 +8,11 @@ watchers ──▶ inbox ──▶ SettleLoop ◀──▶ pool (InspectionPool,
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from modelwatch.clock import Clock
+from modelwatch.cluster.ledger import Ledger
 from modelwatch.config import Config
 from modelwatch.events import Event
 from modelwatch.metadata import SchemaValidator
@@ -54,18 +55,21 @@ def build_stages(
     schema: SchemaValidator | None = None,
     workers: int | None = None,
     inbox: Inbox | None = None,
+    ledger: Ledger | None = None,
 ) -> Stages:
     """The settle loop, its pool and the registry over `store`.
 
     `workers`: the size of a threaded `InspectionPool` (started by the caller); None runs
-    every job inline on the thread that drives the loop (`SettleLoop.step`).
+    every job inline on the thread that drives the loop (`SettleLoop.step`). `ledger`: the
+    shared versions of the roots it names (`cluster.ledger`); those roots start paused.
     """
     inbox = inbox if inbox is not None else queue.Queue()
-    registry = Registry(store, routes_for(config), host)
+    registry = Registry(store, routes_for(config), host, ledger)
     pool: InspectionPool | InlinePool
     if workers is None:
         pool = InlinePool(store, clock, inbox.put)
     else:
         pool = InspectionPool(workers, store.path, clock, inbox.put)
-    loop = SettleLoop(config, registry, inbox, clock, on_event, pool, schema)
+    shared: Collection[str] = ledger.roots if ledger is not None else ()
+    loop = SettleLoop(config, registry, inbox, clock, on_event, pool, schema, shared)
     return Stages(config, store, registry, inbox, loop, pool)

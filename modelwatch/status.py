@@ -2,10 +2,11 @@
 
 `status_report` builds the JSON form (`status --format json`): roots and their
 availability, units with their latest version and state, per-sink pending / dead / discarded
-counts with the oldest pending age, and every dead letter. `render` prints the same as tables
-a person reads at a glance. Both only read the store. `live_status` is the running daemon's
-`/api/status`: the same, plus what only the daemon knows (each root's observer and state now,
-every pending unit with its reasons, the latest events).
+counts with the oldest pending age, every dead letter, and with a cluster backend who holds
+each shared root (`cluster.report.lease_report`, passed in). `render` prints the same as
+tables a person reads at a glance. Both only read the store. `live_status` is the running
+daemon's `/api/status`: the same, plus what only the daemon knows (each root's observer and
+state now, every pending unit with its reasons, the latest events).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from modelwatch.state import Store
 from modelwatch.units import describe
 
 
-def status_report(config: Config, store: Store, now: float) -> dict[str, Any]:
+def status_report(
+    config: Config, store: Store, now: float, cluster: dict[str, Any] | None = None
+) -> dict[str, Any]:
     known_roots = {r.path: r for r in store.units.roots()}
     roots = []
     for root in config.roots:
@@ -65,7 +68,10 @@ def status_report(config: Config, store: Store, now: float) -> dict[str, Any]:
         }
         for d in store.outbox.dead_letters()
     ]
-    return {"roots": roots, "units": units, "sinks": sinks, "dead_letters": dead}
+    report = {"roots": roots, "units": units, "sinks": sinks, "dead_letters": dead}
+    if cluster is not None:
+        report["cluster"] = cluster
+    return report
 
 
 def live_status(
@@ -138,6 +144,8 @@ def render(report: dict[str, Any]) -> str:
             ],
         ),
     ]
+    if report.get("cluster"):
+        parts.append(_cluster_table(report["cluster"]))
     if report["dead_letters"]:
         parts.append(
             table(
@@ -156,6 +164,15 @@ def render(report: dict[str, Any]) -> str:
             )
         )
     return "\n\n".join(parts)
+
+
+def _cluster_table(cluster: dict[str, Any]) -> str:
+    rows = [[r["path"], r["role"], r["holder"] or "-"] for r in cluster["roots"]]
+    text = table(["SHARED ROOT", "ROLE", "HOLDER"], rows)
+    note = f"cluster: {cluster['backend']}, this node is {cluster['node_id']}"
+    if cluster.get("error"):
+        note += f"; backend unreachable: {one_line(cluster['error'], 160)}"
+    return note + "\n" + text
 
 
 def one_line(text: str, limit: int) -> str:

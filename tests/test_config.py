@@ -20,6 +20,7 @@ from modelwatch.config import (
     DEFAULT_IGNORE,
     DEFAULT_IN_PROGRESS,
     EVENT_TYPES,
+    ClusterConfig,
     Config,
     DaemonConfig,
     MetadataConfig,
@@ -872,7 +873,7 @@ def test_example_config_shows_the_real_defaults() -> None:
 def test_example_config_documents_every_key_and_sink_type() -> None:
     """Every configuration key and every built-in sink type appears in config.example.toml."""
     text = EXAMPLE.read_text("utf-8")
-    for cls in (DaemonConfig, UnitPolicy, MetadataConfig):
+    for cls in (DaemonConfig, UnitPolicy, MetadataConfig, ClusterConfig):
         for f in dataclasses.fields(cls):
             assert f"\n#{f.name} = " in text, f.name
     document = tomllib.loads(uncomment_settings(text))
@@ -885,15 +886,18 @@ def test_example_config_documents_every_key_and_sink_type() -> None:
 KNOWN_KEYS = sorted(
     {
         f.name
-        for cls in (DaemonConfig, UnitPolicy, MetadataConfig, SinkConfig)
+        for cls in (DaemonConfig, UnitPolicy, MetadataConfig, SinkConfig, ClusterConfig)
         for f in dataclasses.fields(cls)
     }
-    | {"path", "unit_depth", "secret", "url", "headers"}
+    | {"path", "unit_depth", "secret", "url", "headers", "shared"}
 )
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 SCALARS = st.one_of(
     st.sampled_from(
-        ["auto", "polling", "sha256", "info", "json", "/abs/path", "rel", "registered", ""]
+        [
+            *("auto", "polling", "sha256", "info", "json", "/abs/path", "rel", "registered", ""),
+            *("redis", "nats", "redis://h:1/0", "nats://u:p@h:1"),
+        ]
     ),
     st.text(max_size=8),
     INT64,
@@ -913,7 +917,9 @@ VALUES = st.recursive(
 )
 TABLES = st.dictionaries(st.sampled_from(KNOWN_KEYS) | st.text(max_size=6), VALUES, max_size=5)
 DOCUMENTS = st.dictionaries(
-    st.sampled_from(["daemon", "defaults", "metadata", "roots", "sinks"] * 4 + ["extra"]),
+    st.sampled_from(
+        ["daemon", "defaults", "metadata", "roots", "sinks", "cluster"] * 4 + ["extra"]
+    ),
     TABLES | st.lists(TABLES, max_size=3) | VALUES,
     max_size=5,
 )

@@ -72,7 +72,7 @@ def test_the_alerting_rules_pass_promtool_check() -> None:
     """`promtool check rules` accepts the rules file."""
     done = promtool("check", "rules", str(RULES))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 6 rules found" in done.stdout
+    assert "SUCCESS: 7 rules found" in done.stdout
 
 
 def test_the_alerting_rules_pass_their_unit_tests() -> None:
@@ -84,8 +84,8 @@ def test_the_alerting_rules_pass_their_unit_tests() -> None:
 
 def test_the_rules_alert_on_what_the_issue_asks() -> None:
     """Dead letters, an old pending delivery, a root unavailable or polled after an inotify
-    failure, not_settled rejections and a part without progress each have an alert, and each
-    has a unit test."""
+    failure, not_settled rejections, a part without progress and a shared root no node holds
+    each have an alert, and each has a unit test."""
     rules = yaml.safe_load(RULES.read_text())
     names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
     assert names == {
@@ -95,6 +95,7 @@ def test_the_rules_alert_on_what_the_issue_asks() -> None:
         "ModelwatchPollingAfterInotifyFailure",
         "ModelwatchModelNotSettled",
         "ModelwatchNoProgress",
+        "ModelwatchSharedRootUnheld",
     }
     tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
     tested = {case["alertname"] for test in tests for case in test["alert_rule_test"]}

@@ -19,9 +19,12 @@ from collections.abc import Iterator
 from modelwatch.state.database import SCHEMA_VERSION, Database, StateDir
 from modelwatch.state.outbox import DeadLetter, Outbox, OutboxRow, SinkStats, UnitDelivery
 from modelwatch.state.units import (
+    Fingerprinted,
     KnownFingerprint,
+    Registered,
     RootRecord,
     Settlement,
+    UnitHistory,
     UnitRecord,
     UnitTable,
 )
@@ -30,15 +33,18 @@ __all__ = [
     "SCHEMA_VERSION",
     "Database",
     "DeadLetter",
+    "Fingerprinted",
     "KnownFingerprint",
     "Outbox",
     "OutboxRow",
+    "Registered",
     "RootRecord",
     "Settlement",
     "SinkStats",
     "StateDir",
     "Store",
     "UnitDelivery",
+    "UnitHistory",
     "UnitRecord",
     "UnitTable",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,6 +214,28 @@ class Outbox:
     def sinks(self) -> list[str]:
         """Every sink name that has rows (any state)."""
         return [row[0] for row in self.db.query("SELECT DISTINCT sink FROM outbox ORDER BY sink")]
+
+    def undelivered(self, event_ids: Collection[str]) -> set[str]:
+        """Which of `event_ids` some sink here still waits for (a pending or dead row)."""
+        return self._ids(
+            "SELECT DISTINCT e.id FROM events e JOIN outbox o ON o.seq = e.seq"
+            " WHERE o.state IN ('pending', 'dead') AND e.id IN ",
+            event_ids,
+        )
+
+    def known(self, event_ids: Collection[str]) -> set[str]:
+        """Which of `event_ids` this outbox has (undelivered, dead or discarded: an event
+        delivered to every sink is gone from it)."""
+        return self._ids("SELECT DISTINCT id FROM events WHERE id IN ", event_ids)
+
+    def _ids(self, select: str, event_ids: Collection[str]) -> set[str]:
+        found: set[str] = set()
+        ids = list(event_ids)
+        for start in range(0, len(ids), 500):  # below SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            marks = "(" + ", ".join("?" * len(chunk)) + ")"
+            found.update(row[0] for row in self.db.query(select + marks, chunk))
+        return found
 
     def has_event(self, event_id: str) -> bool:
         return bool(self.db.query("SELECT 1 FROM events WHERE id = ? LIMIT 1", (event_id,)))

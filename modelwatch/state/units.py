@@ -8,6 +8,10 @@ so the same files after a removal are a restore, not a repeat; and with its desc
 (JSON), computed once. A root row holds the device
 its units were last seen on (an empty mount point on another device is not "every unit
 removed") and the availability the daemon last saw.
+
+`UnitHistory` is a unit's row and fingerprints as one value, without what only this node
+knows (the scan digest): the unit of exchange with the cluster backend, which holds the
+history of shared roots (SPEC §12) while this table keeps a copy.
 """
 
 from __future__ import annotations
@@ -56,6 +60,37 @@ class Settlement:
     event_id: str
     settled_at: float | None
     errors: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The fingerprint a unit is registered with now, and what its `removed` event says."""
+
+    fingerprint: str
+    version: int
+    format: str | None
+    model_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprinted:
+    """A fingerprint in a unit's history: what decides its events (`known`), and when it
+    settled with which errors (what `explain` shows)."""
+
+    known: KnownFingerprint
+    settled_at: float | None = None
+    errors: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UnitHistory:
+    """Everything the registry decides a unit's events from (SPEC §2 versions and ids)."""
+
+    last_version: int
+    removals: int
+    present: bool
+    registered: Registered | None
+    fingerprints: Mapping[str, Fingerprinted]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +222,79 @@ class UnitTable:
                 ),
             )
 
+    def unit_history(self, unit: str) -> UnitHistory | None:
+        """The unit's history, or None when the table does not know it."""
+        return self.unit_histories(unit=unit).get(unit)
+
+    def unit_histories(
+        self, *, root: str | None = None, unit: str | None = None
+    ) -> dict[str, UnitHistory]:
+        """The history of every unit of `root` (or of the one `unit`), by unit path."""
+        records = self._select("WHERE path = ?", (unit,)) if unit is not None else self.all(root)
+        if not records:
+            return {}
+        epoch = "f.epoch" if self.db.version >= 3 else "0"
+        when, errors = ("f.settled_at", "f.errors") if self.db.version >= 4 else ("NULL", "NULL")
+        where, args = ("f.unit = ?", (unit,)) if unit is not None else ("u.root = ?", (root,))
+        rows = self.db.query(
+            f"SELECT f.unit, f.fingerprint, f.outcome, f.version, {epoch}, f.event_id, {when},"  # noqa: S608
+            f" {errors} FROM fingerprints f JOIN units u ON u.path = f.unit WHERE {where}",
+            args,
+        )
+        known: dict[str, dict[str, Fingerprinted]] = {}
+        for path, fp, outcome, version, fp_epoch, event_id, at, text in rows:
+            seen = KnownFingerprint(outcome, version, fp_epoch, event_id)
+            known.setdefault(path, {})[fp] = Fingerprinted(seen, at, _errors(text))
+        return {r.path: _history(r, known.get(r.path, {})) for r in records}
+
+    def replace_history(self, root: str, unit: str, history: UnitHistory) -> None:
+        """Make the table say what `history` says about `unit` (its scan digest is dropped:
+        the files are checked again)."""
+        registered = history.registered
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO units(path, root, last_version, registered_fp, registered_version,"
+                " registered_format, registered_model_type, present, updated, scan_digest,"
+                " removals) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT(path) DO"
+                " UPDATE SET root = excluded.root, last_version = excluded.last_version,"
+                " registered_fp = excluded.registered_fp,"
+                " registered_version = excluded.registered_version,"
+                " registered_format = excluded.registered_format,"
+                " registered_model_type = excluded.registered_model_type,"
+                " present = excluded.present, updated = excluded.updated, scan_digest = NULL,"
+                " removals = excluded.removals",
+                (
+                    unit,
+                    root,
+                    history.last_version,
+                    registered.fingerprint if registered else None,
+                    registered.version if registered else None,
+                    registered.format if registered else None,
+                    registered.model_type if registered else None,
+                    int(history.present),
+                    time.time(),
+                    history.removals,
+                ),
+            )
+            db.execute("DELETE FROM fingerprints WHERE unit = ?", (unit,))
+            db.executemany(
+                "INSERT INTO fingerprints(unit, fingerprint, outcome, version, event_id, epoch,"
+                " settled_at, errors) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        unit,
+                        fp,
+                        f.known.outcome,
+                        f.known.version,
+                        f.known.event_id,
+                        f.known.epoch,
+                        f.settled_at,
+                        _json(f.errors),
+                    )
+                    for fp, f in history.fingerprints.items()
+                ],
+            )
+
     def record_removed(self, unit: str) -> None:
         """The unit's `removed` event was emitted: absent, one more removal."""
         self.db.execute(
@@ -261,6 +369,18 @@ def _errors(text: str | None) -> tuple[Mapping[str, Any], ...]:
     except ValueError:  # written by this module; a damaged row is shown as no errors
         return ()
     return tuple(e for e in loaded if isinstance(e, dict)) if isinstance(loaded, list) else ()
+
+
+def _history(record: UnitRecord, known: Mapping[str, Fingerprinted]) -> UnitHistory:
+    registered = None
+    if record.registered_fp is not None and record.registered_version is not None:
+        registered = Registered(
+            record.registered_fp,
+            record.registered_version,
+            record.registered_format,
+            record.registered_model_type,
+        )
+    return UnitHistory(record.last_version, record.removals, record.present, registered, known)
 
 
 def _unit_record(row: Sequence[Any]) -> UnitRecord:
