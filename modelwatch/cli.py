@@ -16,6 +16,7 @@ import structlog
 
 from modelwatch import __version__, control, explain, log
 from modelwatch.clock import SystemClock
+from modelwatch.cluster.connect import network_summary as cluster_summary
 from modelwatch.cluster.report import lease_report
 from modelwatch.config import (
     Config,
@@ -167,9 +168,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for sink in build_sinks(config):  # sinks validate their own keys and read their secrets
         notes[sink.name] = network_summary(sink)
         sink.close()
+    # the backend is checked as the daemon builds it (URL, TLS files), connecting nowhere
+    cluster = cluster_summary(config.cluster) if config.cluster.enabled else []
     if config.metadata.schema:
         SchemaValidator.from_file(config.metadata.schema)
-    sys.stdout.write(render_toml(config, shown_options, lambda sink: notes.get(sink.name, [])))
+    text = render_toml(config, shown_options, lambda sink: notes.get(sink.name, []), cluster)
+    sys.stdout.write(text)
     return EXIT_OK
 
 

@@ -18,16 +18,22 @@ Contract:
 * Relative `daemon.state_dir` and `metadata.schema` are relative to the config file's directory.
 * `[cluster]` (SPEC §12): `backend` "none" (default), "redis" or "nats"; with a backend, exactly
   one of `url`, `url_env`, `url_file` (a `url` in the file must carry no credentials; the
-  other two are read when the backend is built, `cluster.connect`). `[[roots]] shared`: true,
-  false, or absent (None: shared when the root is on a network filesystem and a backend is
-  configured, decided by the daemon from the mount table).
+  other two are read when the backend is built, `cluster.connect`), and the TLS keys of SPEC
+  §5b (`ca_file`, `client_cert_file`, `client_key_file`, `server_name`,
+  `insecure_skip_verify`; their files are read when the backend is built). TLS keys next to
+  a Redis URL without TLS, and redis-py's `ssl_*` URL parameters, are refused where the URL
+  is checked (`check_cluster_url`: here for `url`, when the backend is built for the other
+  two). `[[roots]] shared`: true, false, or absent (None: shared when the root is on a
+  network filesystem and a backend is configured, decided by the daemon from the mount
+  table).
 * Sink tables: only `type`, `name`, `event_types`, `max_attempts` are checked here; every other
   key lands untouched in `SinkConfig.options` for the sink to validate against its declaration
   (`modelwatch.sinks.options`). Keys named `secret`, `token` or `password` are refused:
   secrets come from the environment or a file.
 * `render_toml` prints the effective config as TOML that loads back to an equal `Config`, with
   secret-looking sink options masked (`credentials.mask_options`, as in `repr(SinkConfig)`);
-  `check-config` passes the sinks' declarations to show their defaults and mask what they say.
+  `check-config` passes the sinks' declarations to show their defaults and mask what they say,
+  and notes for `[cluster]` and each sink (where it connects, what it trusts).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from typing import Any, TypeAlias
 
 from modelwatch.credentials import mask_options, mask_url, url_credentials
 from modelwatch.errors import ConfigError
+from modelwatch.tls import TlsOptions, check_server_name, refuse_unused, refuse_url_settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -202,10 +209,26 @@ class ClusterConfig:
     node_id: str = ""
     lease_seconds: float = 15.0
     prefix: str = "modelwatch"
+    ca_file: str = ""
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    server_name: str = ""
+    insecure_skip_verify: bool = False
 
     @property
     def enabled(self) -> bool:
         return self.backend != "none"
+
+    @property
+    def tls(self) -> TlsOptions:
+        """The TLS keys of SPEC §5b as `modelwatch.tls` takes them."""
+        return TlsOptions(
+            self.ca_file or None,
+            self.client_cert_file or None,
+            self.client_key_file or None,
+            self.server_name or None,
+            self.insecure_skip_verify,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,6 +799,7 @@ _BACKEND = _choice("none", "redis", "nats")
 _URL_SCHEMES = {"redis": ("redis", "rediss", "unix"), "nats": ("nats", "tls")}
 _PREFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIN_LEASE = 3  # a lease must outlive the fencing margin (1 s) and a renewal round trip
+_TLS_FILES = ("ca_file", "client_cert_file", "client_key_file")  # read when the backend is built
 
 
 def _node_id(key: str, value: Any) -> str:
@@ -784,6 +808,10 @@ def _node_id(key: str, value: Any) -> str:
     if text and (not text.strip() or not text.isprintable() or len(text) > 253):
         raise ConfigError(f"{key}: must be a printable name of 1-253 characters, got {_show(text)}")
     return text or socket.gethostname()
+
+
+def _server_name(key: str, value: Any) -> str:
+    return check_server_name(key, _string(key, value))
 
 
 def _prefix(key: str, value: Any) -> str:
@@ -805,13 +833,17 @@ def _parse_cluster(raw: Any, base_dir: str | None) -> ClusterConfig:
         "node_id": _node_id,
         "lease_seconds": _seconds(_MIN_LEASE, inclusive=True),
         "prefix": _prefix,
+        **dict.fromkeys(_TLS_FILES, _optional(_path_under(base_dir))),
+        "server_name": _optional(_server_name),
+        "insecure_skip_verify": _boolean,
     }
     values = {"node_id": socket.gethostname(), **_read_table("cluster", raw, checks)}
     cluster = ClusterConfig(**values)
     sources = [name for name in ("url", "url_env", "url_file") if values.get(name)]
     if not cluster.enabled:
-        if sources:
-            raise ConfigError(f"cluster.{sources[0]}: needs cluster.backend (redis or nats)")
+        unused = sources + cluster.tls.given()
+        if unused:
+            raise ConfigError(f"cluster.{unused[0]}: needs cluster.backend (redis or nats)")
         return cluster
     if len(sources) != 1:
         raise ConfigError(
@@ -819,14 +851,15 @@ def _parse_cluster(raw: Any, base_dir: str | None) -> ClusterConfig:
             f"url_file for the {cluster.backend} backend"
         )
     if cluster.url:
-        check_cluster_url("cluster.url", cluster.backend, cluster.url)
+        check_cluster_url("cluster.url", cluster, cluster.url)
     return cluster
 
 
-def check_cluster_url(key: str, backend: str, url: str) -> None:
+def check_cluster_url(key: str, cluster: ClusterConfig, url: str) -> None:
     """A backend URL of the right scheme naming a host; credentials only where it is not
-    written in the config file (`key` is `cluster.url`)."""
-    schemes = _URL_SCHEMES[backend]
+    written in the config file (`key` is `cluster.url`); for Redis, TLS only through the
+    TLS keys, and those only with `rediss://`."""
+    schemes = _URL_SCHEMES[cluster.backend]
     for one in url.split(","):
         parts = urllib.parse.urlsplit(one.strip())
         try:
@@ -843,6 +876,10 @@ def check_cluster_url(key: str, backend: str, url: str) -> None:
             raise ConfigError(
                 f"{key}: {found} is not allowed in the config file; use url_env or url_file"
             )
+    if cluster.backend == "redis":
+        refuse_url_settings(key, url)
+        if not url.lower().startswith("rediss:"):  # TLS keys would do nothing: refused
+            refuse_unused("cluster", cluster.tls, url, "rediss://")
 
 
 def _check_shared(roots: Sequence[RootConfig], cluster: ClusterConfig) -> None:
@@ -1000,13 +1037,14 @@ def render_toml(
     config: Config,
     sink_items: Callable[[SinkConfig], Mapping[str, Any]] | None = None,
     sink_notes: Callable[[SinkConfig], Sequence[str]] | None = None,
+    cluster_notes: Sequence[str] = (),
 ) -> str:
     """The effective configuration as TOML. `sink_items(sink)` gives a sink's own keys as they
     are to be shown (`check-config` passes the sinks' declarations: defaults filled in,
     secrets masked); by default they are shown as written, masked by `mask_options`, and the
     text loads back to an equal `Config` unless something had to be masked. `sink_notes(sink)`
     gives lines printed as comments under the sink (`check-config`: what it trusts, which
-    proxy it uses)."""
+    proxy it uses); `cluster_notes` the same under `[cluster]`."""
     source = "built-in defaults" if config.source is None else _toml_string(config.source)
     lines = [f"# modelwatch effective configuration (source: {source})", ""]
     if not config.roots:
@@ -1014,7 +1052,7 @@ def render_toml(
     lines += _section("[daemon]", _fields(config.daemon))
     lines += _section("[defaults]", _fields(config.defaults))
     lines += _section("[metadata]", _fields(config.metadata))
-    lines += _section("[cluster]", _fields(config.cluster))
+    lines += _commented(_section("[cluster]", _fields(config.cluster)), cluster_notes)
     for root in config.roots:
         items: dict[str, Any] = {"path": root.path, "unit_depth": root.unit_depth}
         if root.name:
@@ -1025,9 +1063,13 @@ def render_toml(
         lines += _section("[[roots]]", {**items, **_fields(root.policy)})
     for sink in config.sinks:
         section = _section("[[sinks]]", _sink_items(sink, sink_items or _masked_options))
-        notes = [f"# {_one_line(note)}" for note in (sink_notes(sink) if sink_notes else ())]
-        lines += [*section[:-1], *notes, ""]
+        lines += _commented(section, sink_notes(sink) if sink_notes else ())
     return "\n".join(lines)
+
+
+def _commented(section: list[str], notes: Sequence[str]) -> list[str]:
+    """`section` with `notes` as comment lines at its end."""
+    return [*section[:-1], *(f"# {_one_line(note)}" for note in notes), ""]
 
 
 def _one_line(text: str) -> str:

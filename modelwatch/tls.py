@@ -18,6 +18,10 @@ directory`). Its result gives each client library what it takes (`context`, `ser
 and `check-config` what it prints (`trust()`, `identity()`: paths, never key material).
 `refusal(exc, tls)` turns a certificate failure anywhere in an exception's chain into one
 clear sentence; such failures are permanent, since retrying cannot change a certificate.
+
+Where no TLS is spoken (`redis://`) the keys would do nothing: `refuse_unused` refuses them.
+redis-py also reads TLS settings from a URL's query (`ssl_cert_reqs=none` turns verification
+off): `refuse_url_settings` refuses those, so these keys are the only way to set TLS.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import re
 import ssl
 import stat
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -55,6 +60,10 @@ _REFUSED_ALERTS = (
 )
 
 
+# the vocabulary, in the order messages and `check-config` name the keys
+KEYS = ("ca_file", "client_cert_file", "client_key_file", "server_name", "insecure_skip_verify")
+
+
 @dataclass(frozen=True, slots=True)
 class TlsOptions:
     """The TLS keys of one client, as configured (paths already `~`-expanded)."""
@@ -64,6 +73,10 @@ class TlsOptions:
     client_key_file: str | None = None
     server_name: str | None = None
     insecure_skip_verify: bool = False
+
+    def given(self) -> list[str]:
+        """The names of the keys set, in the vocabulary's order."""
+        return [name for name in KEYS if getattr(self, name) not in (None, False)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +113,11 @@ class ClientTls:
         if cert is None:
             return "none"
         return f"{cert} (key {key})" if key else f"{cert} (key in the same file)"
+
+    def summary(self, host: str, when: str = "") -> list[str]:
+        """`check-config`'s lines for a client of `host` (`when` qualifies the trust line, as
+        in " (when TLS is used)")."""
+        return [f"trusts{when}: {self.trust(host)}", f"client certificate: {self.identity()}"]
 
 
 def client_tls(key: str, options: TlsOptions) -> ClientTls:
@@ -201,6 +219,27 @@ def readable_file(where: str, path: str, *, secret: bool = False) -> str:
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
     return path
+
+
+def refuse_unused(key: str, options: TlsOptions, url: str, instead: str) -> None:
+    """TLS keys next to `url`, which speaks no TLS, would silently do nothing: ConfigError
+    naming the first key set (`instead`: the scheme that would use them)."""
+    given = options.given()
+    if given:
+        scheme = urllib.parse.urlsplit(url).scheme
+        raise ConfigError(f"{key}.{given[0]}: the URL is {scheme}:// (no TLS); use {instead}")
+
+
+def refuse_url_settings(key: str, url: str) -> None:
+    """TLS settings in the query of `url` (redis-py's `ssl_*` parameters) are refused: only
+    the keys above set TLS, and only `insecure_skip_verify` turns verification off."""
+    query = urllib.parse.urlsplit(url).query
+    for name, _value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if name.lower().startswith("ssl"):
+            raise ConfigError(
+                f"{key}: TLS settings in the URL ({name}=) are not used; set ca_file,"
+                " client_cert_file, client_key_file, server_name or insecure_skip_verify"
+            )
 
 
 # --- failures -----------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType
 
+from tests.pki import Pki
+
 T = TypeVar("T")
 START_SECONDS = 10.0
 
@@ -128,6 +130,31 @@ def redis_broker(directory: Path, *extra: str) -> BrokerServer:
     argv = [installed("redis-server"), "--port", str(port), "--bind", "127.0.0.1"]
     argv += ["--save", "", "--appendonly", "no", "--dir", str(directory), *extra]
     return BrokerServer(argv, "redis", port, directory / "redis-server.log")
+
+
+def tls_redis_broker(directory: Path, pki: Pki) -> BrokerServer:
+    """redis-server speaking only TLS (`rediss://`), requiring a client certificate `pki`
+    signed (`--tls-auth-clients yes`)."""
+    server, port = pki.server("redis"), free_port()
+    argv = [installed("redis-server"), "--port", "0", "--tls-port", str(port)]
+    argv += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)]
+    argv += ["--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key)]
+    argv += ["--tls-ca-cert-file", str(pki.ca.cert), "--tls-auth-clients", "yes"]
+    return BrokerServer(argv, "rediss", port, directory / "redis-server.log")
+
+
+def tls_nats_broker(directory: Path, pki: Pki) -> BrokerServer:
+    """nats-server with JetStream, TLS only (`tls://`), `verify: true` (client certificates
+    `pki` signed required)."""
+    server, port = pki.server("nats"), free_port()
+    config = directory / "nats.conf"
+    config.write_text(
+        f'host: "127.0.0.1"\nport: {port}\njetstream {{ store_dir: "{directory / "js"}" }}\n'
+        f'tls {{\n  cert_file: "{server.cert}"\n  key_file: "{server.key}"\n'
+        f'  ca_file: "{pki.ca.cert}"\n  verify: true\n}}\n'
+    )
+    argv = [installed("nats-server"), "-c", str(config)]
+    return BrokerServer(argv, "tls", port, directory / "nats-server.log")
 
 
 # --- looking into JetStream from the test side -------------------------------------------------

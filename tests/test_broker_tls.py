@@ -15,7 +15,7 @@ from modelwatch.events import Event
 from modelwatch.sinks.nats import NatsSink
 from modelwatch.sinks.redis import RedisSink
 from modelwatch.testing import sample_event, sink_config
-from tests.brokers import BrokerServer, free_port, installed
+from tests.brokers import BrokerServer, running, tls_nats_broker, tls_redis_broker
 from tests.pki import Pair, Pki
 
 
@@ -48,16 +48,8 @@ def closing() -> Iterator[Callable[[Any], Any]]:
 @pytest.fixture(scope="module")
 def tls_redis(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerServer]:
     """redis-server speaking only TLS, requiring a client certificate of the private CA."""
-    directory = tmp_path_factory.mktemp("redis")
-    server, port = pki.server("redis"), free_port()
-    argv = [installed("redis-server"), "--port", "0", "--tls-port", str(port)]
-    argv += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)]
-    argv += ["--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key)]
-    argv += ["--tls-ca-cert-file", str(pki.ca.cert), "--tls-auth-clients", "yes"]
-    broker = BrokerServer(argv, "rediss", port, directory / "redis-server.log")
-    broker.start()
-    yield broker
-    broker.stop()
+    with running(tls_redis_broker(tmp_path_factory.mktemp("redis"), pki)) as broker:
+        yield broker
 
 
 def redis_sink(url: str, **options: Any) -> RedisSink:
@@ -134,19 +126,8 @@ def test_redis_tls_can_only_be_configured_with_the_shared_keys(
 @pytest.fixture(scope="module")
 def tls_nats(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerServer]:
     """nats-server with JetStream, TLS only, `verify: true` (client certificates required)."""
-    directory = tmp_path_factory.mktemp("nats")
-    server, port = pki.server("nats"), free_port()
-    config = directory / "nats.conf"
-    config.write_text(
-        f'host: "127.0.0.1"\nport: {port}\njetstream {{ store_dir: "{directory / "js"}" }}\n'
-        f'tls {{\n  cert_file: "{server.cert}"\n  key_file: "{server.key}"\n'
-        f'  ca_file: "{pki.ca.cert}"\n  verify: true\n}}\n'
-    )
-    argv = [installed("nats-server"), "-c", str(config)]
-    broker = BrokerServer(argv, "tls", port, directory / "nats-server.log")
-    broker.start()
-    yield broker
-    broker.stop()
+    with running(tls_nats_broker(tmp_path_factory.mktemp("nats"), pki)) as broker:
+        yield broker
 
 
 def nats_sink(url: str, **options: Any) -> NatsSink:

@@ -4,10 +4,13 @@ where credentials may come from, and which roots end up shared."""
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 
 from modelwatch.cluster.connect import backend_url, connect, shown_url
 from modelwatch.cluster.report import lease_report
@@ -15,6 +18,8 @@ from modelwatch.cluster.sharing import shared_roots
 from modelwatch.config import ClusterConfig, Config, load_config, render_toml
 from modelwatch.errors import ConfigError
 from modelwatch.status import render
+from tests.daemons import CLI, daemon_env
+from tests.pki import Pki
 
 MakeConfig = Callable[..., Config]
 
@@ -65,6 +70,29 @@ def test_cluster_keys_and_defaults(make_config: MakeConfig) -> None:
         ('backend = "nats"\nurl = "nats://h:1"\nprefix = "a.b"', "cluster.prefix: must be 1-64"),
         ('backend = "nats"\nurl = "nats://h:1"\nnode_id = " "', "cluster.node_id: must be a"),
         ('backend = "nats"\nurl = "nats://h:1"\nleases = 3', "cluster.leases: unknown key"),
+        # the TLS keys (SPEC §5b)
+        ('ca_file = "/etc/ca.pem"', "cluster.ca_file: needs cluster.backend"),
+        ('backend = "nats"\nurl = "tls://h:1"\nca_file = 5', "cluster.ca_file: must be a string"),
+        (
+            'backend = "nats"\nurl = "tls://h:1"\nserver_name = "not a name"',
+            "cluster.server_name: must be a DNS name or an IP address",
+        ),
+        (
+            'backend = "nats"\nurl = "tls://h:1"\ninsecure_skip_verify = "yes"',
+            "cluster.insecure_skip_verify: must be true or false",
+        ),
+        (
+            'backend = "redis"\nurl = "redis://h:6379/0"\nclient_cert_file = "/etc/c.pem"',
+            r"cluster.client_cert_file: the URL is redis:// \(no TLS\); use rediss://",
+        ),
+        (
+            'backend = "redis"\nurl = "redis://h:6379/0"\ninsecure_skip_verify = true',
+            r"cluster.insecure_skip_verify: the URL is redis:// \(no TLS\)",
+        ),
+        (
+            'backend = "redis"\nurl = "rediss://h:6379/0?ssl_cert_reqs=none"',
+            r"cluster.url: TLS settings in the URL \(ssl_cert_reqs=\) are not used",
+        ),
     ],
 )
 def test_cluster_errors_name_the_key(make_config: MakeConfig, table: str, message: str) -> None:
@@ -72,6 +100,28 @@ def test_cluster_errors_name_the_key(make_config: MakeConfig, table: str, messag
     with pytest.raises(ConfigError, match=message) as failure:
         make_config(f"[cluster]\n{table}\n")
     assert "hunter2" not in str(failure.value)
+
+
+def test_tls_keys_load_with_paths_relative_to_the_config_file(
+    make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """The TLS keys of [cluster]: relative paths are relative to the config file's directory,
+    and check-config's text loads back to the same config."""
+    config = make_config(
+        '[cluster]\nbackend = "redis"\nurl = "rediss://10.0.0.5:6380/0"\nca_file = "pki/ca.pem"\n'
+        'client_cert_file = "/etc/mw/client.pem"\nclient_key_file = "/run/creds/client.key"\n'
+        'server_name = "redis.corp.example"\n'
+    )
+    tls = config.cluster.tls
+    assert (tls.ca_file, tls.client_cert_file) == (
+        str(tmp_path / "pki/ca.pem"),
+        "/etc/mw/client.pem",
+    )
+    assert (tls.server_name, tls.insecure_skip_verify) == ("redis.corp.example", False)
+    again = tmp_path / "again.toml"
+    again.write_text(render_toml(config))
+    loaded = load_config(str(again), {"MODELWATCH_STATE_DIR": config.daemon.state_dir})
+    assert loaded.cluster == config.cluster
 
 
 def test_shared_needs_a_backend(make_config: MakeConfig, tmp_path: Path) -> None:
@@ -150,6 +200,101 @@ def test_url_sources_fail_naming_the_key(
     """A missing variable, an unreadable file or a wrong scheme is a config error."""
     with pytest.raises(ConfigError, match=message):
         connect(config, environ)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize(
+    ("tls", "environ", "message"),
+    [
+        ({"ca_file": "{missing}"}, {}, "cluster.ca_file: cannot read {missing}: No such file"),
+        ({"ca_file": "{client_key}"}, {}, "cluster.ca_file: {client_key} holds no PEM CA"),
+        ({"client_key_file": "{client_key}"}, {}, "cluster.client_key_file: needs client_cert"),
+        (
+            {"client_cert_file": "{client_cert}", "client_key_file": "{missing}"},
+            {},
+            "cluster.client_key_file: cannot read {missing}",
+        ),
+        (
+            {"ca_file": "{ca}", "insecure_skip_verify": True},
+            {},
+            "cluster.insecure_skip_verify: give ca_file or insecure_skip_verify, not both",
+        ),
+        (
+            {"ca_file": "{ca}", "url": "", "url_env": "MW_URL"},
+            {"MW_URL": "redis://:pw@10.0.0.5:6379/0"},
+            "cluster.ca_file: the URL is redis:// (no TLS); use rediss://",
+        ),
+    ],
+)
+def test_tls_files_are_checked_when_the_backend_is_built(
+    pki: Pki,
+    tmp_path: Path,
+    tls: dict[str, Any],
+    environ: dict[str, str],
+    message: str,
+) -> None:
+    """A CA, certificate or key file that is missing or unusable, or a TLS key next to a
+    Redis URL without TLS (one read from url_env), is a config error naming the key and the
+    path, never the key's content; nothing is connected to."""
+    client = pki.client("node")
+    files = {"missing": str(tmp_path / "missing.pem"), "ca": str(pki.ca.cert)}
+    files.update(client_cert=str(client.cert), client_key=str(client.key))
+    given = {k: v.format(**files) if isinstance(v, str) else v for k, v in tls.items()}
+    config = ClusterConfig("redis", **{"url": "rediss://127.0.0.1:1/0", **given})
+    with pytest.raises(ConfigError) as caught:
+        connect(config, environ)
+    assert str(caught.value).startswith(message.format(**files))
+    assert "PRIVATE KEY" not in str(caught.value) and "pw" not in str(caught.value)
+
+
+def test_insecure_skip_verify_warns_every_time_the_backend_is_built() -> None:
+    """`insecure_skip_verify = true` logs tls_verification_disabled naming the key each time
+    a backend is built (every start of the daemon, of `scan`, of `status`)."""
+    config = ClusterConfig("nats", url="tls://127.0.0.1:1", insecure_skip_verify=True)
+    with structlog.testing.capture_logs() as logs:
+        for _start in range(2):
+            connect(config, {}).close()
+    warnings = [entry for entry in logs if entry["event"] == "tls_verification_disabled"]
+    assert [(w["log_level"], w["key"]) for w in warnings] == [
+        ("warning", "cluster.insecure_skip_verify")
+    ] * 2
+
+
+def test_check_config_shows_what_the_cluster_trusts(pki: Pki, tmp_path: Path) -> None:
+    """check-config prints under [cluster] where the backend is (directly: Redis and NATS
+    are not proxied), what it trusts and which client certificate it presents: paths, never
+    key material; a missing CA file exits 2 naming the key."""
+    client = pki.client("node")
+    config = tmp_path / "config.toml"
+    table = (
+        f'[cluster]\nbackend = "redis"\nurl = "rediss://127.0.0.1:6380/0"\n'
+        f'server_name = "redis.corp.example"\nclient_cert_file = "{client.cert}"\n'
+        f'client_key_file = "{client.key}"\n'
+    )
+    config.write_text(f'{table}ca_file = "{pki.ca.cert}"\n[[roots]]\npath = "{tmp_path}"\n')
+    env = daemon_env(MODELWATCH_STATE_DIR=str(tmp_path / "state"), HTTPS_PROXY="http://p:3128")
+    shown = subprocess.run(
+        [*CLI, "check-config", "--config", str(config)], capture_output=True, text=True, env=env
+    )
+    assert shown.returncode == 0, shown.stderr
+    cluster = shown.stdout.split("[cluster]\n", 1)[1].split("\n\n", 1)[0]
+    assert cluster.endswith(
+        "\n# route: rediss://127.0.0.1:6380/0 directly (the Redis protocol is not proxied)"
+        f"\n# trusts: the CA certificates in {pki.ca.cert} (ca_file), for the name"
+        " redis.corp.example"
+        f"\n# client certificate: {client.cert} (key {client.key})"
+    )
+    assert "PRIVATE KEY" not in shown.stdout + shown.stderr
+    config.write_text(f'{table}ca_file = "{tmp_path}/gone.pem"\n[[roots]]\npath = "{tmp_path}"\n')
+    refused = subprocess.run(
+        [*CLI, "check-config", "--config", str(config)], capture_output=True, text=True, env=env
+    )
+    assert refused.returncode == 2
+    assert f"cluster.ca_file: cannot read {tmp_path}/gone.pem" in refused.stderr
 
 
 def test_status_says_when_the_backend_cannot_be_asked(make_config: MakeConfig) -> None:

@@ -1,11 +1,17 @@
-"""The one place a cluster backend is built from `[cluster]`: URL, credentials, timeouts.
+"""The one place a cluster backend is built from `[cluster]`: URL, credentials, TLS, timeouts.
 
 The URL comes from `url` (no credentials allowed in the file), the environment variable
 named by `url_env`, or the file named by `url_file` (both read by `credentials.read_secret`,
 and both may carry credentials: a Redis password, a NATS token or user and password). What
 logs and `status` show of it has the credentials masked (`credentials.mask_url`), and the
-backends scrub them from every message (`credentials.Scrubber`). The TLS options of SPEC §5b
-will be read here as well.
+backends scrub them from every message (`credentials.Scrubber`).
+
+TLS speaks the shared vocabulary of SPEC §5b (`modelwatch.tls`): `client_tls("cluster",
+...)` checks the files (a `ConfigError` naming `cluster.ca_file`, ...) and logs
+`tls_verification_disabled` when `insecure_skip_verify` is set, each time a backend is built,
+so at every start. Redis speaks TLS for `rediss://` URLs, NATS for `tls://` servers and
+servers that require it. A certificate refused either way is reported in the words of
+`tls.refusal` (which key to set). Neither protocol goes through a proxy.
 
 Building a backend opens no connection: the first operation does (and every operation after
 a failure reconnects), so a backend that is down at start is a paused shared root, not a
@@ -22,6 +28,7 @@ from modelwatch.cluster.backend import Backend
 from modelwatch.config import ClusterConfig, check_cluster_url
 from modelwatch.credentials import Scrubber, mask_url, read_secret
 from modelwatch.errors import ConfigError
+from modelwatch.tls import ClientTls, client_tls
 
 
 def operation_timeout(lease_seconds: float) -> float:
@@ -40,7 +47,7 @@ def backend_url(config: ClusterConfig, environ: Mapping[str, str]) -> str:
     else:
         key = "cluster.url_file"
         url = read_secret(key, path=config.url_file)
-    check_cluster_url(key, config.backend, url)
+    check_cluster_url(key, config, url)
     return url
 
 
@@ -59,10 +66,33 @@ def url_secrets(url: str) -> list[str]:
     return [urllib.parse.unquote(s) for s in found if s]
 
 
-def connect(config: ClusterConfig, environ: Mapping[str, str] | None = None) -> Backend:
-    """The configured backend (not connected yet). ConfigError for a bad URL or a missing
-    client package."""
+def network_summary(config: ClusterConfig, environ: Mapping[str, str] | None = None) -> list[str]:
+    """What `check-config` prints under `[cluster]`: where the backend is, what it trusts,
+    which client certificate it presents (paths only). The backend is built and closed as
+    `connect` builds it, so every check of `connect` is made (no connection is opened)."""
+    url, tls = _endpoint(config, environ)
+    _build(config, url, tls).close()
+    host = urllib.parse.urlsplit(url.split(",")[0].strip()).hostname or ""
+    protocol = "Redis" if config.backend == "redis" else "NATS"
+    lines = [f"route: {shown_url(url)} directly (the {protocol} protocol is not proxied)"]
+    if config.backend == "nats":
+        return lines + tls.summary(host, " (when TLS is used)")
+    return lines + (tls.summary(host) if url.lower().startswith("rediss:") else [])
+
+
+def _endpoint(config: ClusterConfig, environ: Mapping[str, str] | None) -> tuple[str, ClientTls]:
+    """The URL and the checked TLS settings (ConfigError names the key)."""
     url = backend_url(config, os.environ if environ is None else environ)
+    return url, client_tls("cluster", config.tls)
+
+
+def connect(config: ClusterConfig, environ: Mapping[str, str] | None = None) -> Backend:
+    """The configured backend (not connected yet). ConfigError for a bad URL, a TLS file
+    that cannot be used, or a missing client package."""
+    return _build(config, *_endpoint(config, environ))
+
+
+def _build(config: ClusterConfig, url: str, tls: ClientTls) -> Backend:
     timeout = operation_timeout(config.lease_seconds)
     shown, scrub = shown_url(url), Scrubber(url_secrets(url))
     try:
@@ -70,7 +100,7 @@ def connect(config: ClusterConfig, environ: Mapping[str, str] | None = None) -> 
             from modelwatch.cluster.redis import RedisBackend
 
             return RedisBackend(
-                url, shown=shown, prefix=config.prefix, timeout=timeout, scrub=scrub
+                url, shown=shown, prefix=config.prefix, timeout=timeout, tls=tls, scrub=scrub
             )
         from modelwatch.cluster.nats import NatsBackend
     except ImportError as exc:
@@ -86,5 +116,6 @@ def connect(config: ClusterConfig, environ: Mapping[str, str] | None = None) -> 
         prefix=config.prefix,
         timeout=timeout,
         lease_seconds=config.lease_seconds,
+        tls=tls,
         scrub=scrub,
     )

@@ -24,6 +24,10 @@ carries the unit's path.
 The lease bucket's TTL is the lease length for every node: when the bucket exists with
 another TTL than `lease_seconds`, the bucket's is used, and a warning says so.
 
+TLS (`tls://` servers, or servers that require it) is spoken as `tls` says
+(`modelwatch.nats_tls`); a certificate either side refuses is reported in the words of
+`tls.refusal`.
+
 nats-py is asyncio: the backend runs its own event loop on a thread (`aio.LoopThread`,
 started at the first call, stopped by `close`); callers on any thread wait for each
 operation up to twice `timeout` (a commit is two requests).
@@ -35,12 +39,14 @@ import asyncio
 import hashlib
 import secrets
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TypeVar
 
 import structlog
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from nats.errors import NoServersError
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StorageType
 from nats.js.errors import (
@@ -65,6 +71,8 @@ from modelwatch.cluster.backend import (
 )
 from modelwatch.cluster.codec import decode_history, encode_history
 from modelwatch.credentials import Scrubber
+from modelwatch.nats_tls import CLOSE_SECONDS, open_connection
+from modelwatch.tls import ClientTls, refusal
 
 log = structlog.get_logger("modelwatch.cluster")
 T = TypeVar("T")
@@ -101,6 +109,7 @@ class NatsBackend:
         prefix: str,
         timeout: float,
         lease_seconds: float,
+        tls: ClientTls,
         scrub: Scrubber | None = None,
     ) -> None:
         """`servers` may carry credentials (from url_env / url_file): `scrub` removes them from
@@ -108,6 +117,9 @@ class NatsBackend:
         self.shown = shown
         self.lease_seconds = lease_seconds
         self._servers = servers
+        self._tls = tls
+        self._host = urllib.parse.urlsplit(servers[0]).hostname or ""  # the verified name
+        self._last_error: Exception | None = None  # what nats-py reported while connecting
         self._prefix = prefix
         self._timeout = timeout
         self._scrub = scrub or Scrubber()
@@ -135,7 +147,10 @@ class NatsBackend:
             raise self._failure(exc) from None
 
     def _failure(self, exc: BaseException) -> BackendUnavailable:
-        return BackendUnavailable(f"{self.shown}: {self._scrub(str(exc) or type(exc).__name__)}")
+        # a failed connect raises NoServersError; why it failed went to the error callback
+        cause = (self._last_error if isinstance(exc, NoServersError) else None) or exc
+        text = refusal(cause, self._tls, self._host) or str(cause) or type(cause).__name__
+        return BackendUnavailable(f"{self.shown}: {self._scrub(text)}")
 
     async def _drop_if_disconnected(self) -> None:
         client = self._client
@@ -160,21 +175,21 @@ class NatsBackend:
 
     async def _connect(self) -> Client:
         client = Client()
+        self._last_error = None
 
-        async def quiet(_exc: Exception) -> None:  # failures surface as operation errors
-            return None
+        async def note(exc: Exception) -> None:  # failures surface as operation errors
+            self._last_error = exc
 
-        try:
-            await client.connect(
-                servers=list(self._servers),
-                name="modelwatch-cluster",
-                allow_reconnect=False,  # the next operation reconnects; nothing is buffered
-                connect_timeout=max(1, round(self._timeout)),
-                error_cb=quiet,
-            )
-        except BaseException:
-            await client.close()
-            raise
+        await open_connection(
+            client,
+            self._tls,
+            close_within=min(self._timeout, CLOSE_SECONDS),
+            servers=list(self._servers),
+            name="modelwatch-cluster",
+            allow_reconnect=False,  # the next operation reconnects; nothing is buffered
+            connect_timeout=max(1, round(self._timeout)),
+            error_cb=note,
+        )
         return client
 
     async def _open(self, js: JetStreamContext, what: str) -> KeyValue:

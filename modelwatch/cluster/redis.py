@@ -15,11 +15,15 @@ touch all of them)::
   unit's revision, then writes history, revision, the new event body and drops delivered
   bodies, all or nothing.
 * release: delete the lease only while it holds our value.
+
+A `rediss://` URL speaks TLS as `tls` says (`modelwatch.redis_tls`); a certificate either
+side refuses is reported in the words of `tls.refusal`.
 """
 
 from __future__ import annotations
 
 import secrets
+import urllib.parse
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -38,6 +42,8 @@ from modelwatch.cluster.backend import (
 )
 from modelwatch.cluster.codec import decode_history, encode_history
 from modelwatch.credentials import Scrubber
+from modelwatch.redis_tls import connection_options
+from modelwatch.tls import ClientTls, refusal
 
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
@@ -69,12 +75,21 @@ class RedisBackend:
     name = "redis"
 
     def __init__(
-        self, url: str, *, shown: str, prefix: str, timeout: float, scrub: Scrubber | None = None
+        self,
+        url: str,
+        *,
+        shown: str,
+        prefix: str,
+        timeout: float,
+        tls: ClientTls,
+        scrub: Scrubber | None = None,
     ) -> None:
         """`url` may carry credentials (from url_env / url_file): `scrub` removes them from
-        every message; `shown` is what messages name instead."""
+        every message; `shown` is what messages name instead. `tls` is used for `rediss://`."""
         self.shown = shown
         self._prefix = prefix
+        self._tls = tls
+        self._host = urllib.parse.urlsplit(url).hostname or ""
         self._scrub = scrub or Scrubber()
         try:
             self._pool = redis.ConnectionPool.from_url(
@@ -84,6 +99,7 @@ class RedisBackend:
                 protocol=2,  # RESP2: every Redis with scripting
                 # a pooled connection closed by a restarted server is reopened once, at once
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                **connection_options(url, tls),
             )
         except ValueError as exc:
             raise BackendUnavailable(f"{shown}: {self._scrub(str(exc))}") from None
@@ -103,7 +119,8 @@ class RedisBackend:
             raise self._failure(exc) from None
 
     def _failure(self, exc: Exception) -> BackendUnavailable:
-        return BackendUnavailable(f"{self.shown}: {self._scrub(str(exc) or type(exc).__name__)}")
+        text = refusal(exc, self._tls, self._host) or str(exc) or type(exc).__name__
+        return BackendUnavailable(f"{self.shown}: {self._scrub(text)}")
 
     # -- leases ----------------------------------------------------------------------------
 

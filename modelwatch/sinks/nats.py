@@ -71,6 +71,7 @@ from modelwatch.config import SinkConfig
 from modelwatch.credentials import mask_url, warn_if_shared
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
+from modelwatch.nats_tls import CLOSE_SECONDS, open_connection
 from modelwatch.sinks.options import (
     BOOLEAN,
     PATH,
@@ -94,7 +95,6 @@ _SUBJECT = re.compile(r"[!-~]+")  # printable ASCII, no spaces; wildcards are re
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _DUPLICATE_WINDOW = 120.0
 _WATCH_SECONDS = 0.02
-_CLOSE_SECONDS = 1.0  # closing a connection that never opened
 _STREAM_NAME_IN_USE = 10058  # a concurrent create_stream won the race: check that stream
 _REFUSED = ("authorization violation", "permissions violation", "user authentication")
 _PERMANENT = (AuthorizationError, InvalidUserCredentialsError, BadSubjectError, MaxPayloadError)
@@ -168,8 +168,7 @@ class NatsSink:
         """What the connection trusts, for `check-config` (paths only)."""
         return [
             f"route: {self._origin} directly (the NATS protocol is not proxied)",
-            f"trusts (when TLS is used): {self._tls.trust(self._host)}",
-            f"client certificate: {self._tls.identity()}",
+            *self._tls.summary(self._host, " (when TLS is used)"),
         ]
 
     def send(self, event: Event) -> None:
@@ -294,30 +293,24 @@ class NatsSink:
                 self._refusal = str(exc)
 
         whole_seconds = max(1, math.ceil(self._timeout))
-        try:
-            await asyncio.wait_for(
-                client.connect(
-                    servers=list(self._servers),
-                    name="modelwatch",
-                    allow_reconnect=False,  # a lost connection is reopened by the next send
-                    max_reconnect_attempts=1,
-                    reconnect_time_wait=0,
-                    connect_timeout=whole_seconds,
-                    drain_timeout=whole_seconds,
-                    error_cb=error,
-                    user_credentials=self._credentials,
-                    token=self._token,
-                    tls=self._tls.context,
-                    tls_hostname=self._tls.server_name,
-                ),
-                self._timeout,
-            )
-        except BaseException:
-            # nats-py's close never returns after a failed TLS handshake: bound it (what is
-            # left of the client is cancelled with the loop's other tasks)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), min(self._timeout, _CLOSE_SECONDS))
-            raise
+        await asyncio.wait_for(
+            open_connection(
+                client,
+                self._tls,
+                close_within=min(self._timeout, CLOSE_SECONDS),
+                servers=list(self._servers),
+                name="modelwatch",
+                allow_reconnect=False,  # a lost connection is reopened by the next send
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                connect_timeout=whole_seconds,
+                drain_timeout=whole_seconds,
+                error_cb=error,
+                user_credentials=self._credentials,
+                token=self._token,
+            ),
+            self._timeout,
+        )
         self._client = client
         return client
 

@@ -102,18 +102,19 @@ class Values(Mapping[str, Any]):
                 return secret
         return None
 
+    def tls_options(self) -> TlsOptions:
+        """The TLS keys of `network()` as given."""
+        return TlsOptions(
+            ca_file=self.entries.get("ca_file"),
+            client_cert_file=self.entries.get("client_cert_file"),
+            client_key_file=self.entries.get("client_key_file"),
+            server_name=self.entries.get("server_name"),
+            insecure_skip_verify=self.entries.get("insecure_skip_verify", False),
+        )
+
     def tls(self) -> ClientTls:
         """The checked TLS settings of `network()`'s keys (ConfigError names the key)."""
-        return client_tls(
-            self.key,
-            TlsOptions(
-                ca_file=self.entries.get("ca_file"),
-                client_cert_file=self.entries.get("client_cert_file"),
-                client_key_file=self.entries.get("client_key_file"),
-                server_name=self.entries.get("server_name"),
-                insecure_skip_verify=self.entries.get("insecure_skip_verify", False),
-            ),
-        )
+        return client_tls(self.key, self.tls_options())
 
     def route(self, url: str) -> Route:
         """How requests to `url` travel: `proxy` / `proxy_env`, else the environment's proxy

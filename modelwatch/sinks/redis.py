@@ -36,7 +36,6 @@ password (and a URL read from the environment or a file) is scrubbed from every 
 
 from __future__ import annotations
 
-import socket
 import urllib.parse
 from typing import Any, ClassVar
 
@@ -60,6 +59,7 @@ from redis.typing import EncodableT, FieldT
 from modelwatch.config import SinkConfig
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
+from modelwatch.redis_tls import connection_options, speaks_tls
 from modelwatch.sinks.options import (
     COUNT,
     NONEMPTY,
@@ -71,7 +71,7 @@ from modelwatch.sinks.options import (
     secret_sources,
     url,
 )
-from modelwatch.tls import ClientTls, refusal
+from modelwatch.tls import refusal, refuse_unused, refuse_url_settings
 
 _SCHEMES = ("redis", "rediss")
 # error replies redis-py has no class for, by their first word
@@ -139,12 +139,11 @@ class RedisSink:
         self._stream: str = values["stream"]
         self._maxlen: int = values["maxlen"]
         timeout: float = values["timeout_seconds"]
-        if not url.lower().startswith("rediss:"):
-            _no_tls_keys(values)
+        if not speaks_tls(url):  # checked first: the keys' files do not matter then
+            refuse_unused(config.key, values.tls_options(), url, "rediss://")
         self._tls = values.tls()
         extra: dict[str, Any] = {"password": password} if password else {}
-        if url.lower().startswith("rediss:"):
-            extra.update(connection_class=TlsConnection, tls=self._tls)
+        extra.update(connection_options(url, self._tls))
         try:
             self._pool = redis.ConnectionPool.from_url(
                 url,
@@ -168,10 +167,8 @@ class RedisSink:
     def network_summary(self) -> list[str]:
         """What the connection trusts, for `check-config` (paths only)."""
         lines = [f"route: {self._origin} directly (the Redis protocol is not proxied)"]
-        if self._origin.startswith("rediss:"):
-            host = urllib.parse.urlsplit(self._origin).hostname or ""
-            lines.append(f"trusts: {self._tls.trust(host)}")
-            lines.append(f"client certificate: {self._tls.identity()}")
+        if speaks_tls(self._origin):
+            lines += self._tls.summary(urllib.parse.urlsplit(self._origin).hostname or "")
         return lines
 
     def send(self, event: Event) -> None:
@@ -212,25 +209,6 @@ class RedisSink:
         return SinkError(message)
 
 
-class TlsConnection(redis.Connection):
-    """A Redis connection over TLS with a context from `modelwatch.tls`: redis-py's own
-    SSLConnection builds its context from loose options and verifies the URL's host only."""
-
-    def __init__(self, *, tls: ClientTls, **kwargs: Any) -> None:
-        self._tls = tls
-        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
-
-    def _connect(self) -> socket.socket:
-        sock: socket.socket = super()._connect()  # type: ignore[no-untyped-call]
-        try:
-            return self._tls.context.wrap_socket(
-                sock, server_hostname=self._tls.server_name or self.host
-            )
-        except BaseException:
-            sock.close()
-            raise
-
-
 # --- configuration -----------------------------------------------------------------------
 
 
@@ -244,12 +222,7 @@ def _url(values: Values) -> tuple[str, str, str | None]:
     parts = check_url(key, text, _SCHEMES)
     if parts.path.strip("/") and not parts.path.strip("/").isdigit():
         raise ConfigError(f"{key}: the path must be a database number such as /0")
-    for name, _value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if name.lower().startswith("ssl"):
-            raise ConfigError(
-                f"{key}: TLS settings in the URL ({name}=) are not used; set ca_file,"
-                " client_cert_file, client_key_file, server_name or insecure_skip_verify"
-            )
+    refuse_url_settings(key, text)
     user = urllib.parse.unquote(parts.username or "")
     password = urllib.parse.unquote(parts.password) if parts.password else None
     values.scrub.add(password or "")
@@ -257,14 +230,3 @@ def _url(values: Values) -> tuple[str, str, str | None]:
     shown = f"{user}:***@" if password else (f"{user}@" if user else "")
     origin = f"{parts.scheme}://{shown}{parts.hostname}:{parts.port or 6379}{parts.path}"
     return text, origin, password
-
-
-def _no_tls_keys(values: Values) -> None:
-    """TLS keys with a `redis://` URL would silently do nothing: refuse them."""
-    for name in ("ca_file", "client_cert_file", "client_key_file", "server_name"):
-        if name in values:
-            raise ConfigError(f"{values.key}.{name}: the URL is redis:// (no TLS); use rediss://")
-    if values["insecure_skip_verify"]:
-        raise ConfigError(
-            f"{values.key}.insecure_skip_verify: the URL is redis:// (no TLS); use rediss://"
-        )

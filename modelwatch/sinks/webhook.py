@@ -266,8 +266,7 @@ class WebhookSink:
         """How requests travel, for `check-config` (paths and masked URLs only)."""
         lines = [f"route: {self._target.origin} via {self._route.shown}"]
         if self._target.scheme == "https":
-            lines.append(f"trusts: {self._tls.trust(self._target.host)}")
-            lines.append(f"client certificate: {self._tls.identity()}")
+            lines += self._tls.summary(self._target.host)
         return lines
 
     # --- the request ---------------------------------------------------------------------
