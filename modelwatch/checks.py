@@ -188,9 +188,9 @@ def _prior(store: Store | None, unit: Unit) -> Prior | None:
         return None
 
     def prior(fp: str) -> Description | None:
-        if store.units.is_current(unit.display, fp):
+        current, stored = store.units.fingerprint_facts(unit.display, fp)
+        if current:
             return NOT_NEEDED
-        stored = store.units.description(unit.display, fp)
         try:
             return Description.from_json(stored) if stored is not None else None
         except ValueError:  # damaged: the files are described again

@@ -18,7 +18,7 @@ held when the files settled.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,15 +69,21 @@ def describe_unit(
     *,
     scalars: bool,
     max_entries: int,
+    event_files: Sequence[str] | None = None,
 ) -> Description:
     """The description of the `fmt` unit whose files (relative path -> size) are below
-    `unit_fd`; with `scalars`, the metrics of the event files found in at most `max_entries`
-    directory entries. Never raises for what it reads (Cancelled: the daemon is stopping)."""
+    `unit_fd`; with `scalars`, the metrics of its event files: `event_files` when the scan
+    found them already, else those found in at most `max_entries` directory entries. Never
+    raises for what it reads (Cancelled: the daemon is stopping)."""
     model = describe_model(unit_fd, sizes, fmt, progress=_progress)
     found: list[dict[str, Any]] = []
     if scalars:
         try:
-            files = find_event_files(unit_fd, max_files=MAX_EVENT_FILES, max_entries=max_entries)
+            files = (
+                list(event_files)
+                if event_files is not None
+                else find_event_files(unit_fd, max_files=MAX_EVENT_FILES, max_entries=max_entries)
+            )
             found = scalar_metrics(unit_fd, files, progress=_progress)
         except Stopped as exc:
             error = {"code": exc.code, "file": "", "message": f"metrics {exc.message}"}

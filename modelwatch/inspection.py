@@ -143,6 +143,7 @@ def _described(
             found.format,
             scalars=scalars,
             max_entries=policy.max_files_per_unit,
+            event_files=manifest.event_files if manifest.exists else None,
         )
     metrics = list(description.scalars) if scalars else found.metrics
     return replace(found, description=description, metrics=metrics)

@@ -36,6 +36,8 @@ _SEP = b"/"
 _S_ISREG = stat.S_ISREG
 _S_ISDIR = stat.S_ISDIR
 _MEMO = 1 << 16
+EVENT_PREFIX = b"events.out.tfevents."  # TensorBoard's event files
+MAX_EVENT_FILES = 1000
 
 
 def display(raw: bytes) -> str:
@@ -83,6 +85,10 @@ class Manifest:
     # when it is a depth-0 root, and it must still be the directory scanned (st_dev, st_ino).
     follow_top: bool = field(default=False, compare=False)
     identity: tuple[int, int] | None = field(default=None, compare=False)
+    # TensorBoard event files (ignored, so not in `entries`) the walk passed, relative and as
+    # the OS takes them, at most `MAX_EVENT_FILES`: their scalars are the unit's metrics when
+    # its metadata has none, and the description needs no second walk to find them.
+    event_files: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def empty(self) -> bool:
@@ -204,6 +210,7 @@ def scan_unit(
         exists=True,
         entries=entries,
         in_progress=tuple(sorted(walker.in_progress)),
+        event_files=tuple(sorted(walker.event_files)),
         too_many_files=walker.too_many,
         unreadable=tuple(sorted(walker.unreadable)),
         stat_key=key,
@@ -332,6 +339,7 @@ class _Walker:
         self.max_files = max_files
         self.entries: list[Entry] = []
         self.in_progress: list[str] = []
+        self.event_files: list[str] = []
         self.unreadable: list[str] = []
         self.too_many = False
         self.walked = 0  # every entry listed: files, directories, links, ignored, special
@@ -398,6 +406,10 @@ class _Walker:
             self._add_file(rel, st)  # the common case, first
             return None
         if ignored:
+            name = rel.rpartition(_SEP)[2]
+            scalars = name.startswith(EVENT_PREFIX) and _S_ISREG(mode)
+            if scalars and len(self.event_files) < MAX_EVENT_FILES:
+                self.event_files.append(text)
             return None
         if self.in_progress_patterns.matches_file(text):
             self.in_progress.append(display(rel))

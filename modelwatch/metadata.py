@@ -575,6 +575,8 @@ def _metrics_problems(document: Any, file: str, locator: _Locator) -> list[Probl
         for i, item in enumerate(metrics):
             found.extend(_metric_problems(i, item))
     found = found[:MAX_PROBLEMS]
+    if not found:  # valid metrics: nothing to locate, no second parse
+        return []
     where = locator.locate(located for _, located, _ in found)
     problems = []
     for path, located, message in found:

@@ -159,6 +159,17 @@ class UnitTable:
         )
         return rows[0][0] if rows else None
 
+    def fingerprint_facts(self, unit: str, fp: str) -> tuple[bool, str | None]:
+        """(`is_current`, `description`) of a fingerprint, in one query (asked once for every
+        unit a pool worker examines)."""
+        description = "f.description" if self.db.version >= 5 else "NULL"
+        rows = self.db.query(
+            f"SELECT f.epoch = u.removals, {description} FROM fingerprints f"  # noqa: S608
+            " JOIN units u ON u.path = f.unit WHERE f.unit = ? AND f.fingerprint = ?",
+            (unit, fp),
+        )
+        return (bool(rows[0][0]), rows[0][1]) if rows else (False, None)
+
     def is_current(self, unit: str, fp: str) -> bool:
         """True when `fp` was emitted since the unit's last removal: settling with it again
         emits nothing."""
