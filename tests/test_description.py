@@ -246,8 +246,12 @@ def test_a_damaged_stored_description_is_computed_again(loop: Callable[..., Harn
     h = loop()
     unit = Path(h.root) / "exp-1"
     first = settle(h, unit, {"model.onnx": onnx_model()})
-    with sqlite3.connect(StateDir(h.config.daemon.state_dir).db_path) as db:
-        db.execute("UPDATE fingerprints SET description = '[1, 2'")
+    db = sqlite3.connect(StateDir(h.config.daemon.state_dir).db_path)
+    try:  # (a connection's `with` commits but does not close it)
+        with db:
+            db.execute("UPDATE fingerprints SET description = '[1, 2'")
+    finally:
+        db.close()
     aside = Path(h.root).parent / "aside"
     shutil.move(unit, aside)
     h.touch(unit, is_dir=True)
