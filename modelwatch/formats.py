@@ -23,6 +23,7 @@ describes it (`modelwatch.describe`). Three operations read the table:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -128,7 +129,15 @@ FORMATS: dict[str, Format] = {row.name: row for row in _ROWS}
 
 
 def detect_format(paths: Collection[str]) -> str:
-    """The format of a unit whose regular files are `paths`; "unknown" when nothing matches."""
+    """The format of a unit whose regular files are `paths`; "unknown" when nothing matches.
+
+    Remembered for the last few file lists: a settling unit is asked about twice (its
+    completeness, then its event) with the same files."""
+    return _detect(tuple(paths))
+
+
+@functools.lru_cache(maxsize=4)  # one or two per inspection worker
+def _detect(paths: tuple[str, ...]) -> str:
     directories = names_by_dir(paths).values()
     for row in _ROWS:
         if any(row.detect(names) for names in directories):

@@ -46,7 +46,7 @@ class Located:
 
 def locate(root: str, depth: int, path: str, is_dir: bool) -> Located:
     """Map an absolute `path` under `root` to its unit (pure; no I/O)."""
-    rel = os.path.relpath(path, root)
+    rel = _relative(root, path)
     if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
         return Located(unit=Unit(root, ".")) if depth == 0 and rel == "." else Located()
     parts = rel.split(os.sep)
@@ -58,6 +58,18 @@ def locate(root: str, depth: int, path: str, is_dir: bool) -> Located:
     if len(parts) == depth:
         return Located(unit=Unit(root, rel)) if is_dir else Located()
     return Located(above=rel) if is_dir else Located()
+
+
+def _relative(root: str, path: str) -> str:
+    """`os.path.relpath(path, root)`, by slicing when `path` is plainly below `root` (the
+    settle loop maps every event's path: relpath normalises both paths first, each time)."""
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    if path.startswith(prefix):
+        rel = path[len(prefix) :]
+        parts = rel.split(os.sep)
+        if rel and "" not in parts and "." not in parts and ".." not in parts:
+            return rel
+    return os.path.relpath(path, root)
 
 
 def list_units(root: str, depth: int, below: str = "") -> Iterator[Unit]:

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from modelwatch.errors import StateError
 from modelwatch.events import Event
 from modelwatch.sinks import build_sink
 from modelwatch.state import SCHEMA_VERSION, StateDir, Store
+from modelwatch.state.database import WriterQueue
 from modelwatch.testing import MemorySink
 from tests.conftest import fill_disk, wait_until
 from tests.receiver import Receiver, Reply
@@ -417,3 +419,84 @@ def test_events_are_handed_on_only_once_committed(
     finally:
         h.close()
         reader.close()
+
+
+def test_a_writer_waiting_behind_back_to_back_commits_gets_its_turn(tmp_path: Path) -> None:
+    """The settle loop commits batch after batch in a burst; a delivery thread's write waits
+    for one batch, not until the burst is over (SQLite's busy handler alone starved it)."""
+    db_path = str(tmp_path / "state.db")
+    busy, other = Store(db_path), Store(db_path)
+    stop = threading.Event()
+
+    def hammer() -> None:
+        deadline = time.monotonic() + 5.0
+        while not stop.is_set() and time.monotonic() < deadline:
+            with busy.transaction() as db:
+                db.execute("UPDATE units SET present = present")
+                time.sleep(0.02)  # a batch of units being recorded
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        time.sleep(0.1)
+        waits = []
+        for _ in range(10):
+            started = time.monotonic()
+            with other.transaction():
+                pass
+            waits.append(time.monotonic() - started)
+        stop.set()
+    finally:
+        stop.set()
+        thread.join()
+        busy.close()
+        other.close()
+    assert max(waits) < 0.5, waits  # one batch is 0.02 s; starved, it was the whole 5 s
+
+
+def test_a_writer_interrupted_while_waiting_gives_up_its_turn() -> None:
+    queue_ = WriterQueue()
+    holder_in, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with queue_:
+            holder_in.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holder_in.wait(5)
+    interrupted: list[BaseException] = []
+
+    def wait_then_interrupt() -> None:
+        # a waiter whose wait raises (as a signal handler's exception would)
+        original = queue_._cond.wait
+
+        def raising(timeout: float | None = None) -> bool:
+            raise KeyboardInterrupt
+
+        queue_._cond.wait = raising  # type: ignore[method-assign]
+        try:
+            with queue_:
+                pass
+        except KeyboardInterrupt as exc:
+            interrupted.append(exc)
+        finally:
+            queue_._cond.wait = original  # type: ignore[method-assign]
+
+    waiter = threading.Thread(target=wait_then_interrupt)
+    waiter.start()
+    waiter.join(5)
+    assert interrupted
+    release.set()
+    holder.join(5)
+    got = threading.Event()
+
+    def later() -> None:
+        with queue_:
+            got.set()
+
+    late = threading.Thread(target=later)
+    late.start()
+    late.join(5)
+    assert got.is_set()  # the abandoned turn was skipped, not waited for

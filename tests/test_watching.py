@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 import structlog
 
+from modelwatch import units
 from modelwatch.config import Config
 from modelwatch.daemon import Daemon
 from modelwatch.mounts import choose_observer, filesystem_type, parse_mountinfo
 from modelwatch.testing import MemorySink
+from modelwatch.units import locate
 from modelwatch.watch import make_observer
 from tests.conftest import wait_until
 from tests.daemons import daemon_env, daemon_process, jsonl_records, wait_ready_line
@@ -281,3 +283,30 @@ def test_poller_reports_creations_changes_and_deletions(tmp_path: Path) -> None:
         ("FileModifiedEvent", "exp/grow.bin"),
     ]
     assert not any("usr" in path for path in take(str(tmp_path)))  # links are not followed
+
+
+@pytest.mark.parametrize(
+    ("root", "path", "is_dir"),
+    [
+        ("/models", "/models/a/b/c.bin", False),
+        ("/models", "/models/a", True),
+        ("/models", "/models/a/b", True),
+        ("/models", "/models", True),
+        ("/models/", "/models/a/x", False),
+        ("/models", "/models/./a/x", False),
+        ("/models", "/models/a/../b/x", False),
+        ("/models", "/models//a/x", False),
+        ("/models", "/modelsX/a/x", False),
+        ("/models", "/other/a/x", False),
+        ("/", "/a/b/c", False),
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_locating_an_event_path_agrees_with_relpath(
+    root: str, path: str, is_dir: bool, depth: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Event paths are mapped to units by slicing when they are plainly below the root; any
+    other spelling takes `os.path.relpath`: both give the same answer for every path."""
+    fast = locate(root, depth, path, is_dir)
+    monkeypatch.setattr(units, "_relative", lambda root, path: os.path.relpath(path, root))
+    assert fast == locate(root, depth, path, is_dir)

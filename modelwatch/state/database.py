@@ -14,6 +14,7 @@ import fcntl
 import os
 import sqlite3
 import stat
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -163,6 +164,71 @@ class StateDir:
             self._lock_fd = None
 
 
+class WriterQueue:
+    """A reentrant lock that writers get in the order they asked for it.
+
+    SQLite makes a writer that finds the database locked poll in growing sleeps (up to 100 ms
+    each), and so does a plain lock in effect: the thread that just released it takes it again
+    before a waiter wakes. A thread committing in quick succession (the settle loop in a
+    burst) so starved the delivery threads for a whole burst: no event went out until the last
+    one was committed. In this queue a waiting writer runs as soon as the writer before it
+    commits. A waiter that is interrupted (a signal in the main thread) gives up its turn.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # the next ticket to hand out
+        self._serving = 0  # the ticket whose holder may write
+        self._abandoned: set[int] = set()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
+            ticket = self._next
+            self._next += 1
+            try:
+                while self._serving != ticket:
+                    self._cond.wait()
+            except BaseException:
+                self._abandoned.add(ticket)
+                self._advance()
+                raise
+            self._owner, self._depth = me, 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._serving += 1
+                self._advance()
+
+    def _advance(self) -> None:
+        """Skip the turns of waiters that gave up; wake the others to look (lock held)."""
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
+
+_WRITERS: dict[str, WriterQueue] = {}
+_WRITERS_GUARD = threading.Lock()
+
+
+def _writer_queue(db_path: str) -> WriterQueue:
+    """The queue every connection of this process to `db_path` joins around a write (other
+    processes, `discard` or `redeliver`, still meet SQLite's busy timeout)."""
+    if db_path == ":memory:":  # a private database shares nothing
+        return WriterQueue()
+    with _WRITERS_GUARD:
+        return _WRITERS.setdefault(os.path.realpath(db_path), WriterQueue())
+
+
 class Database:
     """One connection to the state database (not shared between threads)."""
 
@@ -176,6 +242,7 @@ class Database:
         self.path = db_path
         self.version = 0
         self._depth = 0  # nesting of `transaction()`: 0 none, 1 the transaction, >1 savepoints
+        self._writer = _writer_queue(db_path)
         try:
             if db_path != ":memory:" and not os.path.exists(db_path):
                 os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -244,6 +311,10 @@ class Database:
             with self._savepoint() as db:
                 yield db
             return
+        with self._writer:
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._depth = 1
