@@ -5,9 +5,6 @@ unit can settle sooner than settle_seconds after its last write, so what is left
 modelwatch needs beyond the quiet period it was told to wait).
 Baseline: time from the first write until `inotifywait -m -r` has reported the close_write of
 the last file written, i.e. until a bare reader has seen every write.
-Floor: the same for watchdog alone with the daemon's event mask, its events handed to a second
-thread and nothing else done (`watchdog_reader.py`): no unit settles before its last write has
-come through watchdog, so this part of the figure is not modelwatch's to shorten.
 
 The unit directories exist before either run starts, because `inotifywait -r` misses files
 created in a new directory before it has added the directory's watch (the daemon does not).
@@ -15,7 +12,6 @@ created in a new directory before it has added the directory's watch (the daemon
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -24,20 +20,16 @@ from bench.daemons import DaemonProcess, Settings
 from bench.plan import Plan
 from bench.report import Result
 from bench.trees import file_names, fill_units, make_unit_dirs
-from bench.watchdog_reader import WatchdogReader
 
 TARGET_RATIO = 3.0
 
 
 def run(plan: Plan, base: str) -> list[Result]:
-    ours, theirs, floors, floor_events, seen, overflows = [], [], [], [], [], 0
+    ours, theirs, seen, overflows = [], [], [], 0
     for i in range(plan.repeats):
         took, saw = _baseline(plan, os.path.join(base, f"burst-{i}-inotifywait"))
         theirs.append(took)
         seen.append(saw)
-        took, handed = _floor(plan, os.path.join(base, f"burst-{i}-watchdog"))
-        floors.append(took)
-        floor_events.append(handed)
         took, overflowed = _modelwatch(plan, os.path.join(base, f"burst-{i}-modelwatch"))
         ours.append(took)
         overflows += overflowed
@@ -50,16 +42,6 @@ def run(plan: Plan, base: str) -> list[Result]:
         f"daemon inotify overflows: {overflows} in {plan.repeats} runs"
     )
     best, base_best = min(ours), min(theirs)
-    every = 3 * files  # CREATE, MODIFY and CLOSE_WRITE of each file
-    whole = [t for t, n in zip(floors, floor_events, strict=True) if n >= every]
-    floor = min(whole) if whole else math.nan
-    floor_note = (
-        f"watchdog alone, the daemon's event mask, to the last file's close; best of the runs "
-        f"in which the kernel queue did not overflow, {len(whole)} of {plan.repeats} (all: "
-        + ", ".join(f"{t:.2f} s ({n} events)" for t, n in zip(floors, floor_events, strict=True))
-        + ")"
-        + (f"; the daemon's figure is {best / floor:.2f}x this floor" if whole else "")
-    )
     return [
         Result(
             f"2. burst of {files} files, to last event",
@@ -69,16 +51,7 @@ def run(plan: Plan, base: str) -> list[Result]:
             f"<= {TARGET_RATIO:g}x",
             best <= TARGET_RATIO * base_best,
             note,
-        ),
-        Result(
-            "2. burst, floor: watchdog alone",
-            floor * 1000,
-            base_best * 1000,
-            "ms",
-            "-",
-            None,
-            floor_note,
-        ),
+        )
     ]
 
 
@@ -101,22 +74,6 @@ def _baseline(plan: Plan, work: str) -> tuple[float, int]:
         return seen - start, watcher.count("CLOSE_WRITE")
     finally:
         watcher.stop()
-
-
-def _floor(plan: Plan, work: str) -> tuple[float, int]:
-    """Seconds until watchdog alone has handed over the last file's close (see above), and
-    how many events it handed over."""
-    root, names = _units(plan, work)
-    last_file = os.path.join(root, names[-1], file_names(plan.burst_files)[-1])
-    reader = WatchdogReader(root, last_file)
-    try:
-        reader.wait_ready()
-        start = time.time()
-        fill_units(root, names, plan.burst_files)
-        at, count = reader.wait_last(timeout=60)
-        return at - start, count
-    finally:
-        reader.stop()
 
 
 def _modelwatch(plan: Plan, work: str) -> tuple[float, int]:

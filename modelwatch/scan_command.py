@@ -74,7 +74,7 @@ def _scan(
     print_event: Callable[[Event], None] | None,
     dry_run: bool,
 ) -> bool:
-    inbox: Inbox = queue.Queue()
+    inbox: Inbox = queue.SimpleQueue()
     events: list[Event] = []
     with _cluster(config, clock, inbox, dry_run=dry_run) as ledger:
         stages = build_stages(

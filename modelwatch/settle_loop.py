@@ -102,7 +102,7 @@ Message = (
     | Acquired
     | Released
 )
-Inbox = queue.Queue[Message | None]
+Inbox = queue.SimpleQueue[Message | None]  # C-level put/get: a burst is tens of thousands
 
 
 @dataclass(slots=True)

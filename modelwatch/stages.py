@@ -63,7 +63,7 @@ def build_stages(
     every job inline on the thread that drives the loop (`SettleLoop.step`). `ledger`: the
     shared versions of the roots it names (`cluster.ledger`); those roots start paused.
     """
-    inbox = inbox if inbox is not None else queue.Queue()
+    inbox = inbox if inbox is not None else queue.SimpleQueue()
     registry = Registry(store, routes_for(config), host, ledger)
     pool: InspectionPool | InlinePool
     if workers is None:

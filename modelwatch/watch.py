@@ -86,7 +86,9 @@ class _Handler(FileSystemEventHandler):
     back with a string operation (no I/O on the observer thread).
     """
 
-    def __init__(self, root: str, watched: str, changes: queue.Queue[Any], clock: Clock) -> None:
+    def __init__(
+        self, root: str, watched: str, changes: queue.SimpleQueue[Any], clock: Clock
+    ) -> None:
         self.root = root
         self.watched = watched
         self.changes = changes
@@ -150,7 +152,7 @@ class RootWatcher:
     def __init__(
         self,
         root: RootConfig,
-        changes: queue.Queue[Any],
+        changes: queue.SimpleQueue[Any],
         clock: Clock,
         observer_factory: ObserverFactory = make_observer,
     ) -> None:
