@@ -3,9 +3,13 @@ and the cluster's NATS backend.
 
 nats-py upgrades to TLS when a server is `tls://` or announces that it requires TLS (so a
 `nats://` URL of such a server uses these settings too), with our context and `server_name`
-as the verified name. One nats-py flaw is handled here: after a failed TLS handshake its
-`close()` never returns, so a client whose connect failed is closed with a bound (what is
-left of it is cancelled with its event loop's other tasks).
+as the verified name. Two nats-py flaws are handled here:
+
+* With a `tls://` URL it still connects in plain text to a server that does not offer TLS
+  (anyone between the daemon and the server can be that server). A connection to a
+  `tls://` server that did not start TLS is closed and refused (`PlainTextRefused`).
+* After a failed TLS handshake its `close()` never returns, so a client whose connect failed
+  is closed with a bound (what is left of it is cancelled with its event loop's other tasks).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from modelwatch.tls import ClientTls
 CLOSE_SECONDS = 1.0  # closing a connection that never opened
 
 
+class PlainTextRefused(ConnectionError):
+    """A `tls://` server answered without TLS."""
+
+
 async def open_connection(
     client: Client, tls: ClientTls, *, close_within: float = CLOSE_SECONDS, **options: Any
 ) -> None:
@@ -29,7 +37,25 @@ async def open_connection(
     `close_within` seconds."""
     try:
         await client.connect(tls=tls.context, tls_hostname=tls.server_name, **options)
+        _refuse_plain_text(client)
     except BaseException:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(), close_within)
         raise
+
+
+def _refuse_plain_text(client: Client) -> None:
+    url = client.connected_url
+    if url is not None and url.scheme == "tls" and not speaks_tls(client):
+        raise PlainTextRefused(
+            f"{url.hostname}:{url.port}: the server did not start TLS; a tls:// server is "
+            "never used in plain text"
+        )
+
+
+def speaks_tls(client: Client) -> bool:
+    """Whether the client's connection is encrypted (False when that cannot be told)."""
+    writer = getattr(getattr(client, "_transport", None), "_io_writer", None)
+    if writer is None:
+        return False
+    return writer.get_extra_info("ssl_object") is not None

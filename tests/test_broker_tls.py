@@ -15,7 +15,15 @@ from modelwatch.events import Event
 from modelwatch.sinks.nats import NatsSink
 from modelwatch.sinks.redis import RedisSink
 from modelwatch.testing import sample_event, sink_config
-from tests.brokers import BrokerServer, running, tls_nats_broker, tls_redis_broker
+from tests.brokers import (
+    BrokerServer,
+    add_stream,
+    nats_broker,
+    running,
+    stream_messages,
+    tls_nats_broker,
+    tls_redis_broker,
+)
 from tests.pki import Pair, Pki
 
 
@@ -186,6 +194,21 @@ def test_nats_server_name_verifies_another_name(
     )
     with pytest.raises(PermanentSinkError, match=r"for the name elsewhere\.example"):
         sink.send(an_event())
+
+
+def test_a_tls_nats_url_is_never_used_in_plain_text(
+    tmp_path: Path, pki: Pki, closing: Callable[[Any], Any]
+) -> None:
+    """nats-py connects in plain text to a tls:// server that offers no TLS (whoever sits
+    between the daemon and the server can be that server): the sink refuses the connection
+    and publishes nothing."""
+    with running(nats_broker(tmp_path)) as plain:
+        tls_url = plain.url.replace("nats://", "tls://")
+        sink = closing(nats_sink(tls_url, ca_file=str(pki.ca.cert), timeout_seconds=3))
+        with pytest.raises(SinkError, match="did not start TLS"):
+            sink.send(an_event())
+        add_stream(plain.url, "TLS", ["modelwatch.>"])
+        assert stream_messages(plain.url, "TLS") == 0
 
 
 def test_nats_tls_keys_are_checked_at_start(tmp_path: Path) -> None:
