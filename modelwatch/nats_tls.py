@@ -5,9 +5,12 @@ nats-py upgrades to TLS when a server is `tls://` or announces that it requires 
 `nats://` URL of such a server uses these settings too), with our context and `server_name`
 as the verified name. Two nats-py flaws are handled here:
 
-* With a `tls://` URL it still connects in plain text to a server that does not offer TLS
-  (anyone between the daemon and the server can be that server). A connection to a
-  `tls://` server that did not start TLS is closed and refused (`PlainTextRefused`).
+* With a `tls://` URL it still connects in plain text to a server that does not offer TLS,
+  and sends its CONNECT (token, password, credentials signature) in the clear: anyone
+  between the daemon and the server can be that server. `TlsClient` refuses such a server
+  when its INFO arrives, before anything is sent (`PlainTextRefused`), and upgrades to TLS
+  where the server only offers it (`tls_available`); after the connect, the connection is
+  checked once more to be encrypted.
 * After a failed TLS handshake its `close()` never returns, so a client whose connect failed
   is closed with a bound (what is left of it is cancelled with its event loop's other tasks).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import Any
+from urllib.parse import ParseResult
 
 from nats.aio.client import Client
 
@@ -29,8 +33,20 @@ class PlainTextRefused(ConnectionError):
     """A `tls://` server answered without TLS."""
 
 
+class TlsClient(Client):
+    """nats-py's client that never speaks plain text to a `tls://` server (see above)."""
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        server = getattr(self, "_current_server", None)
+        if initial_connection and server is not None and server.uri.scheme == "tls":
+            if not (info.get("tls_required") or info.get("tls_available")):
+                raise PlainTextRefused(_plain_text(server.uri))
+            info["tls_required"] = True  # nats-py upgrades before its CONNECT
+        await super()._process_info(info, initial_connection)
+
+
 async def open_connection(
-    client: Client, tls: ClientTls, *, close_within: float = CLOSE_SECONDS, **options: Any
+    client: TlsClient, tls: ClientTls, *, close_within: float = CLOSE_SECONDS, **options: Any
 ) -> None:
     """`client.connect(**options)` speaking TLS as `tls` says. A connect that fails (or is
     cancelled) raises what it raised, after closing the client or giving up on that after
@@ -47,10 +63,14 @@ async def open_connection(
 def _refuse_plain_text(client: Client) -> None:
     url = client.connected_url
     if url is not None and url.scheme == "tls" and not speaks_tls(client):
-        raise PlainTextRefused(
-            f"{url.hostname}:{url.port}: the server did not start TLS; a tls:// server is "
-            "never used in plain text"
-        )
+        raise PlainTextRefused(_plain_text(url))
+
+
+def _plain_text(url: ParseResult) -> str:
+    return (
+        f"{url.hostname}:{url.port}: the server did not start TLS; a tls:// server is never "
+        "used in plain text"
+    )
 
 
 def speaks_tls(client: Client) -> bool:

@@ -67,6 +67,7 @@ class InspectionPool:
         self._jobs: deque[_Item] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._running: dict[int, float] = {}  # worker -> when its job started (monotonic)
+        self._watching = 0  # waiters waiting for the youngest running job to turn slow
         self._stopping = False
         self._cancelled = threading.Event()
         self._outstanding = 0
@@ -88,7 +89,9 @@ class InspectionPool:
         with self._cond:
             self._outstanding += 1
             self._jobs.append(_Item(job, budget, on_error))
-            if self._may_start(time.monotonic()):  # else a waiter would only wake to wait
+            # A waiter that cannot start yet would only wake to wait again; one is enough to
+            # watch for the youngest job turning slow.
+            if self._may_start(time.monotonic()) or not self._watching:
                 self._cond.notify()
 
     def capacity(self) -> int:
@@ -114,10 +117,14 @@ class InspectionPool:
         store = Store(self._db_path)
         try:
             while (item := self._next(worker, heartbeat)) is not None:
-                self._post(self._run(item, store, heartbeat))
-                with self._cond:  # this worker looks for the next job itself: no notify
-                    del self._running[worker]
-                    self._outstanding -= 1
+                try:
+                    self._post(self._run(item, store, heartbeat))
+                except Exception:  # `on_error` itself failed: a bug, logged; the worker lives
+                    log.exception("inspection_result_lost")
+                finally:
+                    with self._cond:  # this worker looks for the next job itself: no notify
+                        del self._running[worker]
+                        self._outstanding -= 1
         finally:
             store.close()
 
@@ -130,11 +137,18 @@ class InspectionPool:
                 now = time.monotonic()
                 if self._jobs and self._may_start(now):
                     self._running[worker] = now
-                    return self._jobs.popleft()
-                wait = 1.0
-                if self._jobs:  # until the youngest job running turns slow
-                    wait = max(self._running.values()) + SLOW_AFTER - now
-                self._cond.wait(wait)
+                    item = self._jobs.popleft()
+                    if self._jobs and not self._watching:  # hand the watch on
+                        self._cond.notify()
+                    return item
+                if not self._jobs:
+                    self._cond.wait(1.0)
+                    continue
+                self._watching += 1  # until the youngest job running turns slow
+                try:
+                    self._cond.wait(max(self._running.values()) + SLOW_AFTER - now)
+                finally:
+                    self._watching -= 1
             return None
 
     def _may_start(self, now: float) -> bool:

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +16,11 @@ import redis
 
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
+from modelwatch.nats_tls import PlainTextRefused, TlsClient, open_connection
 from modelwatch.sinks.nats import NatsSink
 from modelwatch.sinks.redis import RedisSink
 from modelwatch.testing import sample_event, sink_config
+from modelwatch.tls import TlsOptions, client_tls
 from tests.brokers import (
     BrokerServer,
     add_stream,
@@ -209,6 +215,50 @@ def test_a_tls_nats_url_is_never_used_in_plain_text(
             sink.send(an_event())
         add_stream(plain.url, "TLS", ["modelwatch.>"])
         assert stream_messages(plain.url, "TLS") == 0
+
+
+TOKEN = "never-in-plain-text"  # noqa: S105 (a test token)
+
+
+def test_a_plain_text_server_never_sees_the_nats_credentials(pki: Pki) -> None:
+    """Whoever answers for a tls:// server without TLS (a host between the node and the
+    server) gets nothing: the client refuses at the server's INFO, before its CONNECT with
+    the token."""
+    received = bytearray()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def impostor() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.sendall(
+                b'INFO {"server_id":"x","version":"2.10.0","max_payload":1048576}\r\n'
+            )
+            connection.settimeout(2.0)
+            with contextlib.suppress(OSError):
+                while chunk := connection.recv(4096):
+                    received.extend(chunk)
+
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    tls = client_tls("sinks[3]", TlsOptions(ca_file=str(pki.ca.cert)))
+
+    async def connect() -> None:
+        await open_connection(
+            TlsClient(),
+            tls,
+            servers=[f"tls://127.0.0.1:{port}"],
+            token=TOKEN,
+            allow_reconnect=False,
+            connect_timeout=2,
+        )
+
+    with pytest.raises(PlainTextRefused, match="did not start TLS"):
+        asyncio.run(connect())
+    thread.join(5)
+    listener.close()
+    assert TOKEN.encode() not in received
+    assert b"CONNECT" not in received
 
 
 def test_nats_tls_keys_are_checked_at_start(tmp_path: Path) -> None:

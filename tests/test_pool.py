@@ -58,8 +58,10 @@ def test_a_slow_job_holds_up_the_others_for_slow_after_at_most(pool: Any) -> Non
     once it has run SLOW_AFTER; more slow jobs widen the pool to every worker."""
     inspection, results = pool
     release = threading.Event()
+    started = threading.Semaphore(0)
 
     def blocked(_store: Store) -> str:
+        started.release()
         release.wait(30)
         return "blocked"
 
@@ -67,13 +69,41 @@ def test_a_slow_job_holds_up_the_others_for_slow_after_at_most(pool: Any) -> Non
         return time.monotonic()
 
     try:
+        for _ in range(3):
+            inspection.submit(blocked, budget=None, on_error=repr)
+            assert started.acquire(timeout=5)  # running, and young when the next comes
+            submitted = time.monotonic()
+            inspection.submit(quick, budget=None, on_error=repr)
+            done = results.get(timeout=10)
+            assert isinstance(done, float)
+            assert done - submitted < SLOW_AFTER + 0.3
+    finally:
+        release.set()
+    assert _take(results, 3) == ["blocked"] * 3
+
+
+def test_slow_jobs_queued_together_widen_the_pool_one_step_per_slow_after(pool: Any) -> None:
+    """Three blocking jobs submitted at once: each starts SLOW_AFTER after the one before,
+    not when an idle worker's one-second wait happens to end."""
+    inspection, results = pool
+    release = threading.Event()
+    starts: list[float] = []
+
+    def blocked(_store: Store) -> str:
+        starts.append(time.monotonic())
+        release.wait(30)
+        return "blocked"
+
+    try:
         submitted = time.monotonic()
         for _ in range(3):
             inspection.submit(blocked, budget=None, on_error=repr)
-        inspection.submit(quick, budget=None, on_error=repr)
-        done = results.get(timeout=10)
-        assert isinstance(done, float)  # ran beside three blocked jobs, on the fourth worker
-        assert done - submitted < 3 * SLOW_AFTER + 1.0
+            time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while len(starts) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(starts) == 3
+        assert starts[2] - submitted < 2 * SLOW_AFTER + 0.2
     finally:
         release.set()
     assert _take(results, 3) == ["blocked"] * 3

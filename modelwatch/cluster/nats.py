@@ -71,7 +71,7 @@ from modelwatch.cluster.backend import (
 )
 from modelwatch.cluster.codec import decode_history, encode_history
 from modelwatch.credentials import Scrubber
-from modelwatch.nats_tls import CLOSE_SECONDS, open_connection
+from modelwatch.nats_tls import CLOSE_SECONDS, TlsClient, open_connection
 from modelwatch.tls import ClientTls, refusal
 
 log = structlog.get_logger("modelwatch.cluster")
@@ -174,7 +174,7 @@ class NatsBackend:
             return self._buckets[what]
 
     async def _connect(self) -> Client:
-        client = Client()
+        client = TlsClient()
         self._last_error = None
 
         async def note(exc: Exception) -> None:  # failures surface as operation errors

@@ -71,7 +71,7 @@ from modelwatch.config import SinkConfig
 from modelwatch.credentials import mask_url, warn_if_shared
 from modelwatch.errors import ConfigError, PermanentSinkError, SinkError
 from modelwatch.events import Event
-from modelwatch.nats_tls import CLOSE_SECONDS, open_connection
+from modelwatch.nats_tls import CLOSE_SECONDS, TlsClient, open_connection
 from modelwatch.sinks.options import (
     BOOLEAN,
     PATH,
@@ -284,7 +284,7 @@ class NatsSink:
     # --- the connection ------------------------------------------------------------------
 
     async def _connect(self) -> Client:
-        client = Client()
+        client = TlsClient()
         self._refusal = ""
 
         async def error(exc: Exception) -> None:
