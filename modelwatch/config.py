@@ -861,11 +861,11 @@ def check_cluster_url(key: str, cluster: ClusterConfig, url: str) -> None:
     TLS keys, and those only with `rediss://`."""
     schemes = _URL_SCHEMES[cluster.backend]
     for one in url.split(","):
-        parts = urllib.parse.urlsplit(one.strip())
         try:
+            parts = urllib.parse.urlsplit(one.strip())
             parts.port  # noqa: B018 (raises on a bad port)
-        except ValueError:
-            raise ConfigError(f"{key}: invalid port in {_show(mask_url(one))}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc} in {_show(mask_url(one))}") from None
         if parts.scheme not in schemes or not (parts.hostname or parts.scheme == "unix"):
             raise ConfigError(
                 f"{key}: must be a {' or '.join(s + '://' for s in schemes)} URL naming a host, "
@@ -1052,7 +1052,10 @@ def render_toml(
     lines += _section("[daemon]", _fields(config.daemon))
     lines += _section("[defaults]", _fields(config.defaults))
     lines += _section("[metadata]", _fields(config.metadata))
-    lines += _commented(_section("[cluster]", _fields(config.cluster)), cluster_notes)
+    cluster = _fields(config.cluster)
+    if isinstance(cluster.get("url"), str):
+        cluster["url"] = ",".join(mask_url(one) for one in cluster["url"].split(","))
+    lines += _commented(_section("[cluster]", cluster), cluster_notes)
     for root in config.roots:
         items: dict[str, Any] = {"path": root.path, "unit_depth": root.unit_depth}
         if root.name:

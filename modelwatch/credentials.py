@@ -39,13 +39,17 @@ MESSAGE_CHARS = 500  # scrubbed text is shortened to this, with "..." marking th
 
 # What makes a query parameter, an option key or a header name a credential: one of its words
 # (split at anything not a letter or digit) is a short word, or contains a long one.
-_SHORT_WORDS = frozenset({"auth", "code", "jwt", "key", "pat", "pwd", "sas", "sig"})  # code: Azure
+_SHORT_WORDS = frozenset(  # code: Azure
+    {"auth", "code", "jwt", "key", "pat", "pw", "pwd", "sas", "sig"}
+)
 _LONG_WORDS = (
     "apikey",
+    "authent",
     "authoriz",
     "bearer",
     "cookie",
     "credential",
+    "passphrase",
     "passw",
     "secret",
     "session",
@@ -195,7 +199,9 @@ class Scrubber:
     """Removes known secrets and URL credentials from text, leaving one printable line.
 
     Each secret is also removed in the forms a server may echo it back in: percent-encoded,
-    and JSON-escaped (with `\\/` for `/`, as some servers write base64).
+    and JSON-escaped (with `\\/` for `/`, as some servers write base64); and so is each of
+    its words of `PART_CHARS` or more, so a server quoting only the token of
+    `Bearer <token>` does not reveal it.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
@@ -217,9 +223,16 @@ class Scrubber:
         return text if len(text) <= limit else text[:limit] + "..."
 
 
+PART_CHARS = 8  # a secret's words this long are scrubbed alone too ("Bearer" is not)
+
+
 def _forms(secret: str) -> set[str]:
-    if not secret:
-        return set()
+    words = secret.split()
+    parts = [secret, *(w for w in words if len(w) >= PART_CHARS)] if len(words) > 1 else [secret]
+    return {form for part in parts if part for form in _encodings(part)}
+
+
+def _encodings(secret: str) -> set[str]:
     escaped = json.dumps(secret)[1:-1]
     return {
         secret,

@@ -22,6 +22,7 @@ root raise `Paused`, and its units stay pending.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 from collections.abc import Callable, Collection
@@ -57,6 +58,7 @@ _BATCH = 5000  # messages per turn: a flood of events must not starve the timers
 COMMIT_BATCH = 256  # outcomes committed in one transaction at most
 COMMIT_AFTER = 0.5  # seconds an outcome may wait for others to share its transaction
 _ADOPT_RETRY_SECONDS = 5.0
+ROOT_RETRY_SECONDS = 5.0  # how often an unavailable root is looked at again
 
 
 @dataclass(slots=True)
@@ -152,6 +154,7 @@ class SettleLoop(threading.Thread):
         self._overdue: list[Unit] = []
         self._done: list[_Done] = []
         self._done_since = 0.0
+        self._roots_looked_at = 0.0
         self._devices: dict[str, int | None] = {}
         self._stopping: Stop | None = None
         self._finished = threading.Event()
@@ -274,6 +277,8 @@ class SettleLoop(threading.Thread):
             self.observe(where.unit, at)
         elif where.above is not None:
             self._rescan(Rescan(root, where.above, reason="root_changed"))
+        elif rules.config.root_marker and path == os.path.join(root, rules.config.root_marker):
+            self._rescan(Rescan(root, reason="root_changed"))  # the root comes or goes
         else:
             log.debug("path_above_unit_depth", path=describe(path))
 
@@ -401,7 +406,7 @@ class SettleLoop(threading.Thread):
         root = result.root
         if root not in self.rules or root in self.paused or self._stopping is not None:
             return
-        self._root_state(root, result.availability)
+        self._root_state(root, result.availability, reconciled=True)
         now = self.clock.monotonic()
         for unit in result.changed:
             if unit not in self.settler:
@@ -428,9 +433,10 @@ class SettleLoop(threading.Thread):
         else:
             flush.done.set()
 
-    def _root_state(self, root: str, availability: Availability) -> None:
+    def _root_state(self, root: str, availability: Availability, reconciled: bool = False) -> None:
         """Record what a check found about `root`: availability, and the device its units are
-        on (an empty mount point on another device is then seen for what it is)."""
+        on (an empty mount point on another device is then seen for what it is). A root found
+        available again is reconciled, unless the check was that reconcile (`reconciled`)."""
         status = RootStatus(availability.available, availability.reason)
         previous = self.roots.get(root)
         device_changed = (
@@ -446,6 +452,8 @@ class SettleLoop(threading.Thread):
             log.warning("root_unavailable", root=describe(root), reason=availability.reason)
         elif previous is not None and not previous.available:
             log.info("root_available", root=describe(root))
+            if not reconciled:  # back: what changed while it was away is found now
+                self._rescan(Rescan(root, reason="root_changed"))
         if device_changed:
             self._devices[root] = availability.device
         try:
@@ -565,6 +573,8 @@ class SettleLoop(threading.Thread):
             log.warning("unit_paused", unit=item.unit.display, reason=str(exc))
         else:
             log.error("unit_failed", unit=item.unit.display, exc_info=exc)
+        if item.unit.root not in self.rules:  # its root was removed by a reload meanwhile
+            return
         # Pending again, its episode kept: retried one quiet period from now.
         self.observe(item.unit, now - item.settled_after)
         self.observe(item.unit, now)
@@ -607,7 +617,20 @@ class SettleLoop(threading.Thread):
         self._adopting.pop(root, None)
         self.registry.release(root)
 
+    def _look_at_unavailable_roots(self, now: float) -> None:
+        """Reconcile each unavailable root every ROOT_RETRY_SECONDS: a root that comes back
+        without an event (an NFS server back, permissions restored) is found and reconciled;
+        one still unavailable costs its availability check."""
+        if now < self._roots_looked_at + ROOT_RETRY_SECONDS:
+            return
+        self._roots_looked_at = now
+        busy = set(self._reconciling.values())
+        for root, status in self.roots.items():
+            if not status.available and root not in busy:
+                self._rescan(Rescan(root, reason="root_changed"))
+
     def _sweep(self, now: float) -> None:
+        self._look_at_unavailable_roots(now)
         for acquired, at in list(self._adopting.values()):
             if now >= at:
                 self._acquired(acquired)
@@ -630,6 +653,10 @@ class SettleLoop(threading.Thread):
             if unit.root not in self.rules:
                 self.settler.forget(unit)
                 self._forget(unit)
+        # settled this turn under a root no longer configured: not recorded (the root's
+        # units are not watched any more); the other roots' outcomes are committed as usual
+        self._done = [d for d in self._done if d.unit.root in self.rules]
+        self._overdue = [u for u in self._overdue if u.root in self.rules]
         self.roots = {root: s for root, s in self.roots.items() if root in self.rules}
         self.settler.retime()  # settle_seconds and max_wait_seconds may have changed
         self.board.touch_all()

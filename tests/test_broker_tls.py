@@ -220,10 +220,11 @@ def test_a_tls_nats_url_is_never_used_in_plain_text(
 TOKEN = "never-in-plain-text"  # noqa: S105 (a test token)
 
 
-def test_a_plain_text_server_never_sees_the_nats_credentials(pki: Pki) -> None:
-    """Whoever answers for a tls:// server without TLS (a host between the node and the
-    server) gets nothing: the client refuses at the server's INFO, before its CONNECT with
-    the token."""
+@pytest.mark.parametrize("scheme", ["tls", "nats"])
+def test_a_plain_text_server_never_sees_the_nats_credentials(pki: Pki, scheme: str) -> None:
+    """Whoever answers for a tls:// server, or for any server once TLS keys are set, without
+    TLS (a host between the node and the server) gets nothing: the client refuses at the
+    server's INFO, before its CONNECT with the token."""
     received = bytearray()
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -247,7 +248,7 @@ def test_a_plain_text_server_never_sees_the_nats_credentials(pki: Pki) -> None:
         await open_connection(
             TlsClient(),
             tls,
-            servers=[f"tls://127.0.0.1:{port}"],
+            servers=[f"{scheme}://127.0.0.1:{port}"],
             token=TOKEN,
             allow_reconnect=False,
             connect_timeout=2,

@@ -21,6 +21,7 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
+from modelwatch.credentials import Scrubber
 from tests.brokers import BrokerServer, nats_broker, read_stream, redis_broker, running
 from tests.conftest import wait_until
 from tests.daemons import CLI, daemon_env, daemon_process, jsonl_records
@@ -293,3 +294,51 @@ def test_a_running_daemon_delivers_secrets_to_their_servers_and_nowhere_else(
     assert leaks(*outputs, status.stdout, status_json.stdout, stored) == []
     assert "secret_file_readable" in stderr
     assert os.stat(tmp_path / "hook-secret").st_mode & 0o777 == 0o644  # only warned about
+
+
+def test_a_token_echoed_without_its_scheme_is_scrubbed() -> None:
+    """A receiver that quotes only the token of `Authorization: Bearer <token>` in its error
+    body does not put the token into logs, `status` or the status page."""
+    scrub = Scrubber(["Bearer abc123TOPSECRETtoken", "Basic YWxpY2U6cHc="])
+    text = scrub('HTTP 401: {"error":"invalid token abc123TOPSECRETtoken", "got":"YWxpY2U6cHc="}')
+    assert "abc123TOPSECRETtoken" not in text
+    assert "YWxpY2U6cHc=" not in text
+    assert "Bearer" not in scrub("Bearer abc123TOPSECRETtoken")
+    assert scrub("Bearer is a word") == "Bearer is a word"  # short words are not secrets
+
+
+def test_check_config_masks_urls_in_a_command_and_the_cluster_url(tmp_path: Path) -> None:
+    """A URL inside a command's arguments and the `[cluster]` URL are shown with their query
+    values and passwords masked, like every sink URL."""
+    config = tmp_path / "modelwatch.toml"
+    config.write_text(
+        f"""\
+[daemon]
+state_dir = "{tmp_path / "state"}"
+[cluster]
+backend = "redis"
+url = "redis://127.0.0.1:6379/0?client_name=abcSECRETq"
+[[roots]]
+path = "{tmp_path / "models"}"
+[[sinks]]
+type = "command"
+argv = ["curl", "https://hooks.example/x?code=qTOKENq"]
+"""
+    )
+    result = modelwatch("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "qTOKENq" not in result.stdout
+    assert "abcSECRETq" not in result.stdout
+    assert "https://hooks.example/x?code=***" in result.stdout
+
+
+def test_a_malformed_cluster_url_is_a_configuration_error(tmp_path: Path) -> None:
+    config = tmp_path / "modelwatch.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[cluster]\nbackend = "redis"\nurl = "redis://[::1"\n'
+    )
+    result = modelwatch("check-config", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert "cluster.url" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -17,6 +17,8 @@ import pytest
 from modelwatch.config import Config
 from modelwatch.events import Event
 from modelwatch.progress import progress
+from modelwatch.settle_loop import Reconfigure
+from modelwatch.watch import Change
 from tests.harness import Harness
 from tests.writers import write_safetensors
 
@@ -169,3 +171,70 @@ def test_an_inspection_past_its_budget_is_rejected_once(
     assert event.data["files"] == [{"path": "model.safetensors", "size": size}]
     h.rescan()
     assert h.advance(40) == [] and calls == ["inspect"]
+
+
+def test_a_reload_removing_a_root_loses_nothing_of_the_others(
+    tmp_path: Path, make_config: Callable[..., Config]
+) -> None:
+    """Units of two roots settle in the same turn as a reload drops one root: the kept
+    root's unit is registered, the dropped root's unit is forgotten, and the loop keeps
+    turning (a stale unit used to fail every turn and hold up the stop)."""
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    kept.mkdir()
+    dropped.mkdir()
+    roots = f'[[roots]]\npath = "{kept}"\nunit_depth = 1\n'
+    other = f'[[roots]]\npath = "{dropped}"\nunit_depth = 1\n'
+    both = make_config(f"[defaults]\nsettle_seconds = 2\n{roots}{other}")
+    h = Harness(both)
+    try:
+        for root in (kept, dropped):
+            unit = model(root / "m")
+            h.loop.handle(
+                Change(str(root), str(unit / "model.safetensors"), None, False, h.clock.monotonic())
+            )
+        assert h.advance(1.0) == []  # the probe scans, half-way through the quiet period
+        h.clock.advance(1.0)
+        h.loop.step()  # the final checks run; their outcomes wait in the inbox
+        h.loop.inbox.put(
+            Reconfigure(make_config(f"[defaults]\nsettle_seconds = 2\n{roots}"), [], None)
+        )
+        h.idle()
+        assert kinds(h.events) == [("registered", "m")]
+        assert h.events[0].data["path"].startswith(str(kept))
+        assert h.loop.settler.pending() == []
+        assert h.stop(gap=0.5) == []
+    finally:
+        h.close()
+
+
+def test_a_root_whose_marker_comes_back_is_reconciled_without_a_rescan(
+    loop: Callable[..., Harness],
+) -> None:
+    """The marker is back (an event at the root): the root is reconciled at once, and a
+    unit deleted while it was away is `removed`; without an event the root is looked at
+    again every few seconds."""
+    h = loop(root_extra='root_marker = ".ready"')
+    root = Path(h.root)
+    (root / ".ready").touch()
+    model(root / "old")
+    model(root / "older")
+    h.rescan()
+    assert sorted(kinds(h.advance(31))) == [("registered", "old"), ("registered", "older")]
+    (root / ".ready").unlink()
+    h.touch(root / ".ready")
+    h.idle()
+    assert not h.loop.roots[h.root].available
+    shutil.rmtree(root / "old")
+    assert h.advance(60) == []
+    (root / ".ready").touch()
+    h.touch(root / ".ready")  # the marker's event: no rescan asked for
+    assert kinds(h.advance(31)) == [("removed", "old")]
+    assert h.loop.roots[h.root].available
+    # gone again, back again without any event: found by looking again
+    (root / ".ready").unlink()
+    h.touch(root / ".ready")
+    h.idle()
+    assert not h.loop.roots[h.root].available
+    shutil.rmtree(root / "older")
+    (root / ".ready").touch()
+    assert kinds(h.advance(40)) == [("removed", "older")]

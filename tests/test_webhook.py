@@ -468,3 +468,34 @@ def test_build_sink_finds_the_webhook_sink_through_entry_points(receiver: Receiv
         assert isinstance(sink, WebhookSink)
     finally:
         sink.close()
+
+
+def test_a_user_and_password_in_url_env_are_sent_as_basic_authorization(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL with credentials comes from the environment (or a file); its user:password
+    becomes the request's Basic authorization (it was dropped, and the receiver answered
+    401), and neither appears in the sink's description or its errors."""
+    with_credentials = receiver.url.replace("http://", "http://alice:s%40cret@")
+    monkeypatch.setenv("HOOK_URL", with_credentials)
+    sink = WebhookSink(sink_config("webhook", options={"url_env": "HOOK_URL"}, key="sinks[1]"))
+    try:
+        sink.send(an_event())
+    finally:
+        sink.close()
+    [request] = receiver.requests
+    assert request.headers["authorization"] == "Basic " + base64.b64encode(b"alice:s@cret").decode(
+        "ascii"
+    )
+    assert "s%40cret" not in repr(sink)
+    assert "alice" not in repr(sink)
+
+
+def test_credentials_in_url_env_and_an_authorization_header_are_refused(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOOK_URL", receiver.url.replace("http://", "http://alice:pw@"))
+    monkeypatch.setenv("HOOK_AUTH", "Bearer abcdefgh")
+    options = {"url_env": "HOOK_URL", "headers_env": {"Authorization": "HOOK_AUTH"}}
+    with pytest.raises(ConfigError, match=r"^sinks\[1\]: the URL carries a user:password"):
+        WebhookSink(sink_config("webhook", options=options, key="sinks[1]"))

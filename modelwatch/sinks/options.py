@@ -263,7 +263,7 @@ def _masked(show: Show, value: Any) -> Any:
         return dict.fromkeys(value, MASK)
     if show == "url":
         return [mask_url(v) for v in value] if isinstance(value, list) else mask_url(str(value))
-    return value
+    return mask_options(value)  # a URL inside any text (a command's argument) is masked too
 
 
 # --- kinds ------------------------------------------------------------------------------------

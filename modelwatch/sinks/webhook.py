@@ -180,6 +180,7 @@ class _Target:
     port: int
     path: str  # the request target: path and query, percent-encoded ASCII
     origin: str
+    authorization: str | None = None  # Basic, from a user:password in url_env / url_file
 
     @property
     def url(self) -> str:
@@ -241,7 +242,7 @@ class WebhookSink:
         self._target = _target(values)
         self._timeout: float = values["timeout_seconds"]
         self._mode: str = values["mode"]
-        self._headers = _headers(values)
+        self._headers = _with_url_credentials(_headers(values), self._target, values.key)
         self._keys = _signing_keys(values)
         self._tls = values.tls()
         self._route = values.route(self._target.url)
@@ -421,7 +422,29 @@ def _target(values: Values) -> _Target:
     target = urllib.parse.quote(target, safe="!#$%&'()*+,/:;=?@[]~")
     host = parts.hostname or ""
     shown_host = f"[{host}]" if ":" in host else host
-    return _Target(scheme, host, port, target, f"{scheme}://{shown_host}:{port}")
+    authorization = None
+    if parts.username is not None or parts.password is not None:  # only from env or file
+        userinfo = (
+            f"{urllib.parse.unquote(parts.username or '')}:"
+            f"{urllib.parse.unquote(parts.password or '')}"
+        )
+        authorization = "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
+        values.scrub.add(authorization)
+        values.scrub.add(authorization.removeprefix("Basic "))
+    origin = f"{scheme}://{shown_host}:{port}"
+    return _Target(scheme, host, port, target, origin, authorization)
+
+
+def _with_url_credentials(headers: dict[str, str], target: _Target, key: str) -> dict[str, str]:
+    """`headers` with the Basic authorization of the URL's user:password, if it has one."""
+    if target.authorization is None:
+        return headers
+    if "authorization" in {name.lower() for name in headers}:
+        raise ConfigError(
+            f"{key}: the URL carries a user:password and an Authorization header is set too;"
+            " give one of them"
+        )
+    return {**headers, "Authorization": target.authorization}
 
 
 def _headers(values: Values) -> dict[str, str]:
