@@ -88,7 +88,49 @@ def describe_unit(
         except Stopped as exc:
             error = {"code": exc.code, "file": "", "message": f"metrics {exc.message}"}
             model = {**(model or {}), "error": (model or {}).get("error", error)}
-    return Description(model, tuple(found))
+    return _representable(Description(model, tuple(found)))
+
+
+# What an event's JSON carries exactly: integers of 64 bits (a crafted shape's element count
+# has hundreds of digits), finite numbers, strings, lists and tables of them.
+_INT_LIMIT = 2**63
+_MAX_DEPTH = 32
+
+
+def _representable(description: Description) -> Description:
+    """`description` with every value an event's JSON can carry: an integer beyond 64 bits or
+    a number that is not finite is null, and `error` says so (`describe_out_of_range`);
+    anything else that is not JSON (a date an MLmodel's YAML held) is its text."""
+    dropped: list[str] = []
+    model = _plain(description.model, dropped, 0)
+    scalars = tuple(_plain(dict(s), dropped, 0) for s in description.scalars)
+    if dropped and isinstance(model, dict) and not model.get("error"):
+        message = f"a value out of range is not shown ({dropped[0]})"
+        model["error"] = {"code": "describe_out_of_range", "file": "", "message": message}
+    return Description(model if isinstance(model, dict) or model is None else None, scalars)
+
+
+def _plain(value: Any, dropped: list[str], depth: int) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        if -_INT_LIMIT <= value < _INT_LIMIT:
+            return value
+        dropped.append(f"an integer of {value.bit_length()} bits")
+        return None
+    if isinstance(value, float):
+        if value == value and abs(value) != float("inf"):
+            return value
+        dropped.append(repr(value))
+        return None
+    if depth >= _MAX_DEPTH:
+        dropped.append(f"nesting deeper than {_MAX_DEPTH}")
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, dropped, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, dropped, depth + 1) for v in value]
+    return str(value)[:1000]
 
 
 def _progress(_nbytes: int) -> None:

@@ -168,7 +168,11 @@ def _end_record(fd: int, size: int) -> tuple[int, int, bool, int]:
     # The usual case first: no archive comment, the record is the last 22 bytes.
     at = len(tail) - _END.size
     if at < 0 or tail[at : at + 4] != _END_SIGNATURE or tail[-2:] != b"\0\0":
+        # Else the record whose comment ends the file: the signature alone may be data (a
+        # zip stored inside the archive, whose own record a truncated file would end near).
         at = tail.rfind(_END_SIGNATURE)
+        while at >= 0 and not _ends_the_file(tail, at):
+            at = tail.rfind(_END_SIGNATURE, 0, at)
     if at < 0 or at + _END.size > len(tail):
         raise ZipError("zip central directory unreadable (no end record)")
     fields = _END.unpack_from(tail, at)
@@ -177,6 +181,14 @@ def _end_record(fd: int, size: int) -> tuple[int, int, bool, int]:
     if zip64 is not None:
         return location, zip64[0], True, zip64[1]
     return location, fields[5], False, fields[6]
+
+
+def _ends_the_file(tail: bytes, at: int) -> bool:
+    """Whether an end record at `at` of the file's `tail`, with its comment, ends the file."""
+    if at + _END.size > len(tail):
+        return False
+    comment: int = _END.unpack_from(tail, at)[-1]
+    return at + _END.size + comment == len(tail)
 
 
 def _zip64_directory(fd: int, location: int) -> tuple[int, int] | None:

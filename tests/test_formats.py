@@ -431,6 +431,27 @@ def test_truncated_torch_zip(tmp_path: Path) -> None:
     assert check(tmp_path) == "model.pt: zip central directory unreadable (no end record)"
 
 
+def test_a_torch_zip_cut_inside_a_stored_zip_is_incomplete(tmp_path: Path) -> None:
+    """A tensor whose bytes are a zip (a stored tokenizer archive) leaves an end record in
+    the data: a torch.save cut off just after it must not pass for complete."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("tokenizer.json", "{}")
+    outer = io.BytesIO()
+    with zipfile.ZipFile(outer, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        z.writestr("archive/data/0", inner.getvalue() + b"\0" * 4000)
+        z.writestr("archive/data/1", os.urandom(200_000))
+    whole = outer.getvalue()
+    cut = whole.index(inner.getvalue()) + len(inner.getvalue()) + 4100
+    (tmp_path / "model.pt").write_bytes(whole[:cut])
+    reason = check_complete(str(tmp_path), "pytorch", {"model.pt": cut})
+    assert reason is not None
+    assert "no end record" in reason.message
+    (tmp_path / "model.pt").write_bytes(whole)
+    assert check_complete(str(tmp_path), "pytorch", {"model.pt": len(whole)}) is None
+
+
 def test_torch_zip_is_aligned_like_torch_save(tmp_path: Path) -> None:
     """The writer's records are 64-byte aligned under the file's stem, as torch.save does."""
     write_torch_zip(tmp_path / "model.pt")

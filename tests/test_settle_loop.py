@@ -6,8 +6,10 @@ running out and a bug in a job: each as the events (and store rows) a user would
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,3 +240,36 @@ def test_a_root_whose_marker_comes_back_is_reconciled_without_a_rescan(
     shutil.rmtree(root / "older")
     (root / ".ready").touch()
     assert kinds(h.advance(40)) == [("removed", "older")]
+
+
+def test_a_description_no_event_can_carry_does_not_hold_up_registration(
+    loop: Callable[..., Harness],
+) -> None:
+    """A 2 KB safetensors header whose tensor has 250 dimensions of 10^18 (an element count
+    of 4,500 digits) and an MLmodel whose signature holds a date and a NaN: each unit is
+    registered once, its `data.model` saying what it could not show (they used to fail at
+    every check, forever)."""
+    h = loop()
+    root = Path(h.root)
+    big = root / "big"
+    big.mkdir()
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [10**18] * 250, "data_offsets": [0, 0]}}
+    ).encode()
+    (big / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    odd = root / "odd"
+    odd.mkdir()
+    (odd / "MLmodel").write_text(
+        "flavors:\n  python_function: {}\nsignature:\n  inputs: 2001-12-14\n  outputs: .nan\n"
+    )
+    h.rescan()
+    events = {e.subject: e for e in h.advance(31)}
+    assert sorted(events) == ["big", "odd"]
+    assert all(e.short_type == "registered" for e in events.values())
+    big_model = events["big"].data["model"]
+    assert big_model["parameter_count"] is None
+    assert big_model["error"]["code"] == "describe_out_of_range"
+    odd_model = events["odd"].data["model"]
+    assert odd_model["signature"]["inputs"] == "2001-12-14"
+    assert odd_model["error"]["code"] == "describe_out_of_range"
+    json.loads(json.dumps([e.to_dict() for e in events.values()], allow_nan=False))
