@@ -147,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     daemon = Daemon(config)
     try:
-        daemon.start()
+        daemon.start(stop=stop)
         daemon.serve(stop, reload=reload, reload_requested=reload_requested)
     finally:
         daemon.stop()

@@ -16,6 +16,7 @@ import os
 import random
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -135,8 +136,10 @@ class Daemon:
 
     # -- start -------------------------------------------------------------------------------
 
-    def start(self, *, wait_ready: bool = True) -> None:
-        """Lock the state, start every thread, reconcile every root, then report ready."""
+    def start(self, *, wait_ready: bool = True, stop: threading.Event | None = None) -> None:
+        """Lock the state, start every thread, reconcile every root, then report ready; a
+        `stop` set meanwhile (SIGTERM during a long initial reconcile) ends the wait, not
+        ready, so the stop is carried out within its timeout."""
         schema = schema_for(self.config)
         self.state.lock()
         store = Store(self.state.db_path)
@@ -175,7 +178,9 @@ class Daemon:
         self.inbox.put(initial)
         self.stages.loop.start()
         if wait_ready:
-            self._wait_initial_reconcile(initial)
+            if not self._wait_initial_reconcile(initial, stop or threading.Event()):
+                log.info("stopping_before_ready", note="the initial reconcile was not finished")
+                return
             self.ready.set()
             log.info("ready", roots=len(self.watchers), sinks=[s.name for s in self.sinks])
             self.notifier.ready(self._status())
@@ -226,12 +231,19 @@ class Daemon:
             self.coordinator is not None and self.coordinator.holds(root)
         )
 
-    def _wait_initial_reconcile(self, initial: Flush) -> None:
+    def _wait_initial_reconcile(self, initial: Flush, stop: threading.Event) -> bool:
         """Wait for the initial reconcile, asking systemd for more start time meanwhile (a
-        root of a million files on NFS takes minutes, longer than a start timeout)."""
-        while not initial.done.wait(EXTEND_START_SECONDS / 3):
-            self.notifier.extend_timeout(EXTEND_START_SECONDS)
-            self.notifier.status("reconciling roots with the state store")
+        root of a million files on NFS takes minutes, longer than a start timeout); False
+        when `stop` was set first."""
+        extended = time.monotonic()
+        while not initial.done.wait(0.1):
+            if stop.is_set():
+                return False
+            if time.monotonic() - extended >= EXTEND_START_SECONDS / 3:
+                extended = time.monotonic()
+                self.notifier.extend_timeout(EXTEND_START_SECONDS)
+                self.notifier.status("reconciling roots with the state store")
+        return True
 
     def _start_worker(self, sink: Sink) -> None:
         attempts = {s.name: s.max_attempts for s in self.config.sinks}

@@ -137,7 +137,14 @@ class Registry:
         record = self.store.units.get(unit.display)
         if record is None or not record.present:
             return None
-        if record.registered_fp is None:
+        registered = (
+            self.store.units.fingerprint(record.path, record.registered_fp)
+            if record.registered_fp is not None
+            else None
+        )
+        # Nothing registered since the last removal (a later version was only rejected):
+        # that removal was already told, and is not told twice.
+        if registered is None or registered.epoch != record.removals:
             self.store.units.set_present(record.path, False)
             return None
         event = self._event(REMOVED, unit, root, when, _removed_data(record), record.removals)

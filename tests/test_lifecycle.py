@@ -12,7 +12,9 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,3 +349,56 @@ def test_a_depth_zero_root_names_its_model_after_the_directory(
     )
     assert events[str(other)]["data"]["name"] == "resnet-50"
     assert events[str(other)]["data"]["experiment_id"] is None
+
+
+SLOW_RECONCILE = """\
+import sys, time
+import modelwatch.checks as checks
+from modelwatch.progress import progress
+original = checks.reconcile
+
+def slow(*args, **kwargs):  # a root of a million files on NFS: minutes, reporting progress
+    print("reconciling", file=sys.stderr, flush=True)
+    until = time.monotonic() + 60
+    while time.monotonic() < until:
+        progress()
+        time.sleep(0.01)
+    return original(*args, **kwargs)
+
+checks.reconcile = slow
+from modelwatch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_initial_reconcile_stops_within_the_shutdown_timeout(
+    tmp_path: Path,
+) -> None:
+    """A stop asked for while the first reconcile of a huge root is still running is carried
+    out within shutdown_timeout_seconds (it waited for the reconcile, minutes, until systemd
+    or the kubelet killed the daemon)."""
+    (tmp_path / "models").mkdir()
+    config = tmp_path / "modelwatch.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nshutdown_timeout_seconds = 2\n'
+        f'[[roots]]\npath = "{tmp_path / "models"}"\n'
+    )
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_RECONCILE)
+    with subprocess.Popen(
+        [sys.executable, str(script), "run", "--config", str(config)],
+        env=daemon_env(PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as daemon:
+        assert daemon.stderr is not None
+        for line in daemon.stderr:
+            if "reconciling" in line:
+                break
+        sent = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        rc = daemon.wait(timeout=30)
+        took = time.monotonic() - sent
+    assert rc == 0
+    assert took < 2 + 2.0  # shutdown_timeout_seconds, and the interpreter's exit

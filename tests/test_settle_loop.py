@@ -273,3 +273,32 @@ def test_a_description_no_event_can_carry_does_not_hold_up_registration(
     assert odd_model["signature"]["inputs"] == "2001-12-14"
     assert odd_model["error"]["code"] == "describe_out_of_range"
     json.loads(json.dumps([e.to_dict() for e in events.values()], allow_nan=False))
+
+
+def test_a_removal_is_told_once_whatever_was_rejected_after_it(
+    loop: Callable[..., Harness],
+) -> None:
+    """v1 registered, removed; files that are rejected come and go: no second `removed`
+    for v1 (it came with a new id, so deduplicating by id did not catch it)."""
+    h = loop()
+    root = Path(h.root)
+    model(root / "m")
+    h.rescan()
+    assert kinds(h.advance(31)) == [("registered", "m")]
+    shutil.rmtree(root / "m")
+    h.rescan()
+    assert kinds(h.advance(31)) == [("removed", "m")]
+    unit = model(root / "m", size=7)
+    (unit / "gradient-model-metadata.json").write_text("{not json")
+    h.rescan()
+    assert kinds(h.advance(31)) == [("rejected", "m")]
+    shutil.rmtree(root / "m")
+    h.rescan()
+    assert h.advance(31) == []
+    model(root / "m", size=9)
+    h.rescan()
+    (event,) = h.advance(31)
+    assert (event.short_type, event.data["version"]) == ("registered", 2)
+    shutil.rmtree(root / "m")
+    h.rescan()
+    assert kinds(h.advance(31)) == [("removed", "m")]
