@@ -346,5 +346,9 @@ def _check_sink(config: Config, store: Store, sink: str | None) -> None:
 
 
 def _open_existing_store(config: Config) -> Store:
-    # no migration: a daemon of the previous version may be running on this store
-    return Store(StateDir(config.daemon.state_dir).db_path, migrate=False)
+    """The store, read as it is: no migration (a daemon of the previous version may be
+    running on it), and none created where there is none yet (an empty one in memory)."""
+    db_path = os.path.join(config.daemon.state_dir, "state.db")
+    if not os.path.exists(db_path):
+        return Store(":memory:")
+    return Store(db_path, migrate=False)

@@ -33,7 +33,7 @@ from modelwatch.cluster.sharing import shared_roots
 from modelwatch.config import Config, RootConfig, SinkConfig
 from modelwatch.control import ControlServer
 from modelwatch.delivery import DeliveryWorker
-from modelwatch.errors import ModelwatchError
+from modelwatch.errors import ModelwatchError, StateError
 from modelwatch.events import Event
 from modelwatch.health import HealthServer
 from modelwatch.metrics import REJECTION_CODES, ClusterRoot, Metrics
@@ -114,6 +114,8 @@ class Daemon:
                 pages=self._pages,
             )
         self._metrics_store: Store | None = None
+        self._observer_store: Store | None = None  # the main thread's, for `_record_observers`
+        self._observers_recorded: dict[str, str] = {}
         self.control: ControlServer | None = None
         self.views = Views(
             config=lambda: self.config,
@@ -383,6 +385,7 @@ class Daemon:
                 reaper.reap_orphans()
             self._follow_roots()
             self._report_roots()
+            self._record_observers()
             if self.clock.monotonic() >= next_reconcile:
                 for watcher in self.watchers:
                     if self._watches(watcher.root.path):
@@ -410,6 +413,24 @@ class Daemon:
                 if w.root.path in states
             }
         )
+
+    def _record_observers(self) -> None:
+        """Store how each root is watched (inotify, polling, missing), for `status`."""
+        changed = {
+            w.root.path: w.kind
+            for w in self.watchers
+            if self._observers_recorded.get(w.root.path) != w.kind
+        }
+        if not changed:
+            return
+        try:
+            if self._observer_store is None:
+                self._observer_store = Store(self.state.db_path)
+            for path, kind in changed.items():
+                if self._observer_store.units.set_observer(describe(path), kind):
+                    self._observers_recorded[path] = kind
+        except StateError as exc:  # shown again at the next try
+            log.warning("state_write_failed", error=str(exc))
 
     def _reconcile_interval(self) -> float:
         return jittered(self.config.daemon.reconcile_interval_seconds, self._rng)
@@ -524,6 +545,8 @@ class Daemon:
             self.stages.store.close()
         if self._metrics_store is not None:
             self._metrics_store.close()
+        if self._observer_store is not None:
+            self._observer_store.close()
         self.state.unlock()
         log.info("stopped")
 

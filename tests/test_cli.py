@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from modelwatch.state import SCHEMA_VERSION
+from tests.conftest import wait_until
 from tests.daemons import CLI, daemon_env, daemon_process, wait_ready_line
 from tests.harness import SCHEMA_1_AGAIN
 from tests.writers import write_hf_sharded, write_safetensors
@@ -273,3 +274,36 @@ def test_validate_places_whole_file_problems_at_1_1(tmp_path: Path) -> None:
     result = mw(tmp_path, "validate", str(big))
     assert result.returncode == 1
     assert result.stdout.startswith(f"{big}:1:1: metadata_too_large: ")
+
+
+def test_status_shows_how_each_root_is_watched_and_creates_nothing(tmp_path: Path) -> None:
+    """Before any daemon ran, `status` reads an empty store and leaves no state directory
+    behind; after a polling daemon ran, it shows the root's observer."""
+    models = tmp_path / "models"
+    models.mkdir()
+    state = tmp_path / "state"
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{state}"\n[defaults]\nobserver = "polling"\n'
+        f'[[roots]]\npath = "{models}"\nunit_depth = 1\n'
+    )
+    before = mw(tmp_path, "status", "--config", str(config), "--format", "json")
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout)["units"] == []
+    assert not state.exists()
+    with daemon_process(
+        ["run", "--config", str(config)], env=env_for(tmp_path), stderr=subprocess.PIPE
+    ) as daemon:
+        try:
+            wait_ready_line(daemon.stderr)
+
+            def observers() -> list[str | None]:
+                body = mw(tmp_path, "status", "--config", str(config), "--format", "json")
+                return [root["observer"] for root in json.loads(body.stdout)["roots"]]
+
+            wait_until(lambda: observers() == ["polling"], timeout=20)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=15) == 0
+    after = mw(tmp_path, "status", "--config", str(config))
+    assert "polling" in after.stdout

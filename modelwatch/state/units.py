@@ -368,6 +368,13 @@ class UnitTable:
         )
 
 
+    def set_observer(self, path: str, observer: str) -> bool:
+        """Record how a root is watched (`status`); False when the root has no row yet."""
+        return (
+            self.db.execute("UPDATE roots SET observer = ? WHERE path = ?", (observer, path)) > 0
+        )
+
+
 def _json(errors: Sequence[Mapping[str, Any]]) -> str | None:
     return json.dumps(list(errors), ensure_ascii=False) if errors else None
 
