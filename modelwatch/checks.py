@@ -113,6 +113,7 @@ class Reconciled:
     availability: Availability
     changed: list[Unit] = field(default_factory=list)  # to make pending
     healed: list[tuple[str, bytes | None]] = field(default_factory=list)  # digests to store
+    gone: list[Unit] = field(default_factory=list)  # recorded present, no longer on disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,8 +284,10 @@ def reconcile(
         except OverBudget:
             raise
         except Exception:  # the unit is settled the slow way rather than skipped
-            unchanged = False
-        if not unchanged:
+            unchanged, manifest = False, None
+        if manifest is not None and not manifest.exists and unit.display in stored_digests:
+            result.gone.append(unit)
+        elif not unchanged or manifest is None:
             result.changed.append(unit)
         elif (digest := rules.to_store(manifest, ctx.clock.time())) is not None:
             result.healed.append((unit.display, digest))

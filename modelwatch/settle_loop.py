@@ -150,6 +150,8 @@ class SettleLoop(threading.Thread):
         self._tokens: dict[Unit, int] = {}
         self._counter = itertools.count(1)
         self._reconciling: dict[int, str] = {}  # token -> root of reconciles in flight
+        self._startup: set[int] = set()  # tokens of the start's reconciles
+        self._past_start = False  # the start's Flush was handled
         self._flushes: list[tuple[Flush, set[int]]] = []
         self._overdue: list[Unit] = []
         self._done: list[_Done] = []
@@ -392,6 +394,8 @@ class SettleLoop(threading.Thread):
         skip = frozenset(self.settler.pending())
         ctx = self._context(root)
         self._reconciling[token] = root
+        if not self._past_start:  # queued at the start, before its Flush: the start's reconcile
+            self._startup.add(token)
 
         def job(store: Store) -> Reconciled:
             return checks.reconcile(ctx, store, root, below, token, skip)
@@ -402,19 +406,31 @@ class SettleLoop(threading.Thread):
         self.pool.submit(job, budget=None, on_error=failed)
 
     def _reconciled(self, result: Reconciled) -> None:
-        self._reconcile_finished(result.token)
+        startup = result.token in self._startup
+        self._startup.discard(result.token)
         root = result.root
         if root not in self.rules or root in self.paused or self._stopping is not None:
+            self._reconcile_finished(result.token)
             return
         self._root_state(root, result.availability, reconciled=True)
         now = self.clock.monotonic()
         for unit in result.changed:
             if unit not in self.settler:
                 self.observe(unit, now)
+        for unit in result.gone:
+            if unit in self.settler:
+                continue
+            if startup:  # vanished while the daemon was down: removed before it is ready
+                self._done.append(_Done(unit, checks.Settled(None), 0.0))
+            else:  # it may be coming back (a directory swapped by renames): settled as usual
+                self.observe(unit, now)
         try:
             self.store.units.set_scan_digests(result.healed)
         except StateError as exc:  # only a shortcut is lost: the next pass scans again
             log.warning("state_write_failed", error=str(exc))
+        if startup and self._done:
+            self._commit(now)
+        self._reconcile_finished(result.token)
 
     def _reconcile_finished(self, token: int) -> None:
         self._reconciling.pop(token, None)
@@ -428,6 +444,7 @@ class SettleLoop(threading.Thread):
         self._flushes = waiting
 
     def _flush(self, flush: Flush) -> None:
+        self._past_start = True  # reconciles asked for from now on are not the start's
         if self._reconciling:
             self._flushes.append((flush, set(self._reconciling)))
         else:

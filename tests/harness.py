@@ -9,7 +9,7 @@ from pathlib import Path
 
 from modelwatch.config import Config
 from modelwatch.events import Event
-from modelwatch.settle_loop import SettleLoop, Stop
+from modelwatch.settle_loop import Flush, SettleLoop, Stop
 from modelwatch.stages import build_stages
 from modelwatch.state import StateDir, Store
 from modelwatch.testing import FakeClock
@@ -34,8 +34,15 @@ class Harness:
     """A settle loop whose clock and change feed the test drives."""
 
     def __init__(
-        self, config: Config, wall: float | None = None, on_event: object | None = None
+        self,
+        config: Config,
+        wall: float | None = None,
+        on_event: object | None = None,
+        *,
+        starting: bool = False,
     ) -> None:
+        """`starting`: the loop is a daemon's at its start, whose first reconciles (until
+        `started()`) remove vanished units at once; else it has started already."""
         self.config = config
         self.clock = FakeClock() if wall is None else FakeClock(wall=wall)
         self.store = Store(StateDir(config.daemon.state_dir).db_path)
@@ -49,6 +56,12 @@ class Harness:
         )
         self.loop: SettleLoop = self.stages.loop
         self.root = config.roots[0].path
+        if not starting:
+            self.started()
+
+    def started(self) -> None:
+        """What a daemon does once its start's reconciles are queued (its `Flush`)."""
+        self.loop.handle(Flush())
 
     def idle(self) -> None:
         """Run turns of the loop until every job submitted was handled."""

@@ -329,7 +329,14 @@ def test_changes_while_down_are_reconciled_before_ready(
     h.stop()
     shutil.rmtree(tmp_path / "models" / "a")
     after = MemorySink()
-    h.start(after)
+    daemon = h.start(after)
+    # committed when the start returns, READY: not one quiet period later
+    store = Store(daemon.state.db_path)
+    try:
+        record = store.units.get(str(tmp_path / "models" / "a"))
+        assert record is not None and not record.present and record.removals == 1
+    finally:
+        store.close()
     (removed,) = after.wait_for(1)
     assert (removed.short_type, removed.subject) == ("removed", "a")
     h.stop()

@@ -367,12 +367,9 @@ class UnitTable:
             (path, device, state, reason, observer, now, now),
         )
 
-
     def set_observer(self, path: str, observer: str) -> bool:
         """Record how a root is watched (`status`); False when the root has no row yet."""
-        return (
-            self.db.execute("UPDATE roots SET observer = ? WHERE path = ?", (observer, path)) > 0
-        )
+        return self.db.execute("UPDATE roots SET observer = ? WHERE path = ?", (observer, path)) > 0
 
 
 def _json(errors: Sequence[Mapping[str, Any]]) -> str | None:
