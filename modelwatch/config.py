@@ -863,9 +863,12 @@ def check_cluster_url(key: str, cluster: ClusterConfig, url: str) -> None:
     for one in url.split(","):
         try:
             parts = urllib.parse.urlsplit(one.strip())
-            parts.port  # noqa: B018 (raises on a bad port)
         except ValueError as exc:
             raise ConfigError(f"{key}: {exc} in {_show(mask_url(one))}") from None
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            raise ConfigError(f"{key}: invalid port in {_show(mask_url(one))}") from None
         if parts.scheme not in schemes or not (parts.hostname or parts.scheme == "unix"):
             raise ConfigError(
                 f"{key}: must be a {' or '.join(s + '://' for s in schemes)} URL naming a host, "

@@ -11,10 +11,13 @@ describes it (`modelwatch.describe`). Three operations read the table:
   of `FORMATS` wins: the most specific (an MLflow model wraps any flavour, a SavedModel
   contains a checkpoint).
 - `check_complete(unit_dir, fmt, sizes)` returns None when every instance of `fmt` in the
-  unit is completely written, else one `Reason` (code `incomplete`, or `unit_unavailable`
-  when the unit directory cannot be opened) whose message names the file and whose `files`
-  hold it first (then the file that named it: a shard index, `checkpoint`). It never raises
-  for what it finds on disk; see `modelwatch.completeness`.
+  unit is completely written, and, unless `fmt` is settle-only (`mlflow`, `unknown`), every
+  file of any other format found in it too (an ONNX model beside a half-written `model.pt`
+  is not complete), else one `Reason` (code
+  `incomplete`, or `unit_unavailable` when the unit directory cannot be opened) whose
+  message names the file and whose `files` hold it first (then the file that named it: a
+  shard index, `checkpoint`). It never raises for what it finds on disk; see
+  `modelwatch.completeness`.
 - `describe_model(dir_fd, files, fmt)` is the format's `data.model`, or None for a format
   that carries none (`unknown`); never raises for bad input (see `modelwatch.describe`).
 
@@ -136,13 +139,15 @@ def detect_format(paths: Collection[str]) -> str:
     return _detect(tuple(paths))
 
 
-@functools.lru_cache(maxsize=4)  # one or two per inspection worker
 def _detect(paths: tuple[str, ...]) -> str:
+    return next(iter(_matching(paths)), "unknown")
+
+
+@functools.lru_cache(maxsize=4)  # one or two per inspection worker
+def _matching(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """Every format some directory of the unit matches, most specific first."""
     directories = names_by_dir(paths).values()
-    for row in _ROWS:
-        if any(row.detect(names) for names in directories):
-            return row.name
-    return "unknown"
+    return tuple(row.name for row in _ROWS if any(row.detect(names) for names in directories))
 
 
 def model_type_for(fmt: str) -> str:
@@ -165,9 +170,12 @@ def check_complete(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
-    return completeness.check(
-        unit_dir, FORMATS[fmt].complete, sizes, follow_top=follow_top, identity=identity
-    )
+    checks = list(FORMATS[fmt].complete)
+    # A half-written file of another format counts too; a settle-only format (an MLflow
+    # model, whatever its flavour's files) stays settle-only (SPEC §6).
+    for other in _matching(tuple(sizes)) if checks else ():
+        checks += [each for each in FORMATS[other].complete if each not in checks]
+    return completeness.check(unit_dir, checks, sizes, follow_top=follow_top, identity=identity)
 
 
 def describe_model(

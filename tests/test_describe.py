@@ -440,3 +440,24 @@ def test_empty_packed_tensor_values_are_no_scalar(tmp_path: Path) -> None:
         assert scalar_metrics(fd, ["events.out.tfevents.1"]) == []
     finally:
         os.close(fd)
+
+
+def test_a_huggingface_description_counts_the_model_beside_its_config(tmp_path: Path) -> None:
+    """A trainer's output: the model beside `config.json` (transformers 5 writes `dtype`),
+    its `checkpoint-*/` copies and `optimizer.pt`: the parameters and shards are the model's
+    own (they were summed over every copy), and `torch_dtype` is given."""
+    weights = safetensors({"w": {"dtype": "F32", "shape": [10, 100], "data_offsets": [0, 4000]}})
+    weights += b"\0" * 4000
+    config = json.dumps({"architectures": ["M"], "model_type": "m", "dtype": "float32"})
+    files = {
+        "config.json": config.encode(),
+        "model.safetensors": weights,
+        "checkpoint-500/config.json": config.encode(),
+        "checkpoint-500/model.safetensors": weights,
+        "checkpoint-1000/model.safetensors": weights,
+        "optimizer.pt": torch_zip(pickle.dumps({}, protocol=2)),
+    }
+    result = described(tmp_path, "huggingface", files)
+    assert result["parameter_count"] == 1000
+    assert result["shard_count"] == 1
+    assert result["torch_dtype"] == "float32"

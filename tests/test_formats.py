@@ -431,6 +431,25 @@ def test_truncated_torch_zip(tmp_path: Path) -> None:
     assert check(tmp_path) == "model.pt: zip central directory unreadable (no end record)"
 
 
+@pytest.mark.parametrize(
+    ("main", "half_written"),
+    [
+        (lambda d: write_onnx(d / "model.onnx"), "model.pt"),
+        (lambda d: write_safetensors(d / "model.safetensors", {"w": 10}), "optimizer.pt"),
+    ],
+)
+def test_a_half_written_file_of_another_format_keeps_the_unit_incomplete(
+    tmp_path: Path, main: Callable[[Path], Any], half_written: str
+) -> None:
+    """The unit's format is its most specific one, but a half-written file of any format it
+    holds keeps it from settling (only the first format's checks ran)."""
+    main(tmp_path)
+    write_torch_zip(tmp_path / half_written, truncated=True)
+    assert check(tmp_path) == f"{half_written}: zip central directory unreadable (no end record)"
+    write_torch_zip(tmp_path / half_written)
+    assert check(tmp_path) is None
+
+
 def test_a_torch_zip_cut_inside_a_stored_zip_is_incomplete(tmp_path: Path) -> None:
     """A tensor whose bytes are a zip (a stored tokenizer archive) leaves an end record in
     the data: a torch.save cut off just after it must not pass for complete."""

@@ -13,6 +13,7 @@ one chunk, one tensor's entry (at most 64 KiB of text) and the listed tensors (`
 
 from __future__ import annotations
 
+import copy
 import posixpath
 import struct
 from collections.abc import Iterator
@@ -53,20 +54,39 @@ def describe_safetensors(source: Source) -> dict[str, Any]:
 
 
 def describe_huggingface(source: Source) -> dict[str, Any]:
-    """`config.json` facts and the weights' tensors (safetensors, else torch `.bin`)."""
+    """`config.json` facts and the weights' tensors (safetensors, else torch `.bin`): those
+    beside the config only, not a trainer's `checkpoint-*/` copies, `optimizer.pt` or
+    `training_args.bin`. `torch_dtype` is the config's `torch_dtype` or, from transformers
+    5, its `dtype`."""
     configs = source.paths(lambda p: posixpath.basename(p) == "config.json")
     out: dict[str, Any] = {}
+    home = ""
     if configs:
         out["config"] = configs[0]
+        home = posixpath.dirname(configs[0])
         out.update(_config(source, configs[0]))
+        if "torch_dtype" not in out and "dtype" in out:
+            out["torch_dtype"] = out["dtype"]
+    beside = {p: n for p, n in source.files.items() if posixpath.dirname(p) == home}
+    weights = copy.copy(source)
     try:
-        if any(p.endswith(".safetensors") for p in source.files):
-            out.update(describe_safetensors(source))
+        if any(p.endswith(".safetensors") for p in beside):
+            weights.files = {p: n for p, n in beside.items() if p.endswith(".safetensors")}
+            out.update(describe_safetensors(weights))
         else:
-            out.update(pytorch.describe_pytorch(source))
+            weights.files = {p: n for p, n in beside.items() if _hf_torch_weights(p)}
+            found = pytorch.describe_pytorch(weights)
+            found["shard_count"] = found.pop("files", len(weights.files))
+            out.update(found)
     except DescribeError as exc:  # the config stands without the weights
         out["error"] = exc.as_error()
     return out
+
+
+def _hf_torch_weights(path: str) -> bool:
+    """`pytorch_model.bin` and its shards (`pytorch_model-00001-of-00002.bin`)."""
+    name = posixpath.basename(path)
+    return name.startswith("pytorch_model") and name.endswith(".bin")
 
 
 def header_entries(source: Source, path: str) -> Iterator[tuple[str, Any]]:

@@ -263,7 +263,9 @@ def _masked(show: Show, value: Any) -> Any:
         return dict.fromkeys(value, MASK)
     if show == "url":
         return [mask_url(v) for v in value] if isinstance(value, list) else mask_url(str(value))
-    return mask_options(value)  # a URL inside any text (a command's argument) is masked too
+    if isinstance(value, (str, list)):  # a URL inside text (a command's argument) is masked
+        return mask_options(value)
+    return value
 
 
 # --- kinds ------------------------------------------------------------------------------------
