@@ -26,6 +26,7 @@ from modelwatch.config import (
     render_toml,
     with_cli_roots,
 )
+from modelwatch.credentials import not_dumpable
 from modelwatch.daemon import Daemon
 from modelwatch.errors import ConfigError, ModelwatchError, NoAnswer, Problem
 from modelwatch.explain_text import render as render_explain
@@ -132,6 +133,7 @@ def _configure_logging(config: Config) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     _configure_logging(config)
+    not_dumpable()  # secrets read from the environment stay out of a command's reach
     stop, reload_requested = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

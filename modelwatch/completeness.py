@@ -18,6 +18,7 @@ listing, and "complete" must describe the listing the caller fingerprints.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import posixpath
 import re
@@ -134,7 +135,7 @@ class _Incomplete(Exception):
         self.files = files
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Unit:
     fd: int
     sizes: Mapping[str, int]
@@ -142,6 +143,22 @@ class _Unit:
     def paths(self, keep: Callable[[str], bool]) -> list[str]:
         """The listed paths for which `keep` is true, sorted so the first reason is stable."""
         return sorted(path for path in self.sizes if keep(path))
+
+    @functools.cached_property
+    def by_dir(self) -> dict[str, set[str]]:
+        """`names_by_dir` of the listing, made once: a check per directory that walked the
+        whole listing was quadratic (4,000 checkpoint directories: 3.4 s)."""
+        return names_by_dir(self.sizes)
+
+    @functools.cached_property
+    def holding(self) -> set[str]:
+        """Every directory with a file somewhere below it."""
+        found: set[str] = set()
+        for directory in self.by_dir:
+            while directory and directory not in found:
+                found.add(directory)
+                directory = posixpath.dirname(directory)
+        return found
 
     def require(self, path: str, named_in: str | None = None) -> None:
         if path not in self.sizes:
@@ -275,9 +292,9 @@ def _resolve(directory: str, name: str) -> str | None:
 def saved_models(unit: _Unit) -> None:
     pbs = unit.paths(lambda p: posixpath.basename(p) in ("saved_model.pb", "saved_model.pbtxt"))
     for model_dir in sorted({posixpath.dirname(pb) for pb in pbs}):
-        variables_dir = posixpath.join(model_dir, "variables") + "/"
-        if any(path.startswith(variables_dir) for path in unit.sizes):
-            _check_bundle(unit, variables_dir + "variables")
+        variables_dir = posixpath.join(model_dir, "variables")
+        if variables_dir in unit.holding:
+            _check_bundle(unit, variables_dir + "/variables")
 
 
 def _check_bundle(unit: _Unit, prefix: str, named_in: str | None = None) -> None:
@@ -285,8 +302,9 @@ def _check_bundle(unit: _Unit, prefix: str, named_in: str | None = None) -> None
     the file that names the prefix)."""
     unit.require(prefix + ".index", named_in)
     totals = set()
-    for path in unit.sizes:
-        match = _SHARD_SUFFIX.fullmatch(path, len(prefix)) if path.startswith(prefix) else None
+    directory, _, stem = prefix.rpartition("/")
+    for name in unit.by_dir.get(directory, ()):
+        match = _SHARD_SUFFIX.fullmatch(name, len(stem)) if name.startswith(stem) else None
         if match is not None:
             totals.add(int(match.group(2)))
     if not totals:
@@ -303,7 +321,7 @@ def _check_bundle(unit: _Unit, prefix: str, named_in: str | None = None) -> None
 
 
 def tf_checkpoints(unit: _Unit) -> None:
-    by_dir = names_by_dir(unit.sizes)
+    by_dir = unit.by_dir
     for directory in sorted(d for d, names in by_dir.items() if is_tf_checkpoint_dir(names)):
         state = posixpath.join(directory, "checkpoint")
         try:

@@ -19,6 +19,7 @@ module is the one place that knows how:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -241,3 +242,21 @@ def _encodings(secret: str) -> set[str]:
         escaped,
         escaped.replace("/", "\\/"),
     }
+
+
+# --- the daemon's own memory ------------------------------------------------------------------
+
+_PR_SET_DUMPABLE = 4
+
+
+def not_dumpable() -> bool:
+    """Make this process non-dumpable (Linux `prctl(PR_SET_DUMPABLE, 0)`): processes of the
+    same user, such as a command sink's child, can then read neither its environment
+    (`/proc/PID/environ`, where `*_env` secrets live) nor its memory, and it leaves no core
+    dump holding them. Children start dumpable again (execve resets it). False where that
+    cannot be done (another OS); nothing else changes."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -342,3 +343,29 @@ def test_a_malformed_cluster_url_is_a_configuration_error(tmp_path: Path) -> Non
     assert result.returncode == 2, result.stderr
     assert "cluster.url" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+NOT_DUMPABLE_CHILD = """\
+import ctypes, subprocess, sys
+from modelwatch.credentials import not_dumpable
+assert not_dumpable()
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE: this process
+child = "import ctypes; print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
+"""
+
+
+def test_the_daemon_is_not_dumpable_and_its_commands_are_as_usual() -> None:
+    """`run` makes the daemon non-dumpable: a command sink's child, running as the same
+    user, can then not read the daemon's environment (`/proc/PPID/environ`, where `*_env`
+    secrets live) nor its memory. The child itself is an ordinary process again."""
+    result = subprocess.run(
+        [sys.executable, "-c", NOT_DUMPABLE_CHILD],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=daemon_env(),
+        timeout=30,
+    )
+    assert result.stdout.split() == ["0", "1"]
