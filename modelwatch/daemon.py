@@ -356,6 +356,11 @@ class Daemon:
         if isinstance(pool, InspectionPool):
             beats += pool.heartbeats
         stale = wedged(beats, now, self.max_beat_age)
+        stale += [
+            f"watch {describe(w.root.path)}"
+            for w in self.watchers
+            if w.stalled() > self.max_beat_age  # a poll pass stuck on a hung mount
+        ]
         for worker in self.workers:
             allowed = self.max_beat_age
             if worker.sending_since is not None:

@@ -14,6 +14,8 @@ import marshal
 import os
 import stat
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from watchdog.events import (
@@ -31,8 +33,9 @@ Record = dict[str, bytes]
 _LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def take(root: str) -> Record:
-    """directory path -> marshalled sorted entries, for every directory under `root`.
+def take(root: str, listed: Callable[[], None] | None = None) -> Record:
+    """directory path -> marshalled sorted entries, for every directory under `root`;
+    `listed()` is called after each directory (progress, for liveness).
 
     Each directory is listed through an fd (the root followed if it is a symlink, nothing
     below it): entries are then stat-ed relative to it (fstatat), cheaper than by full path.
@@ -67,6 +70,8 @@ def take(root: str) -> Record:
             os.close(fd)
         items.sort()
         records[path] = marshal.dumps(items, 2)  # version 2: no back-references, canonical
+        if listed is not None:
+            listed()
     return records
 
 
@@ -113,17 +118,29 @@ class RecordPoller(threading.Thread):
         self._stopped = threading.Event()
         self._handler: Any = None
         self._root = ""
+        self._progressed = time.monotonic()  # the last directory listed, or pass ended
 
     def schedule(self, handler: Any, path: str, recursive: bool = True, **_: Any) -> None:
         self._handler, self._root = handler, path
 
     def run(self) -> None:
-        previous = take(self._root)
+        previous = take(self._root, self._progress)
+        self._progress()
         while not self._stopped.wait(self.interval):
-            current = take(self._root)
+            current = take(self._root, self._progress)
             for event in changes(previous, current):
                 self._handler.on_any_event(event)
             previous = current
+            self._progress()
+
+    def _progress(self) -> None:
+        self._progressed = time.monotonic()
+
+    def stalled(self) -> float:
+        """Seconds without progress beyond the wait between passes: a pass stuck in a
+        system call (a hung NFS hard mount) grows it; a poller waiting for its next pass
+        does not."""
+        return max(0.0, time.monotonic() - self._progressed - self.interval)
 
     def stop(self) -> None:
         self._stopped.set()

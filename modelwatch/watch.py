@@ -193,6 +193,12 @@ class RootWatcher:
             threads.append(reader)
         return all(t.is_alive() for t in threads)
 
+    def stalled(self) -> float:
+        """Seconds a polling observer has made no progress (0 for inotify: the kernel does
+        the watching, a dead thread shows in `alive`)."""
+        stalled = getattr(self._observer, "stalled", None)
+        return float(stalled()) if callable(stalled) else 0.0
+
     def ensure(self) -> None:
         """Start, restart or stop watching so it matches what is on disk now."""
         current = _identity(self.root.path)

@@ -432,3 +432,43 @@ def test_a_reload_during_a_long_inspection_applies_at_once(
     daemon.apply(make_config(text + f'[[roots]]\npath = "{other}"\nunit_depth = 1\n'))
     assert time.monotonic() - began < 1.0
     assert daemon.loop is not None and str(other) in daemon.loop.rules
+
+
+def test_a_poll_pass_stuck_on_a_hung_mount_makes_the_daemon_unhealthy(
+    tmp_path: Path,
+    make_config: Callable[..., Config],
+    run_daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A polling watcher whose pass hangs in a system call (an NFS hard mount whose server
+    went away: the thread is alive but makes no progress) is named by the health check;
+    once the pass goes on, the daemon is healthy again. The hang itself is stood in for: it
+    cannot be made here."""
+    root = tmp_path / "models"
+    root.mkdir()
+    config = make_config(
+        f'[defaults]\nsettle_seconds = 0.2\nobserver = "polling"\npoll_interval_seconds = 0.2\n'
+        f'[[roots]]\npath = "{root}"\nunit_depth = 1\n[[sinks]]\ntype = "memory"\n'
+    )
+    import modelwatch.poller
+
+    hung, release = threading.Event(), threading.Event()
+    real = modelwatch.poller.take
+
+    def take(path: str, listed: Any = None) -> Any:
+        if hung.is_set():
+            release.wait(30)  # lstat on a hung hard mount: no progress, no error
+        return real(path, listed)
+
+    monkeypatch.setattr(modelwatch.poller, "take", take)
+    daemon = run_daemon(config, [MemorySink()])
+    daemon.max_beat_age = 2.5
+    time.sleep(0.5)
+    assert daemon.stale_parts() == []
+    hung.set()
+    try:
+        wait_until(lambda: f"watch {root}" in daemon.stale_parts(), timeout=10)
+    finally:
+        hung.clear()
+        release.set()
+    wait_until(lambda: daemon.stale_parts() == [], timeout=5)
