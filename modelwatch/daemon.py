@@ -525,10 +525,12 @@ class Daemon:
         timeout (SPEC §11)."""
         self.notifier.stopping()
         self._alarm.remove()
+        polled = [w.root.path for w in self.watchers if w.kind == "polling"]
         for watcher in self.watchers:
             watcher.stop()
         deadline = self.clock.monotonic() + self.config.daemon.shutdown_timeout_seconds
         if self.stages is not None:
+            self._last_poll(self.stages, polled, deadline)
             self._last_chance(self.stages, deadline)
         for worker in self.workers:
             worker.finish(deadline)
@@ -566,6 +568,19 @@ class Daemon:
             self.coordinator.shutdown(timeout=5.0)
         if self.backend is not None:
             self.backend.close()
+
+    def _last_poll(self, stages: Stages, roots: list[str], deadline: float) -> None:
+        """A polling root's last pass: a model written since the previous one (up to a poll
+        interval before the stop) becomes pending, so it gets its last chance too. Given at
+        most half of the shutdown time."""
+        if not roots or not self.ready.is_set() or not stages.loop.is_alive():
+            return
+        for root in roots:
+            self.inbox.put(Rescan(root, reason="stop"))
+        done = Flush()
+        self.inbox.put(done)
+        if not done.done.wait(self._left(deadline) / 2):
+            log.warning("last_poll_unfinished", note="what it did not reach waits for the start")
 
     def _last_chance(self, stages: Stages, deadline: float) -> None:
         loop = stages.loop

@@ -137,6 +137,23 @@ def test_a_model_written_just_before_sigterm_is_registered_before_exit(
     assert d.logged("last_chance")
 
 
+def test_a_model_on_a_polling_root_written_since_its_last_pass_is_registered_at_stop(
+    daemon: Callable[..., Running], tmp_path: Path
+) -> None:
+    """Polling every 10 s, a model written 1 s before SIGTERM has not been seen by any pass:
+    the stop's last pass finds it, and it gets its last chance like any pending unit (it was
+    silently left for the next start)."""
+    root = tmp_path / "models"
+    root.mkdir()
+    extra = 'observer = "polling"\npoll_interval_seconds = 10'
+    d = daemon(root_table(root, settle=30, extra=extra))
+    threading.Event().wait(1.0)  # the start's pass is over
+    model(root / "final")
+    threading.Event().wait(1.0)
+    assert d.terminate() == 0
+    assert kinds(d.events()) == [("registered", "final")]
+
+
 def test_a_unit_still_written_at_sigterm_waits_for_the_next_start(
     daemon: Callable[..., Running], tmp_path: Path
 ) -> None:
