@@ -53,6 +53,7 @@ def check(
     checks: Iterable[Check],
     sizes: Mapping[str, int],
     *,
+    also: Iterable[Check] = (),
     follow_top: bool = True,
     identity: tuple[int, int] | None = None,
 ) -> Reason | None:
@@ -61,10 +62,14 @@ def check(
     opened) whose message names the file and whose `files` hold it first (then the file that
     named it: a shard index, `checkpoint`).
 
+    `also`: checks of the other formats the unit holds, which judge only what was written
+    (a truncated zip, a cut safetensors header): an empty file of another format does not
+    hold the unit back (a stray `.bin` next to a model would keep it waiting forever).
+
     `follow_top` and `identity` say how the unit directory is opened (`beneath.open_unit`).
     """
-    checks = tuple(checks)
-    if not checks:
+    checks, also = tuple(checks), tuple(also)
+    if not checks and not also:
         return None
     try:
         unit_fd = beneath.open_unit(unit_dir, follow_top=follow_top, identity=identity)
@@ -74,6 +79,9 @@ def check(
         unit = _Unit(unit_fd, sizes)
         for each in checks:
             each(unit)
+        written = _Unit(unit_fd, sizes, empty_is_incomplete=False)
+        for each in also:
+            each(written)
     except _Incomplete as exc:
         return Reason("incomplete", str(exc), exc.files)
     finally:
@@ -139,6 +147,7 @@ class _Incomplete(Exception):
 class _Unit:
     fd: int
     sizes: Mapping[str, int]
+    empty_is_incomplete: bool = True  # False: an empty file is skipped (see `check`)
 
     def paths(self, keep: Callable[[str], bool]) -> list[str]:
         """The listed paths for which `keep` is true, sorted so the first reason is stable."""
@@ -342,6 +351,8 @@ def _each_file(suffixes: tuple[str, ...], check_file: _FileCheck) -> Check:
     def check_each(unit: _Unit) -> None:
         for path in unit.paths(lambda p: p.endswith(suffixes)):
             with _open_regular(unit, path) as (fd, size):
+                if size == 0 and not unit.empty_is_incomplete:
+                    continue
                 if size == 0:
                     raise _Incomplete(f"{_show(path)}: empty")
                 check_file(path, fd, size)

@@ -170,12 +170,16 @@ def check_complete(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
-    checks = list(FORMATS[fmt].complete)
-    # A half-written file of another format counts too; a settle-only format (an MLflow
-    # model, whatever its flavour's files) stays settle-only (SPEC §6).
+    checks = FORMATS[fmt].complete
+    # A half-written file of another format counts too (what was written of it is judged,
+    # an empty one is not); a settle-only format (an MLflow model, whatever its flavour's
+    # files) stays settle-only (SPEC §6).
+    also: list[completeness.Check] = []
     for other in _matching(tuple(sizes)) if checks else ():
-        checks += [each for each in FORMATS[other].complete if each not in checks]
-    return completeness.check(unit_dir, checks, sizes, follow_top=follow_top, identity=identity)
+        also += [each for each in FORMATS[other].complete if each not in (*checks, *also)]
+    return completeness.check(
+        unit_dir, checks, sizes, also=also, follow_top=follow_top, identity=identity
+    )
 
 
 def describe_model(
