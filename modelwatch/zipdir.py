@@ -168,11 +168,12 @@ def _end_record(fd: int, size: int) -> tuple[int, int, bool, int]:
     # The usual case first: no archive comment, the record is the last 22 bytes.
     at = len(tail) - _END.size
     if at < 0 or tail[at : at + 4] != _END_SIGNATURE or tail[-2:] != b"\0\0":
-        # Else the record whose comment ends the file: the signature alone may be data (a
-        # zip stored inside the archive, whose own record a truncated file would end near).
+        # Else the last signature, as zipfile takes it, and only if its comment ends the
+        # file: the signature alone may be data (a zip stored inside the archive, near whose
+        # own record a truncated file may end).
         at = tail.rfind(_END_SIGNATURE)
-        while at >= 0 and not _ends_the_file(tail, at):
-            at = tail.rfind(_END_SIGNATURE, 0, at)
+        if at >= 0 and not _ends_the_file(tail, at):
+            at = -1
     if at < 0 or at + _END.size > len(tail):
         raise ZipError("zip central directory unreadable (no end record)")
     fields = _END.unpack_from(tail, at)
