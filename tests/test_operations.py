@@ -463,7 +463,6 @@ def test_a_poll_pass_stuck_on_a_hung_mount_makes_the_daemon_unhealthy(
     monkeypatch.setattr(modelwatch.poller, "take", take)
     daemon = run_daemon(config, [MemorySink()])
     daemon.max_beat_age = 2.5
-    time.sleep(0.5)
     assert daemon.stale_parts() == []
     hung.set()
     try:

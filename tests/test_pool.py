@@ -13,6 +13,7 @@ import pytest
 from modelwatch.clock import SystemClock
 from modelwatch.pool import SLOW_AFTER, InspectionPool
 from modelwatch.state import Store
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -71,6 +72,7 @@ def test_a_slow_job_holds_up_the_others_for_slow_after_at_most(pool: Any) -> Non
     try:
         for _ in range(3):
             inspection.submit(blocked, budget=None, on_error=repr)
+            time.sleep(0.01)  # the scenario: jobs arriving one by one, not in one batch
             assert started.acquire(timeout=5)  # running, and young when the next comes
             submitted = time.monotonic()
             inspection.submit(quick, budget=None, on_error=repr)
@@ -98,11 +100,8 @@ def test_slow_jobs_queued_together_widen_the_pool_one_step_per_slow_after(pool: 
         submitted = time.monotonic()
         for _ in range(3):
             inspection.submit(blocked, budget=None, on_error=repr)
-            time.sleep(0.01)
-        deadline = time.monotonic() + 5
-        while len(starts) < 3 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert len(starts) == 3
+            time.sleep(0.01)  # the scenario: jobs arriving one by one, not in one batch
+        wait_until(lambda: len(starts) == 3, timeout=5)
         assert starts[2] - submitted < 2 * SLOW_AFTER + 0.2
     finally:
         release.set()

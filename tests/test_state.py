@@ -433,19 +433,20 @@ def test_a_writer_waiting_behind_back_to_back_commits_gets_its_turn(tmp_path: Pa
     for one batch, not until the burst is over (SQLite's busy handler alone starved it)."""
     db_path = str(tmp_path / "state.db")
     busy, other = Store(db_path), Store(db_path)
-    stop = threading.Event()
+    stop, hammering = threading.Event(), threading.Event()
 
     def hammer() -> None:
         deadline = time.monotonic() + 5.0
         while not stop.is_set() and time.monotonic() < deadline:
             with busy.transaction() as db:
                 db.execute("UPDATE units SET present = present")
-                time.sleep(0.02)  # a batch of units being recorded
+                hammering.set()
+                stop.wait(0.02)  # a batch of units being recorded
 
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
-        time.sleep(0.1)
+        assert hammering.wait(5)
         waits = []
         for _ in range(10):
             started = time.monotonic()
