@@ -43,6 +43,16 @@ def client(pki: Pki) -> Pair:
     return pki.client("modelwatch")
 
 
+def identity(client: Pair) -> dict[str, str]:
+    """The client certificate keys of a sink."""
+    return {"client_cert_file": str(client.cert), "client_key_file": str(client.key)}
+
+
+def mutual(pki: Pki, client: Pair) -> dict[str, str]:
+    """The TLS keys of a sink trusting the private CA and presenting `client`."""
+    return {"ca_file": str(pki.ca.cert), **identity(client)}
+
+
 def an_event() -> Event:
     return sample_event("bert", fingerprint="sha256:" + "ef" * 32)
 
@@ -74,8 +84,7 @@ def test_redis_over_mutual_tls_is_delivered_with_the_right_files(
     tls_redis: BrokerServer, pki: Pki, client: Pair, closing: Callable[[Any], Any]
 ) -> None:
     """rediss:// with ca_file and the client certificate: the event is in the stream."""
-    options = {"ca_file": str(pki.ca.cert), "client_cert_file": str(client.cert)}
-    sink = closing(redis_sink(tls_redis.url, client_key_file=str(client.key), **options))
+    sink = closing(redis_sink(tls_redis.url, **mutual(pki, client)))
     sink.send(an_event())
     reader = redis.Redis.from_url(
         tls_redis.url,
@@ -94,11 +103,7 @@ def test_redis_without_ca_file_refuses_the_private_certificate(
     tls_redis: BrokerServer, client: Pair, closing: Callable[[Any], Any]
 ) -> None:
     """Without ca_file the server's certificate is not trusted: permanent, saying so."""
-    sink = closing(
-        redis_sink(
-            tls_redis.url, client_cert_file=str(client.cert), client_key_file=str(client.key)
-        )
-    )
+    sink = closing(redis_sink(tls_redis.url, **identity(client)))
     with pytest.raises(PermanentSinkError, match="the server's certificate is not trusted"):
         sink.send(an_event())
 
@@ -153,14 +158,7 @@ def test_nats_over_mutual_tls_is_delivered_with_the_right_files(
     tls_nats: BrokerServer, pki: Pki, client: Pair, closing: Callable[[Any], Any]
 ) -> None:
     """tls:// with ca_file and the client certificate: JetStream acknowledges the event."""
-    sink = closing(
-        nats_sink(
-            tls_nats.url,
-            ca_file=str(pki.ca.cert),
-            client_cert_file=str(client.cert),
-            client_key_file=str(client.key),
-        )
-    )
+    sink = closing(nats_sink(tls_nats.url, **mutual(pki, client)))
     sink.send(an_event())
     sink.send(an_event())  # the kept connection, and JetStream's duplicate ack
 
@@ -169,9 +167,7 @@ def test_nats_without_ca_file_refuses_the_private_certificate(
     tls_nats: BrokerServer, client: Pair, closing: Callable[[Any], Any]
 ) -> None:
     """Without ca_file the server's certificate is not trusted: permanent, saying so."""
-    sink = closing(
-        nats_sink(tls_nats.url, client_cert_file=str(client.cert), client_key_file=str(client.key))
-    )
+    sink = closing(nats_sink(tls_nats.url, **identity(client)))
     with pytest.raises(PermanentSinkError, match="the server's certificate is not trusted"):
         sink.send(an_event())
 
@@ -189,15 +185,7 @@ def test_nats_server_name_verifies_another_name(
     tls_nats: BrokerServer, pki: Pki, client: Pair, closing: Callable[[Any], Any]
 ) -> None:
     """server_name is the name verified: one the certificate lacks is refused, naming it."""
-    sink = closing(
-        nats_sink(
-            tls_nats.url,
-            ca_file=str(pki.ca.cert),
-            client_cert_file=str(client.cert),
-            client_key_file=str(client.key),
-            server_name="elsewhere.example",
-        )
-    )
+    sink = closing(nats_sink(tls_nats.url, server_name="elsewhere.example", **mutual(pki, client)))
     with pytest.raises(PermanentSinkError, match=r"for the name elsewhere\.example"):
         sink.send(an_event())
 

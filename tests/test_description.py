@@ -67,6 +67,18 @@ def logs(run: str, *scalars: tuple[int, str, float]) -> dict[str, bytes]:
 SAVED_MODEL = {"saved_model.pb": field(1, 1) + field(2, field(1, field(4, "serve")))}
 
 
+def removed_and_restored(h: Harness, unit: Path) -> Event:
+    """Move `unit` away (its `removed`), then back: the `registered` event of the restore."""
+    aside = Path(h.root).parent / "aside"
+    shutil.move(unit, aside)
+    h.touch(unit, is_dir=True)
+    assert [e.short_type for e in h.advance(31)] == ["removed"]
+    shutil.move(aside, unit)
+    h.rescan()
+    (restored,) = h.advance(31)
+    return restored
+
+
 def test_a_registered_event_describes_the_model(loop: Callable[..., Harness]) -> None:
     """A safetensors unit's `registered` event carries `data.model`: tensors, dtypes and the
     parameter count read from its header."""
@@ -204,13 +216,7 @@ def test_each_fingerprint_is_described_once_and_a_restore_reuses_it(
     first = settle(h, unit, {"model.onnx": onnx_model()})
     h.touch(unit / "model.onnx")  # an event, but the same files: nothing to emit
     assert h.advance(31) == [] and calls == ["onnx"]
-    aside = Path(h.root).parent / "aside"
-    shutil.move(unit, aside)
-    h.touch(unit, is_dir=True)
-    assert [e.short_type for e in h.advance(31)] == ["removed"]
-    shutil.move(aside, unit)
-    h.rescan()
-    (restored,) = h.advance(31)
+    restored = removed_and_restored(h, unit)
     assert restored.data["restored"] is True
     assert restored.data["model"] == first.data["model"] and calls == ["onnx"]
 
@@ -252,12 +258,6 @@ def test_a_damaged_stored_description_is_computed_again(loop: Callable[..., Harn
             db.execute("UPDATE fingerprints SET description = '[1, 2'")
     finally:
         db.close()
-    aside = Path(h.root).parent / "aside"
-    shutil.move(unit, aside)
-    h.touch(unit, is_dir=True)
-    assert [e.short_type for e in h.advance(31)] == ["removed"]
-    shutil.move(aside, unit)
-    h.rescan()
-    (restored,) = h.advance(31)
+    restored = removed_and_restored(h, unit)
     assert restored.data["restored"] is True
     assert restored.data["model"] == first.data["model"]

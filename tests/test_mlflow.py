@@ -357,15 +357,14 @@ def test_build_sink_finds_the_mlflow_sink_through_entry_points() -> None:
         assert f"tracking_uri='{URI}'" in repr(sink)
 
 
-def test_files_whose_names_are_not_utf8_are_uploaded(target: Target, tmp_path: Path) -> None:
-    """Events carry display names (`\\xff` for a byte that is not UTF-8); the sink finds the
-    file behind one, and uploads it under that name, instead of calling the run incomplete."""
-    path = unit(tmp_path / "models")
+def with_extra_file(path: Path, raw: bytes, shown: str, size: int) -> Event:
+    """The event of the unit at `path` once it also holds a file named `raw` (bytes) of
+    `size` bytes, listed under its display name `shown`, as the scan would list it."""
     event = event_for(path)
-    with open(os.fsencode(path) + b"/extra-\xff.bin", "wb") as f:
-        f.write(b"x" * 12)
-    files = [*event.data["files"], {"path": "extra-\\xff.bin", "size": 12}]
-    event = make_event(
+    with open(os.fsencode(path) + b"/" + raw, "wb") as f:
+        f.write(b"x" * size)
+    files = [*event.data["files"], {"path": shown, "size": size}]
+    return make_event(
         REGISTERED,
         root=str(path.parent),
         unit_path=str(path),
@@ -373,6 +372,12 @@ def test_files_whose_names_are_not_utf8_are_uploaded(target: Target, tmp_path: P
         when=time.time(),
         data={**event.data, "files": files},
     )
+
+
+def test_files_whose_names_are_not_utf8_are_uploaded(target: Target, tmp_path: Path) -> None:
+    """Events carry display names (`\\xff` for a byte that is not UTF-8); the sink finds the
+    file behind one, and uploads it under that name, instead of calling the run incomplete."""
+    event = with_extra_file(unit(tmp_path / "models"), b"extra-\xff.bin", "extra-\\xff.bin", 12)
     with closing(target.sink()) as sink:
         sink.send(event)
     (version,) = target.server.versions(f"{target.prefix}-resnet")
@@ -385,20 +390,8 @@ def test_a_name_too_long_to_stage_is_uploaded_shortened(target: Target, tmp_path
     """A 255-byte name that is not UTF-8 shows as 1,020 characters, too long for any file name:
     it is staged and uploaded as a shortened unique name the run's tag maps back, instead of
     failing with ENAMETOOLONG on every attempt."""
-    path = unit(tmp_path / "models")
-    event = event_for(path)
-    with open(os.fsencode(path) + b"/" + b"\xff" * 255, "wb") as f:
-        f.write(b"x" * 7)
     shown = "\\xff" * 255
-    files = [*event.data["files"], {"path": shown, "size": 7}]
-    event = make_event(
-        REGISTERED,
-        root=str(path.parent),
-        unit_path=str(path),
-        name=path.name,
-        when=time.time(),
-        data={**event.data, "files": files},
-    )
+    event = with_extra_file(unit(tmp_path / "models"), b"\xff" * 255, shown, 7)
     with closing(target.sink()) as sink:
         sink.send(event)
     (version,) = target.server.versions(f"{target.prefix}-resnet")
